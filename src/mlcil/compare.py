@@ -1,0 +1,57 @@
+"""``mlcil compare``: run several configurations over several seeds, then report.
+
+Each configuration is one YAML file, or several stacked with ``+`` (``a.yaml+b.yaml``), with an
+optional ``--base`` file stacked underneath every one. Runs land in ``<output>/runs/<run name>``;
+a run that already has ``metrics.json`` is reused and one with a checkpoint is resumed, so an
+interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from mlcil.config import load_config
+from mlcil.engine.checkpoint import latest_checkpoint
+from mlcil.engine.loop import Trainer
+from mlcil.report import write_report
+
+logger = logging.getLogger(__name__)
+
+
+def run_comparison(
+    configs: Sequence[str],
+    seeds: Sequence[int] | None = None,
+    base: str | None = None,
+    overrides: Sequence[str] = (),
+    output_dir: str | Path = "runs/compare",
+) -> dict[str, Path]:
+    """Run every (config, seed) pair that has no result yet and write the report."""
+    output_dir = Path(output_dir)
+    plans = []
+    for spec in configs:
+        files = ([base] if base else []) + spec.split("+")
+        for seed in seeds if seeds else [None]:
+            seed_override = [] if seed is None else [f"seed={seed}"]
+            config = load_config(files, [*overrides, *seed_override])  # validate all up front
+            plans.append((spec, config))
+    run_dirs = []
+    for position, (spec, config) in enumerate(plans, start=1):
+        run_dir = output_dir / "runs" / config.run_name
+        run_dirs.append(run_dir)
+        if (run_dir / "metrics.json").is_file():
+            logger.info("[%d/%d] %s: already finished", position, len(plans), run_dir)
+            continue
+        resume = latest_checkpoint(run_dir) is not None
+        logger.info(
+            "[%d/%d] %s seed %d -> %s%s",
+            position,
+            len(plans),
+            spec,
+            config.seed,
+            run_dir,
+            " (resuming)" if resume else "",
+        )
+        Trainer(config, run_dir=run_dir, resume=resume).run()
+    return write_report(run_dirs, output_dir)

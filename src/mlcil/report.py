@@ -1,0 +1,169 @@
+"""Tables and plots over finished runs: one run's session table, and the comparison report.
+
+``write_report`` groups runs by (dataset, protocol), then by label (method or ablation), and
+reports mean +- standard deviation over seeds of avg mAP, last mAP, CF1, OF1, forgetting and wall
+time, with one mAP-per-session curve per label.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mlcil.errors import ConfigError
+from mlcil.fileio import write_text_atomic
+from mlcil.results import plot_sessions
+
+METRIC_COLUMNS = (
+    ("avg mAP", lambda m: m["avg_map"]),
+    ("last mAP", lambda m: m["last_map"]),
+    ("CF1", lambda m: m["final"]["cf1"]),
+    ("OF1", lambda m: m["final"]["of1"]),
+    ("forgetting", lambda m: m["forgetting"]),
+    ("time (s)", lambda m: m["wall_time_s"]),
+)
+
+
+def session_table(metrics: dict[str, Any]) -> str:
+    """A plain-text table of one run's sessions (printed at the end of ``mlcil train``)."""
+
+    def cell(value: float | None) -> str:
+        return "    -" if value is None else f"{value:5.1f}"
+
+    lines = [
+        f"{metrics.get('label', metrics['method'])} on {metrics['dataset']} "
+        f"{metrics['protocol']} (seed {metrics['seed']})",
+        "session  classes                 seen   base    new",
+    ]
+    for entry in metrics["sessions"]:
+        classes = ",".join(entry["classes"])
+        if len(classes) > 22:
+            classes = classes[:19] + "..."
+        lines.append(
+            f"{entry['index']:>7}  {classes:<22} {cell(entry['seen_map'])}  "
+            f"{cell(entry['base_map'])}  {cell(entry['new_map'])}"
+        )
+    final = metrics["final"]
+    forgetting = metrics["forgetting"]
+    lines.append(
+        f"avg mAP {metrics['avg_map']:.2f} | last mAP {metrics['last_map']:.2f} | "
+        f"CF1 {final['cf1']:.2f} | OF1 {final['of1']:.2f} @ {final['threshold']} | forgetting "
+        + ("-" if forgetting is None else f"{forgetting:.2f}")
+        + f" | {metrics['wall_time_s']:.0f} s"
+    )
+    return "\n".join(lines)
+
+
+def load_runs(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """``metrics.json`` of every run folder (with its folder under ``run_dir``)."""
+    runs = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "metrics.json"
+        if not path.is_file():
+            raise ConfigError(f"{run_dir}: no metrics.json (is the run finished?)")
+        try:
+            metrics = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: invalid JSON: {error}") from error
+        metrics["run_dir"] = str(run_dir)
+        runs.append(metrics)
+    return runs
+
+
+def group_runs(runs: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list[dict]]]:
+    """``{(dataset, protocol): {label: [runs, one per seed]}}`` in first-seen order."""
+    groups: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for metrics in runs:
+        label = metrics.get("label") or metrics["method"]
+        groups[(metrics["dataset"], metrics["protocol"])][label].append(metrics)
+    return {key: dict(value) for key, value in groups.items()}
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (0 for one value); None values are skipped."""
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    if not present:
+        return None, None
+    if len(present) == 1:
+        return present[0], 0.0
+    return statistics.fmean(present), statistics.stdev(present)
+
+
+def _format(mean: float | None, std: float | None, seeds: int) -> str:
+    if mean is None:
+        return "-"
+    if seeds > 1 and std is not None:
+        return f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.1f}"
+
+
+def comparison_rows(label_runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    """Aggregated numbers per label: ``{label, seeds, <column>: (mean, std)}``."""
+    rows = []
+    for label, runs in label_runs.items():
+        row: dict[str, Any] = {"label": label, "seeds": sorted(r["seed"] for r in runs)}
+        for column, getter in METRIC_COLUMNS:
+            row[column] = mean_std([getter(r) for r in runs])
+        rows.append(row)
+    return rows
+
+
+def comparison_markdown(runs: Sequence[dict[str, Any]]) -> str:
+    """Markdown tables, one per (dataset, protocol), rows sorted by last mAP."""
+    sections = []
+    for (dataset, protocol), label_runs in group_runs(runs).items():
+        rows = sorted(
+            comparison_rows(label_runs),
+            key=lambda row: -(row["last mAP"][0] if row["last mAP"][0] is not None else -1),
+        )
+        header = "| method | seeds | " + " | ".join(c for c, _ in METRIC_COLUMNS) + " |"
+        rule = "|---|---|" + "---|" * len(METRIC_COLUMNS)
+        lines = [f"### {dataset} {protocol}", "", header, rule]
+        for row in rows:
+            seeds = len(row["seeds"])
+            cells = [_format(*row[c], seeds) for c, _ in METRIC_COLUMNS]
+            lines.append(f"| {row['label']} | {seeds} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) + "\n"
+
+
+def mean_curves(label_runs: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
+    """Per label, a metrics-like dict whose sessions hold the mean seen mAP over seeds."""
+    curves = {}
+    for label, runs in label_runs.items():
+        reference = runs[0]
+        sessions = []
+        for position, entry in enumerate(reference["sessions"]):
+            values = [r["sessions"][position]["seen_map"] for r in runs]
+            sessions.append({"num_seen": entry["num_seen"], "seen_map": statistics.fmean(values)})
+        curves[label] = {**reference, "sessions": sessions}
+    return curves
+
+
+def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.md``, ``report.json`` and one curve PNG per (dataset, protocol)."""
+    runs = load_runs(run_dirs)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    markdown = comparison_markdown(runs)
+    summary = {}
+    for (dataset, protocol), label_runs in group_runs(runs).items():
+        png = output_dir / f"map_per_session_{dataset}_{protocol}.png"
+        plot_sessions(mean_curves(label_runs), png, title=f"{dataset} {protocol}")
+        paths[f"{dataset} {protocol}"] = png
+        markdown += f"\n![{dataset} {protocol}]({png.name})\n"
+        summary[f"{dataset} {protocol}"] = [
+            {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()}
+            for row in comparison_rows(label_runs)
+        ]
+    write_text_atomic(output_dir / "report.md", markdown)
+    write_text_atomic(output_dir / "report.json", json.dumps(summary, indent=1))
+    paths["markdown"] = output_dir / "report.md"
+    paths["json"] = output_dir / "report.json"
+    return paths
