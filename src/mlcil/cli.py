@@ -153,6 +153,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     paths = run_comparison(
         args.configs,
         seeds=args.seeds,
+        protocols=args.protocols,
         base=args.base,
         overrides=args.set,
         output_dir=args.output,
@@ -205,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="run several configs (and seeds), then report")
     compare.add_argument("configs", nargs="+", help="configs; 'a.yaml+b.yaml' stacks files")
     compare.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run")
+    compare.add_argument("--protocols", nargs="+", help="protocols to run each config with")
     compare.add_argument("--base", help="config stacked under every CONFIG")
     compare.add_argument("--set", nargs="*", default=[], help="key=value overrides for all")
     compare.add_argument("--output", default="runs/compare", help="report and runs folder")

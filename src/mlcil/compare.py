@@ -1,6 +1,6 @@
 """``mlcil compare``: run several configurations over several seeds, then report.
 
-Each configuration is one YAML file, or several stacked with ``+`` (``a.yaml+b.yaml``), with an
+The grid is protocols x configurations x seeds. Each configuration is one YAML file, or several stacked with ``+`` (``a.yaml+b.yaml``), with an
 optional ``--base`` file stacked underneath every one. Runs land in ``<output>/runs/<run name>``;
 a run that already has ``metrics.json`` is reused and one with a checkpoint is resumed, so an
 interrupted comparison continues where it stopped.
@@ -23,19 +23,24 @@ logger = logging.getLogger(__name__)
 def run_comparison(
     configs: Sequence[str],
     seeds: Sequence[int] | None = None,
+    protocols: Sequence[str] | None = None,
     base: str | None = None,
     overrides: Sequence[str] = (),
     output_dir: str | Path = "runs/compare",
 ) -> dict[str, Path]:
-    """Run every (config, seed) pair that has no result yet and write the report."""
+    """Run every (protocol, config, seed) that has no result yet and write the report."""
     output_dir = Path(output_dir)
     plans = []
-    for spec in configs:
-        files = ([base] if base else []) + spec.split("+")
-        for seed in seeds if seeds else [None]:
-            seed_override = [] if seed is None else [f"seed={seed}"]
-            config = load_config(files, [*overrides, *seed_override])  # validate all up front
-            plans.append((spec, config))
+    # Seeds outermost: an interrupted comparison still holds complete tables for the first seeds.
+    for seed in seeds if seeds else [None]:
+        for protocol in protocols if protocols else [None]:
+            for spec in configs:
+                files = ([base] if base else []) + spec.split("+")
+                extra = [] if seed is None else [f"seed={seed}"]
+                if protocol is not None:
+                    extra.append(f"protocol={protocol}")
+                config = load_config(files, [*overrides, *extra])  # validate all up front
+                plans.append((spec, config))
     run_dirs = []
     for position, (spec, config) in enumerate(plans, start=1):
         run_dir = output_dir / "runs" / config.run_name
@@ -45,10 +50,11 @@ def run_comparison(
             continue
         resume = latest_checkpoint(run_dir) is not None
         logger.info(
-            "[%d/%d] %s seed %d -> %s%s",
+            "[%d/%d] %s %s seed %d -> %s%s",
             position,
             len(plans),
             spec,
+            config.protocol,
             config.seed,
             run_dir,
             " (resuming)" if resume else "",

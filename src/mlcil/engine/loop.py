@@ -305,7 +305,8 @@ class Trainer:
             bar = tqdm(
                 loader(epoch_seed),
                 desc=f"session {session.index} epoch {epoch + 1}/{epochs}",
-                disable=not (config.progress and runtime.is_main),
+                # None lets tqdm hide itself when stderr is not a terminal (logs, CI).
+                disable=None if config.progress and runtime.is_main else True,
                 leave=False,
                 dynamic_ncols=True,
             )

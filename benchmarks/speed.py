@@ -1,0 +1,181 @@
+"""Speed benchmarks: print a table and write JSON.
+
+Usage::
+
+    python benchmarks/speed.py                 # CPU (or --device cuda on a GPU machine)
+    python benchmarks/speed.py --heavy         # also a TResNet-M 224x224 training step
+    python benchmarks/speed.py --output benchmarks/results/speed.json
+
+Each entry is timed over several repetitions after a warm-up and reports the median. These are
+the figures the README quotes; timed assertions never go in the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlcil.config import LossConfig, ModelConfig
+from mlcil.memory import herding
+from mlcil.methods.base import Batch, SessionContext
+from mlcil.methods.krt import KRT, KRTParams
+from mlcil.metrics import average_precision
+from mlcil.models import ClassAttentionBlock, build_network
+from mlcil.protocol import protocol_sessions
+from mlcil.pseudo_labels import dpl_threshold
+
+
+def timed(function: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        function()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def bench_ica(device: torch.device) -> list[dict]:
+    """KRT's class attention for COCO B0-C10 at its last session: one pass vs one per session."""
+    torch.manual_seed(0)
+    block = ClassAttentionBlock(384, 8).to(device).eval()
+    kt = torch.randn(384, device=device)
+    kr = torch.randn(8, 384, device=device)
+    patches = torch.randn(64, 49, 384, device=device)
+
+    def one_pass() -> None:
+        with torch.no_grad():
+            block(kt, kr, patches)
+
+    def loop() -> None:
+        with torch.no_grad():
+            for session in range(8):
+                sequence = torch.cat(
+                    [kt.expand(64, 1, 384), kr[session].expand(64, 1, 384), patches], dim=1
+                )
+                block.forward_sequence(sequence)
+
+    fast, slow = timed(one_pass, 20), timed(loop, 20)
+    return [
+        {"name": "ICA 8 sessions, batch 64, one pass", "unit": "ms", "value": fast * 1e3},
+        {"name": "ICA 8 sessions, batch 64, per-session loop", "unit": "ms", "value": slow * 1e3},
+    ]
+
+
+def _krt_step_throughput(
+    model: ModelConfig, image_size: int, batch_size: int, device: torch.device, repeats: int
+) -> float:
+    """Images per second of KRT training steps in a second session (teacher forward, DPL,
+    token distillation, backward, Adam)."""
+    torch.manual_seed(0)
+    network = build_network(model, image_size).to(device)
+    method = KRT(KRTParams(token_loss_weight=10.0), network, LossConfig())
+    protocol = protocol_sessions("B0-C2", 4)
+    images = torch.rand(batch_size, 3, image_size, image_size, device=device)
+    targets = (torch.rand(batch_size, 4, device=device) > 0.6).float()
+    first = SessionContext(protocol[0], lambda: iter(()), device)
+    method.begin_session(first)
+    method.end_session(first)
+    second = SessionContext(
+        protocol[1], lambda: iter([Batch(images, targets)]), device, label_density=0.25
+    )
+    method.begin_session(second)
+    optimizer = torch.optim.Adam(method.parameter_groups(), lr=1e-4)
+
+    def step() -> None:
+        output = method.training_step(Batch(images, targets))
+        optimizer.zero_grad()
+        output.loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return batch_size / timed(step, repeats, warmup=2)
+
+
+def bench_training(device: torch.device, heavy: bool) -> list[dict]:
+    demo = ModelConfig(backbone="resnet18", feature_stage=2, embed_dim=128, num_heads=8)
+    rows = [
+        {
+            "name": "KRT train step, demo net (ResNet-18/8, 48 px, batch 16)",
+            "unit": "images/s",
+            "value": _krt_step_throughput(demo, 48, 16, device, repeats=10),
+        }
+    ]
+    if heavy:
+        coco = ModelConfig(backbone="tresnet_m", embed_dim=384, num_heads=8)
+        batch = 64 if device.type == "cuda" else 4
+        rows.append(
+            {
+                "name": f"KRT train step, TResNet-M 224 px, batch {batch}",
+                "unit": "images/s",
+                "value": _krt_step_throughput(coco, 224, batch, device, repeats=3),
+            }
+        )
+    return rows
+
+
+def bench_pure_functions() -> list[dict]:
+    rng = np.random.default_rng(0)
+    scores = rng.random((40_504, 80), dtype=np.float32)  # COCO val2014's size
+    targets = (rng.random((40_504, 80)) < 2.9 / 80).astype(np.uint8)
+    old_scores = torch.rand(82_783, 70)  # DPL before COCO B0-C10's last session
+    features = rng.normal(size=(2_000, 2048)).astype(np.float32)
+    labels = (rng.random((82_783, 80)) < 2.9 / 80).astype(np.uint8)
+    protocol = protocol_sessions("B0-C10", 80)
+
+    def split() -> None:
+        for session in protocol:
+            np.flatnonzero(labels[:, session.new_classes].any(axis=1))
+
+    rows = []
+    for name, function, repeats in (
+        ("AP of 80 classes on 40,504 images", lambda: average_precision(scores, targets), 5),
+        ("DPL exact threshold, 82,783 x 70 scores", lambda: dpl_threshold(old_scores, 2.5), 5),
+        ("herding 20 of 2,000 x 2048 features", lambda: herding(features, 20), 5),
+        ("session split, COCO-sized labels, 8 sessions", split, 5),
+    ):
+        seconds = timed(function, repeats)
+        rows.append({"name": name, "unit": "ms", "value": seconds * 1e3})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--heavy", action="store_true", help="include TResNet-M training")
+    parser.add_argument("--output", default="benchmarks/results/speed.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = bench_ica(device) + bench_training(device, args.heavy) + bench_pure_functions()
+    machine = {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    width = max(len(row["name"]) for row in rows)
+    print(f"{'benchmark':<{width}}  {'value':>10}  unit")
+    for row in rows:
+        print(f"{row['name']:<{width}}  {row['value']:>10.2f}  {row['unit']}")
+    print(json.dumps(machine))
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"machine": machine, "results": rows}, indent=1))
+    print(f"written: {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""``mlcil compare`` runs a protocol x config x seed grid, reuses finished runs, and reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mlcil.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = [
+    "model.backbone=resnet18",
+    "model.feature_stage=2",
+    "model.pretrained=null",
+    "model.embed_dim=32",
+    "model.num_heads=4",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "train.progress=false",
+    "train.tensorboard=false",
+]
+
+
+def test_compare_then_report(
+    coco_fixture: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _ = coco_fixture
+    methods = REPO / "configs" / "methods"
+    args = [
+        "-q",
+        "compare",
+        str(methods / "finetune.yaml"),
+        f"{methods / 'lwf.yaml'}",
+        "--base",
+        str(REPO / "configs" / "coco_b40_c10.yaml"),
+        "--seeds",
+        "0",
+        "1",
+        "--protocols",
+        "B40-C40",
+        "--output",
+        str(tmp_path / "cmp"),
+        "--set",
+        *TINY,
+        f"root={root}",
+    ]
+    assert main(args) == 0
+    output = capsys.readouterr().out
+    assert "### coco B40-C40" in output
+    rows = [line for line in output.splitlines() if line.startswith(("| finetune", "| lwf"))]
+    assert len(rows) == 2 and all(" | 2 | " in row for row in rows)  # two seeds each
+    runs = sorted(p.name for p in (tmp_path / "cmp" / "runs").iterdir())
+    assert runs == [
+        "coco_B40-C40_finetune_s0",
+        "coco_B40-C40_finetune_s1",
+        "coco_B40-C40_lwf_s0",
+        "coco_B40-C40_lwf_s1",
+    ]
+    assert (tmp_path / "cmp" / "map_per_session_coco_B40-C40.png").is_file()
+    # A second call reuses every finished run instead of training again.
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp" / "runs").glob("*/metrics.json")}
+    assert main(args) == 0
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+    # ``report`` works on any finished runs.
+    report_dir = tmp_path / "report"
+    assert (
+        main(
+            [
+                "-q",
+                "report",
+                *map(str, (tmp_path / "cmp" / "runs").iterdir()),
+                "--output",
+                str(report_dir),
+            ]
+        )
+        == 0
+    )
+    assert (report_dir / "report.md").read_text().count("| ") >= 3

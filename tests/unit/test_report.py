@@ -1,0 +1,83 @@
+"""Comparison report: grouping by protocol, mean +- std over seeds, markdown and plots."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from mlcil.errors import ConfigError
+from mlcil.report import comparison_markdown, group_runs, load_runs, mean_std, write_report
+
+
+def fake_run(root: Path, label: str, protocol: str, seed: int, maps: list[float]) -> Path:
+    """A metrics.json as the engine writes it (only the fields the report reads)."""
+    run_dir = root / f"{label}_{protocol}_{seed}"
+    run_dir.mkdir(parents=True)
+    metrics = {
+        "method": label.split("-")[0],
+        "label": label,
+        "dataset": "digits",
+        "protocol": protocol,
+        "seed": seed,
+        "sessions": [{"num_seen": 2 * (i + 1), "seen_map": m} for i, m in enumerate(maps)],
+        "avg_map": sum(maps) / len(maps),
+        "last_map": maps[-1],
+        "final": {"cf1": 10.0 + seed, "of1": 20.0 + seed},
+        "forgetting": None if len(maps) == 1 else 5.0 * seed,
+        "wall_time_s": 100.0,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    return run_dir
+
+
+def test_mean_std_matches_statistics() -> None:
+    assert mean_std([1.0, 2.0, 4.0]) == (statistics.fmean([1, 2, 4]), statistics.stdev([1, 2, 4]))
+    assert mean_std([3.0]) == (3.0, 0.0)
+    assert mean_std([None, None]) == (None, None)
+    assert mean_std([None, 2.0, 4.0]) == (3.0, statistics.stdev([2.0, 4.0]))
+
+
+def test_runs_are_grouped_by_protocol_and_label(tmp_path: Path) -> None:
+    dirs = [
+        fake_run(tmp_path, "krt", "B0-C2", 0, [90.0, 70.0]),
+        fake_run(tmp_path, "krt", "B0-C2", 1, [92.0, 74.0]),
+        fake_run(tmp_path, "finetune", "B0-C2", 0, [90.0, 40.0]),
+        fake_run(tmp_path, "krt", "B4-C2", 0, [95.0, 80.0]),
+    ]
+    groups = group_runs(load_runs(dirs))
+    assert set(groups) == {("digits", "B0-C2"), ("digits", "B4-C2")}
+    assert {k: len(v) for k, v in groups[("digits", "B0-C2")].items()} == {"krt": 2, "finetune": 1}
+
+
+def test_markdown_reports_mean_and_std_sorted_by_last_map(tmp_path: Path) -> None:
+    dirs = [
+        fake_run(tmp_path, "finetune", "B0-C2", 0, [90.0, 40.0]),
+        fake_run(tmp_path, "krt", "B0-C2", 0, [90.0, 70.0]),
+        fake_run(tmp_path, "krt", "B0-C2", 1, [92.0, 74.0]),
+    ]
+    markdown = comparison_markdown(load_runs(dirs))
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and "seeds" not in line]
+    assert rows[0].startswith("| krt | 2 |") and rows[1].startswith("| finetune | 1 |")
+    # krt: avg mAP mean of 80 and 83 = 81.5, std 2.1; last 72 +- 2.8; forgetting 0 and 5.
+    assert "81.5 ± 2.1" in rows[0] and "72.0 ± 2.8" in rows[0] and "2.5 ± 3.5" in rows[0]
+    assert "| 40.0 |" in rows[1]
+
+
+def test_write_report_files_and_missing_metrics(tmp_path: Path) -> None:
+    dirs = [
+        fake_run(tmp_path / "runs", "krt", "B0-C2", 0, [90.0, 70.0]),
+        fake_run(tmp_path / "runs", "joint", "B0-C2", 0, [95.0]),
+        fake_run(tmp_path / "runs", "krt", "B4-C2", 0, [95.0, 80.0]),
+    ]
+    paths = write_report(dirs, tmp_path / "report")
+    text = paths["markdown"].read_text()
+    assert "### digits B0-C2" in text and "### digits B4-C2" in text
+    assert (tmp_path / "report" / "map_per_session_digits_B0-C2.png").stat().st_size > 1000
+    summary = json.loads(paths["json"].read_text())
+    joint = next(r for r in summary["digits B0-C2"] if r["label"] == "joint")
+    assert joint["forgetting"] == [None, None] and joint["last mAP"] == [95.0, 0.0]
+    with pytest.raises(ConfigError, match="no metrics.json"):
+        load_runs([tmp_path / "nowhere"])
