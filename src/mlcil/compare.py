@@ -1,7 +1,8 @@
 """``mlcil compare``: run several configurations over several seeds, then report.
 
-The grid is protocols x configurations x seeds. Each configuration is one YAML file, or several stacked with ``+`` (``a.yaml+b.yaml``), with an
-optional ``--base`` file stacked underneath every one. Runs land in ``<output>/runs/<run name>``;
+The grid is protocols x configurations x seeds. Each configuration is one YAML file, or several
+stacked with ``+`` (``a.yaml+b.yaml``), with an optional ``--base`` file stacked underneath every
+one. Runs land in ``<output>/runs/<run name>``;
 a run that already has ``metrics.json`` is reused and one with a checkpoint is resumed, so an
 interrupted comparison continues where it stopped.
 """
