@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,24 @@ def test_feature_stage_truncates_and_bad_stage_is_an_error() -> None:
         Backbone("resnet18", feature_stage=7)
     with pytest.raises(WeightsError, match="unknown timm architecture"):
         Backbone("not_a_model")
+
+
+def test_inplace_abn_key_layout_of_the_asl_zoo_is_converted(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = timm.create_model("tresnet_m", pretrained=False, num_classes=80)
+    old_style = {}
+    for key, value in reference.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue  # inplace-ABN checkpoints have no batch counters
+        key = re.sub(r"(conv\d+|downsample\.\d+)\.conv\.", r"\1.0.", key)
+        key = re.sub(r"(conv\d+|downsample\.\d+)\.bn\.", r"\1.1.", key)
+        old_style[key] = value
+    assert "body.conv1.0.weight" in old_style and "body.conv1.conv.weight" not in old_style
+    torch.save({"state_dict": old_style}, tmp_path / "asl_tresnet_m.pth")
+    backbone = Backbone("tresnet_m", pretrained=tmp_path / "asl_tresnet_m.pth")
+    body, expected = backbone.body.body, reference.body
+    torch.testing.assert_close(
+        body.layer2[0].conv1.conv.weight, expected.layer2[0].conv1.conv.weight
+    )
+    # inplace-ABN stores signed scales; timm's converter makes them positive batch-norm weights.
+    torch.testing.assert_close(body.conv1.bn.weight, expected.conv1.bn.weight.abs() + 1e-5)

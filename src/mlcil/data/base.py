@@ -48,6 +48,13 @@ class ImageSource(abc.ABC):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def describe(self) -> str:
+        """One line for logs: image, labelled-image and label counts."""
+        return (
+            f"{self.dataset}/{self.split}: {len(self)} images "
+            f"({int(self.labels.any(axis=1).sum())} with a label), {int(self.labels.sum())} labels"
+        )
+
     @abc.abstractmethod
     def load_image(self, index: int) -> Image.Image:
         """Decode image ``index`` as an RGB PIL image."""

@@ -93,14 +93,7 @@ def load_coco(root: str | Path, split: str) -> FileImageSource:
         labels=labels,
         label_density=COCO_LABEL_DENSITY,
     )
-    logger.info(
-        "coco/%s: %d images (%d with a label), %d labels from %s",
-        split,
-        len(source),
-        int(labels.any(axis=1).sum()),
-        int(labels.sum()),
-        ann_path,
-    )
+    logger.info("%s from %s", source.describe(), ann_path)
     return source
 
 

@@ -72,14 +72,7 @@ def load_voc(root: str | Path, split: str) -> FileImageSource:
         labels=labels,
         label_density=VOC_LABEL_DENSITY,
     )
-    logger.info(
-        "voc/%s: %d images (%d with a label), %d labels from %s",
-        split,
-        len(source),
-        int(labels.any(axis=1).sum()),
-        int(labels.sum()),
-        voc_root,
-    )
+    logger.info("%s from %s", source.describe(), voc_root)
     return source
 
 

@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -96,7 +95,3 @@ def load_network_weights(folder: Path, network: nn.Module) -> None:
             f"{path} does not fit the network built from the run's config "
             f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {example!r})"
         )
-
-
-def device_of(network: nn.Module) -> torch.device:
-    return next(network.parameters()).device

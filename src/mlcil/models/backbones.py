@@ -181,6 +181,9 @@ def load_backbone_weights(
             f"{tuple(own[key].shape)}: is this file for another architecture?"
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
+    # Checkpoints from inplace-ABN models (the ASL zoo) carry no batch counters; those buffers
+    # only matter for momentum-free batch norm and keep their initial value.
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if unexpected:
         raise WeightsError(
             f"{path}: {len(unexpected)} tensors do not belong to this architecture, "
