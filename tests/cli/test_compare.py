@@ -7,21 +7,9 @@ from pathlib import Path
 import pytest
 
 from mlcil.cli import main
+from tiny import REPO, tiny_overrides
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = [
-    "model.backbone=resnet18",
-    "model.feature_stage=2",
-    "model.pretrained=null",
-    "model.embed_dim=32",
-    "model.num_heads=4",
-    "data.image_size=32",
-    "data.num_workers=0",
-    "train.epochs=1",
-    "train.batch_size=16",
-    "train.progress=false",
-    "train.tensorboard=false",
-]
+TINY = tiny_overrides(train__batch_size="16", train__tensorboard="false")
 
 
 def test_compare_then_report(

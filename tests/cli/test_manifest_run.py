@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 from mlcil.cli import main
-
-REPO = Path(__file__).resolve().parents[2]
+from tiny import REPO, tiny_overrides
 
 
 def test_krt_on_manifest_data_follows_the_class_file(
@@ -26,17 +25,12 @@ def test_krt_on_manifest_data_follows_the_class_file(
             f"data.train_manifest={files['train']}",
             f"data.test_manifest={files['test']}",
             f"data.class_list={files['classes']}",
-            "model.backbone=resnet18",
-            "model.feature_stage=2",
-            "model.pretrained=null",
-            "model.embed_dim=16",
-            "model.num_heads=2",
-            "data.image_size=32",
-            "data.num_workers=0",
-            "train.epochs=1",
-            "train.batch_size=2",
-            "train.progress=false",
-            "memory.per_class=1",
+            *tiny_overrides(
+                model__embed_dim="16",
+                model__num_heads="2",
+                train__batch_size="2",
+                memory__per_class="1",
+            ),
         ]
     )
     assert code == 0

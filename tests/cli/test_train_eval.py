@@ -12,23 +12,9 @@ import pytest
 
 from mlcil.cli import main
 from mlcil.engine.loop import evaluate_run
+from tiny import REPO, tiny_overrides
 
-REPO = Path(__file__).resolve().parents[2]
-
-# The published configs with a small backbone and one epoch so a run takes seconds on a CPU.
-TINY = [
-    "model.backbone=resnet18",
-    "model.feature_stage=2",
-    "model.pretrained=null",
-    "model.embed_dim=32",
-    "model.num_heads=4",
-    "data.image_size=32",
-    "data.num_workers=0",
-    "train.epochs=1",
-    "train.batch_size=8",
-    "train.progress=false",
-    "memory.per_class=2",
-]
+TINY = tiny_overrides(memory__per_class="2")
 
 
 def train(config: str, run_dir: Path, *overrides: str) -> float:

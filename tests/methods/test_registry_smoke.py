@@ -11,22 +11,9 @@ import pytest
 from mlcil.config import load_config
 from mlcil.engine.loop import Trainer
 from mlcil.methods import METHODS
+from tiny import REPO, tiny_overrides
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = [
-    "model.backbone=resnet18",
-    "model.feature_stage=2",
-    "model.pretrained=null",
-    "model.embed_dim=32",
-    "model.num_heads=4",
-    "data.image_size=32",
-    "data.num_workers=0",
-    "train.epochs=1",
-    "train.batch_size=8",
-    "train.progress=false",
-    "train.tensorboard=false",
-    "protocol=B40-C40",
-]
+TINY = tiny_overrides(train__tensorboard="false", protocol="B40-C40")
 # Loss parts each method must log in its second session (proof that its own term ran).
 SECOND_SESSION_PARTS = {
     "finetune": ["asl"],
