@@ -25,3 +25,7 @@ class DataError(MlcilError):
 
 class WeightsError(MlcilError):
     """A pretrained-weights or checkpoint file is missing or does not fit the model."""
+
+
+class TrainingError(MlcilError):
+    """Training cannot go on (e.g. a non-finite loss); earlier checkpoints are kept."""

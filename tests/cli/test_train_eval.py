@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from mlcil.cli import main
+from mlcil.data.coco import load_coco
 from mlcil.engine.loop import evaluate_run
 from tiny import REPO, tiny_overrides
 
@@ -146,12 +148,13 @@ def test_dry_run_on_the_coco_fixture_with_the_published_config(
     assert code == 0
     output = capsys.readouterr().out
     assert "protocol B0-C10" in output
-    session_rows = [
-        line
-        for line in output.splitlines()
-        if (line.strip()[:1].isdigit() and "airplane" in line) or line.startswith("      7")
-    ]
-    assert session_rows  # the table lists sessions 0..7
+    # The session table: index, new-class count, names, train and test image counts.
+    rows = [line.split() for line in output.splitlines() if re.match(r"^\s+\d+\s+10\s", line)]
+    assert [int(row[0]) for row in rows] == list(range(8))
+    assert rows[0][2] == "airplane,"  # class 0 first
+    train = load_coco(root, "train")
+    expected = [int(train.labels[:, 10 * i : 10 * i + 10].any(axis=1).sum()) for i in range(8)]
+    assert [int(row[-2]) for row in rows] == expected
     assert (
         "tresnet_m" in output and "MISSING" in output and "exemplar memory: 20 per class" in output
     )
@@ -263,3 +266,18 @@ def test_list_names_methods_datasets_and_protocols(capsys: pytest.CaptureFixture
         "B10-C2",
     ):
         assert word in output
+
+
+def test_a_diverging_loss_stops_with_a_clear_error_and_keeps_checkpoints(
+    coco_fixture: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _ = coco_fixture
+    run_dir = tmp_path / "run"
+    args = [f"root={root}", "protocol=B40-C20", "train.tensorboard=false"]
+    train("coco_b40_c10.yaml", run_dir, *args, "--max-sessions", "1")
+    # An absurd learning rate in the second session makes the loss overflow to inf/NaN.
+    code = main(["-q", "train", "--resume", str(run_dir), "train.incremental_lr=1e30"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "session 1" in error and "lower train.lr or train.incremental_lr" in error
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "session_00"

@@ -41,7 +41,7 @@ from mlcil.engine.checkpoint import (
 )
 from mlcil.engine.evaluate import predict_scores, session_result
 from mlcil.engine.runtime import Runtime, derive_seed, seed_everything
-from mlcil.errors import ConfigError, DataError
+from mlcil.errors import ConfigError, DataError, TrainingError
 from mlcil.fileio import write_text_atomic
 from mlcil.memory import ExemplarMemory
 from mlcil.methods import Batch, Method, SessionContext, get_method
@@ -315,6 +315,15 @@ class Trainer:
                 batch = Batch(images, targets).to(runtime.device)
                 with runtime.autocast():
                     output = self.method.training_step(batch)
+                if not torch.isfinite(output.loss):
+                    # Stop before a NaN reaches the weights: the previous session's checkpoint
+                    # stays the latest, so the run can resume with a smaller learning rate.
+                    raise TrainingError(
+                        f"session {session.index} epoch {epoch + 1} step {step}: the loss is "
+                        f"{float(output.loss.detach())} (parts: "
+                        + ", ".join(f"{k}={float(v):.4g}" for k, v in output.parts.items())
+                        + f"); lower train.lr or train.incremental_lr and resume {self.run_dir}"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(output.loss).backward()
                 scaler.step(optimizer)
