@@ -13,9 +13,10 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlcil.config import load_config
+from mlcil.config import RunConfig, flatten, load_config
 from mlcil.engine.checkpoint import latest_checkpoint
 from mlcil.engine.loop import Trainer
+from mlcil.errors import ConfigError
 from mlcil.report import write_report
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ def run_comparison(
     for position, (spec, config) in enumerate(plans, start=1):
         run_dir = output_dir / "runs" / config.run_name
         run_dirs.append(run_dir)
+        if (run_dir / "config.yaml").is_file():
+            _check_same_config(run_dir, config)
         if (run_dir / "metrics.json").is_file():
             logger.info("[%d/%d] %s: already finished", position, len(plans), run_dir)
             continue
@@ -62,3 +65,17 @@ def run_comparison(
         )
         Trainer(config, run_dir=run_dir, resume=resume).run()
     return write_report(run_dirs, output_dir)
+
+
+def _check_same_config(run_dir: Path, config: RunConfig) -> None:
+    """Refuse to reuse or resume a run that was made with other settings."""
+    saved = flatten(load_config(run_dir / "config.yaml").to_dict())
+    planned = flatten(config.to_dict())
+    differences = sorted(k for k in saved.keys() | planned.keys() if saved.get(k) != planned.get(k))
+    if differences:
+        key = differences[0]
+        raise ConfigError(
+            f"{run_dir} holds a run made with other settings ({key}: {saved.get(key)!r} there, "
+            f"{planned.get(key)!r} now; {len(differences)} keys differ): delete it or choose "
+            "another --output"
+        )

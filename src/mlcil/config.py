@@ -73,9 +73,14 @@ class ModelConfig:
     embed_dim: int = 384
     num_heads: int = 8
     mlp_ratio: float = 4.0
+    # "released": every ICA Linear weight redrawn from N(0, 0.01) as the authors' code does;
+    # "pytorch": PyTorch's default initialisation, which trains far faster when the backbone
+    # itself starts from random weights (the embedded benchmark).
+    ica_init: str = "released"
 
     def __post_init__(self) -> None:
         _choice("model.network", self.network, ("ica", "linear"))
+        _choice("model.ica_init", self.ica_init, ("released", "pytorch"))
         _positive("model.embed_dim", self.embed_dim)
         _positive("model.num_heads", self.num_heads)
         if self.embed_dim % self.num_heads:
@@ -271,6 +276,17 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any], source: str = "") 
         else:
             result[key] = value
     return result
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for comparing and printing configs)."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -67,3 +67,26 @@ def test_compare_then_report(
         == 0
     )
     assert (report_dir / "report.md").read_text().count("| ") >= 3
+
+
+def test_compare_refuses_a_run_made_with_other_settings(
+    coco_fixture: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _ = coco_fixture
+    args = [
+        "-q",
+        "compare",
+        str(REPO / "configs" / "methods" / "finetune.yaml"),
+        "--base",
+        str(REPO / "configs" / "coco_b40_c10.yaml"),
+        "--protocols",
+        "B40-C40",
+        "--output",
+        str(tmp_path / "cmp"),
+        "--set",
+        *TINY,
+        f"root={root}",
+    ]
+    assert main(args) == 0
+    assert main([*args, "train.lr=0.5"]) == 2
+    assert "other settings (train.lr" in capsys.readouterr().err

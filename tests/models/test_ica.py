@@ -126,3 +126,16 @@ def test_linear_network_shares_one_embedding() -> None:
     assert output.stages is not None and output.stages[-1].shape == (2, 128, 4, 4)
     torch.testing.assert_close(network.retained_embedding(output, 1), output.pooled)
     assert not any(p.requires_grad for p in network.heads[0].parameters())
+
+
+def test_pytorch_initialisation_option_keeps_default_weights() -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        backbone="resnet18", feature_stage=2, embed_dim=32, num_heads=4, ica_init="pytorch"
+    )
+    network = build_network(config, image_size=32)
+    network.add_session(2)
+    # nn.Linear's default: uniform(+-1/sqrt(fan_in)), std 1/sqrt(3 * 32) ~ 0.10, biases non-zero.
+    assert abs(network.block.q.weight.std().item() - (3 * 32) ** -0.5) < 0.02
+    assert network.block.proj.bias.abs().max() > 0
+    assert network.heads[0][1].weight.std().item() > 0.05

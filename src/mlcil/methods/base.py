@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from mlcil.config import LossConfig
-from mlcil.losses import asymmetric_loss
+from mlcil.losses import asymmetric_loss, token_distillation_weight
 from mlcil.models.base import IncrementalNetwork, NetworkOutput
 from mlcil.protocol import Session
 
@@ -179,8 +179,6 @@ class Method:
     def incremental_weight(self, base_weight: float) -> float:
         """``base_weight * sqrt(seen / new)``: the adaptive distillation weight that KRT (and
         PODNet) grow with the ratio of old knowledge to new."""
-        from mlcil.losses import token_distillation_weight
-
         assert self.session is not None
         return token_distillation_weight(base_weight, self.seen, len(self.session.new_classes))
 

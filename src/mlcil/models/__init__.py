@@ -29,6 +29,7 @@ def build_network(
             embed_dim=config.embed_dim,
             num_heads=config.num_heads,
             mlp_ratio=config.mlp_ratio,
+            released_init=config.ica_init == "released",
         )
     return LinearNetwork(backbone)
 

@@ -111,6 +111,8 @@ class ICANetwork(IncrementalNetwork):
         embed_dim: token width D (384 for COCO, 768 for VOC in the released configs).
         num_heads: attention heads (8).
         mlp_ratio: MLP hidden width over D (4).
+        released_init: redraw the block's and the first head's Linear weights from N(0, 0.01)
+            with zero biases, as the released code does; False keeps PyTorch's defaults.
     """
 
     def __init__(
@@ -120,8 +122,10 @@ class ICANetwork(IncrementalNetwork):
         embed_dim: int = 384,
         num_heads: int = 8,
         mlp_ratio: float = 4.0,
+        released_init: bool = True,
     ) -> None:
         super().__init__(backbone)
+        self.released_init = released_init
         channels, height, width = backbone.feature_shape(image_size)
         self.feature_hw = (height, width)
         self.embed_dim = embed_dim
@@ -132,11 +136,12 @@ class ICANetwork(IncrementalNetwork):
         self.block = ClassAttentionBlock(embed_dim, num_heads, mlp_ratio)
         nn.init.trunc_normal_(self.pos_embed, std=TOKEN_STD)
         nn.init.trunc_normal_(self.kt_token, std=TOKEN_STD)
-        self.block.apply(_init_linear)
+        if released_init:
+            self.block.apply(_init_linear)
 
     def _make_head(self, num_classes: int) -> nn.Module:
         head = nn.Sequential(nn.LayerNorm(self.embed_dim), nn.Linear(self.embed_dim, num_classes))
-        if not self.heads:
+        if not self.heads and self.released_init:
             # The first head exists when the released code re-initialises the network; later
             # heads keep PyTorch's default Linear initialisation (KRT-SPEC section 4).
             head.apply(_init_linear)
