@@ -1,0 +1,91 @@
+"""Runtime (device, precision, seeding) and the assembly of metrics.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlcil.config import TrainConfig
+from mlcil.engine.runtime import Runtime, derive_seed, seed_everything
+from mlcil.errors import ConfigError
+from mlcil.results import summarize, write_results
+
+
+def test_derived_seeds_are_stable_distinct_and_31_bit() -> None:
+    seeds = {derive_seed(3407, session, epoch) for session in range(8) for epoch in range(20)}
+    assert len(seeds) == 160
+    assert all(0 <= s < 2**31 for s in seeds)
+    assert derive_seed(3407, 2, 5) == derive_seed(3407, 2, 5) != derive_seed(3408, 2, 5)
+
+
+def test_seed_everything_makes_torch_and_numpy_repeat() -> None:
+    seed_everything(11)
+    first = (torch.rand(3), np.random.rand(3))
+    seed_everything(11)
+    second = (torch.rand(3), np.random.rand(3))
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1])
+
+
+def test_runtime_resolves_device_and_precision() -> None:
+    runtime = Runtime.from_config(TrainConfig(device="cpu"), num_workers=0)
+    assert runtime.device.type == "cpu" and runtime.precision == "fp32" and runtime.is_main
+    assert not runtime.grad_scaler().is_enabled()
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        Runtime.from_config(TrainConfig(device="cpu", precision="fp16"), num_workers=0)
+    bf16 = Runtime.from_config(TrainConfig(device="cpu", precision="bf16"), num_workers=0)
+    with bf16.autocast():
+        product = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert product.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="not a device"):
+        Runtime.from_config(TrainConfig(device="toaster"), num_workers=0)
+
+
+def test_loader_shuffle_depends_only_on_its_seed() -> None:
+    runtime = Runtime.from_config(TrainConfig(device="cpu"), num_workers=0)
+    data = torch.utils.data.TensorDataset(torch.arange(50))
+    first = [b[0].tolist() for b in runtime.loader(data, 10, shuffle=True, seed=5)]
+    torch.manual_seed(999)  # global state must not matter
+    second = [b[0].tolist() for b in runtime.loader(data, 10, shuffle=True, seed=5)]
+    third = [b[0].tolist() for b in runtime.loader(data, 10, shuffle=True, seed=6)]
+    assert first == second != third
+
+
+def _session(index: int, seen: int, maps: float, ap: list[float]) -> dict:
+    return {
+        "index": index,
+        "classes": [str(c) for c in range(seen - 2, seen)],
+        "num_seen": seen,
+        "seen_map": maps,
+        "base_map": maps,
+        "new_map": None if index == 0 else maps,
+        "ap": {str(c): value for c, value in enumerate(ap)},
+    }
+
+
+def test_summarize_and_write_results(tmp_path: Path) -> None:
+    sessions = [
+        _session(0, 2, 80.0, [80.0, 80.0]),
+        _session(1, 4, 60.0, [50.0, 70.0, 60.0, 60.0]),
+    ]
+    scores = np.array([[0.9, 0.1, 0.85, 0.2], [0.7, 0.95, 0.1, 0.9]])
+    targets = np.array([[1, 0, 1, 0], [0, 1, 0, 1]])
+    metrics = summarize(sessions, scores, targets, 0.8, {"method": "krt"}, 12.5)
+    assert metrics["avg_map"] == 70.0 and metrics["last_map"] == 60.0
+    # Forgetting: class 0 80 -> 50 (30), class 1 80 -> 70 (10): mean 20 points.
+    assert math.isclose(metrics["forgetting"], 20.0)
+    # At 0.8: predicted positives (0,0), (0,2), (1,1), (1,3) are all correct, (1,0) at 0.7 not.
+    assert metrics["final"]["op"] == 100.0 and metrics["final"]["or"] == 100.0
+    assert metrics["final"]["threshold"] == 0.8 and metrics["method"] == "krt"
+    metrics["final"]["cp"] = float("nan")  # JSON has no NaN: written as null
+    write_results(tmp_path, metrics)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["final"]["cp"] is None and saved["sessions"][0]["new_map"] is None
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("session,classes,num_seen,seen_map") and len(lines) == 3
+    assert lines[1].split(",")[5] == ""  # no new_map in the first session
+    assert (tmp_path / "map_per_session.png").stat().st_size > 1000
