@@ -2,7 +2,8 @@
 
 ``write_report`` groups runs by (dataset, protocol), then by label (method or ablation), and
 reports mean +- standard deviation over seeds of avg mAP, last mAP, CF1, OF1, forgetting and wall
-time, with one mAP-per-session curve per label.
+time, with one mAP-per-session curve per label and a per-session breakdown (seen / base / new mAP)
+that shows *why* one method ends above another: old classes kept or new classes learned.
 """
 
 from __future__ import annotations
@@ -132,6 +133,52 @@ def comparison_markdown(runs: Sequence[dict[str, Any]]) -> str:
     return "\n\n".join(sections) + "\n"
 
 
+def _mean_of(values: Sequence[float | None]) -> str:
+    mean, _ = mean_std(values)
+    return "-" if mean is None else f"{mean:.1f}"
+
+
+def session_breakdown_markdown(runs: Sequence[dict[str, Any]]) -> str:
+    """Per (dataset, protocol), a table of seen / base / new mAP after every session.
+
+    Cells are means over seeds. Base is the first session's classes, new the session's own; the
+    first session's three values coincide, so it shows one. Rows follow ``comparison_markdown``.
+    """
+    sections = []
+    for (dataset, protocol), label_runs in group_runs(runs).items():
+        num_sessions = max(len(r["sessions"]) for group in label_runs.values() for r in group)
+        header = "| method | " + " | ".join(f"session {i}" for i in range(num_sessions)) + " |"
+        lines = [
+            f"### {dataset} {protocol}: seen / base / new mAP after each session",
+            "",
+            header,
+            "|---|" + "---|" * num_sessions,
+        ]
+        order = sorted(
+            label_runs,
+            key=lambda label: -statistics.fmean(r["last_map"] for r in label_runs[label]),
+        )
+        for label in order:
+            cells = []
+            for index in range(num_sessions):
+                runs_here = [r for r in label_runs[label] if index < len(r["sessions"])]
+                entries = [r["sessions"][index] for r in runs_here]
+                if not entries:
+                    cells.append("")
+                elif index == 0:
+                    cells.append(_mean_of([e["seen_map"] for e in entries]))
+                else:
+                    cells.append(
+                        " / ".join(
+                            _mean_of([e.get(key) for e in entries])
+                            for key in ("seen_map", "base_map", "new_map")
+                        )
+                    )
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) + "\n"
+
+
 def mean_curves(label_runs: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
     """Per label, a metrics-like dict whose sessions hold the mean seen mAP over seeds."""
     curves = {}
@@ -162,6 +209,7 @@ def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path) -> dict
             {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()}
             for row in comparison_rows(label_runs)
         ]
+    markdown += "\n" + session_breakdown_markdown(runs)
     write_text_atomic(output_dir / "report.md", markdown)
     write_text_atomic(output_dir / "report.json", json.dumps(summary, indent=1))
     paths["markdown"] = output_dir / "report.md"

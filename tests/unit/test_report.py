@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from mlcil.errors import ConfigError
-from mlcil.report import comparison_markdown, group_runs, load_runs, mean_std, write_report
+from mlcil.report import (
+    comparison_markdown,
+    group_runs,
+    load_runs,
+    mean_std,
+    session_breakdown_markdown,
+    write_report,
+)
 
 
 def fake_run(root: Path, label: str, protocol: str, seed: int, maps: list[float]) -> Path:
@@ -81,3 +88,19 @@ def test_write_report_files_and_missing_metrics(tmp_path: Path) -> None:
     assert joint["forgetting"] == [None, None] and joint["last mAP"] == [95.0, 0.0]
     with pytest.raises(ConfigError, match="no metrics.json"):
         load_runs([tmp_path / "nowhere"])
+
+
+def test_session_breakdown_averages_seen_base_new_over_seeds(tmp_path: Path) -> None:
+    dirs = [
+        fake_run(tmp_path, "krt", "B0-C2", 0, [90.0, 70.0]),
+        fake_run(tmp_path, "krt", "B0-C2", 1, [92.0, 74.0]),
+        fake_run(tmp_path, "joint", "B0-C2", 0, [95.0]),
+    ]
+    runs = load_runs(dirs)
+    for run, (base, new) in zip(runs[:2], [(80.0, 60.0), (84.0, 66.0)], strict=True):
+        run["sessions"][1].update(base_map=base, new_map=new)
+    markdown = session_breakdown_markdown(runs)
+    lines = markdown.splitlines()
+    assert "| method | session 0 | session 1 |" in lines
+    # joint (95 last) is listed before krt (72 last); its second-session cell is empty.
+    assert lines.index("| joint | 95.0 |  |") < lines.index("| krt | 91.0 | 72.0 / 82.0 / 63.0 |")
