@@ -38,8 +38,12 @@ def test_compare_then_report(
     assert main(args) == 0
     output = capsys.readouterr().out
     assert "### coco B40-C40" in output
-    rows = [line for line in output.splitlines() if line.startswith(("| finetune", "| lwf"))]
-    assert len(rows) == 2 and all(" | 2 | " in row for row in rows)  # two seeds each
+    method_rows = [line for line in output.splitlines() if line.startswith(("| finetune", "| lwf"))]
+    # The summary table (mean ± std over seeds) comes first, then the per-session breakdown.
+    summary_rows = [row for row in method_rows if "±" in row]
+    breakdown_rows = [row for row in method_rows if "±" not in row]
+    assert len(summary_rows) == 2 and all(" | 2 | " in row for row in summary_rows)  # two seeds
+    assert len(breakdown_rows) == 2 and all(row.count(" / ") == 2 for row in breakdown_rows)
     runs = sorted(p.name for p in (tmp_path / "cmp" / "runs").iterdir())
     assert runs == [
         "coco_B40-C40_finetune_s0",
