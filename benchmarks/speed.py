@@ -24,13 +24,17 @@ import numpy as np
 import torch
 
 from mlcil.config import LossConfig, ModelConfig
+from mlcil.data.base import ArrayImageSource
+from mlcil.data.sessions import session_train_set
+from mlcil.data.transforms import to_unit_tensor
 from mlcil.memory import herding
 from mlcil.methods.base import Batch, SessionContext
 from mlcil.methods.krt import KRT, KRTParams
 from mlcil.metrics import average_precision
-from mlcil.models import ClassAttentionBlock, build_network
-from mlcil.protocol import protocol_sessions
+from mlcil.models import ClassAttentionBlock, ICAParams, build_network
+from mlcil.protocol import Session, protocol_sessions
 from mlcil.pseudo_labels import dpl_threshold
+from mlcil.runtime import Runtime
 
 
 def timed(function: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -72,6 +76,29 @@ def bench_ica(device: torch.device) -> list[dict]:
     ]
 
 
+def _context(
+    session: Session,
+    protocol: list[Session],
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+) -> SessionContext:
+    """A session over ``batch_size`` random in-memory images that show every class."""
+    pixels = np.random.default_rng(0).integers(
+        0, 256, size=(batch_size, image_size, image_size, 3), dtype=np.uint8
+    )
+    source = ArrayImageSource(
+        dataset="bench",
+        split="train",
+        class_names=["a", "b", "c", "d"],
+        images=pixels,
+        labels=np.ones((batch_size, 4), dtype=np.uint8),
+    )
+    train_set = session_train_set(source, session, protocol, to_unit_tensor)
+    runtime = Runtime(device=device, precision="fp32")
+    return SessionContext(session, protocol, train_set, source, runtime, 0, batch_size)
+
+
 def _krt_step_throughput(
     model: ModelConfig, image_size: int, batch_size: int, device: torch.device, repeats: int
 ) -> float:
@@ -79,17 +106,15 @@ def _krt_step_throughput(
     token distillation, backward, Adam)."""
     torch.manual_seed(0)
     network = build_network(model, image_size).to(device)
-    method = KRT(KRTParams(token_loss_weight=10.0), network, LossConfig())
+    method = KRT(KRTParams(token_loss_weight=10.0, label_density=0.25), network, LossConfig())
     protocol = protocol_sessions("B0-C2", 4)
     images = torch.rand(batch_size, 3, image_size, image_size, device=device)
     targets = (torch.rand(batch_size, 4, device=device) > 0.6).float()
-    first = SessionContext(protocol[0], lambda: iter(()), device)
-    method.begin_session(first)
-    method.end_session(first)
-    second = SessionContext(
-        protocol[1], lambda: iter([Batch(images, targets)]), device, label_density=0.25
-    )
-    method.begin_session(second)
+    for session in protocol[:2]:
+        context = _context(session, protocol, image_size, batch_size, device)
+        method.begin_session(context)
+        if session.index == 0:
+            method.end_session(context)
     optimizer = torch.optim.Adam(method.parameter_groups(), lr=1e-4)
 
     def step() -> None:
@@ -104,7 +129,9 @@ def _krt_step_throughput(
 
 
 def bench_training(device: torch.device, heavy: bool) -> list[dict]:
-    demo = ModelConfig(backbone="resnet18", feature_stage=2, embed_dim=128, num_heads=8)
+    demo = ModelConfig(
+        backbone="resnet18", feature_stage=2, params=ICAParams(embed_dim=128, num_heads=8)
+    )
     rows = [
         {
             "name": "KRT train step, demo net (ResNet-18/8, 48 px, batch 16)",
@@ -113,7 +140,7 @@ def bench_training(device: torch.device, heavy: bool) -> list[dict]:
         }
     ]
     if heavy:
-        coco = ModelConfig(backbone="tresnet_m", embed_dim=384, num_heads=8)
+        coco = ModelConfig(backbone="tresnet_m", params=ICAParams(embed_dim=384, num_heads=8))
         batch = 64 if device.type == "cuda" else 4
         rows.append(
             {

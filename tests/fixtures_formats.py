@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mlcil.protocol import COCO_CATEGORIES, VOC_CLASSES
+from mlcil.data.classes import COCO_CATEGORIES, VOC_CLASSES
 
 # A few small sizes, so that a loader mixing up images would return a wrong size.
 _SIZES: tuple[tuple[int, int], ...] = ((40, 32), (48, 32), (40, 36), (36, 40))

@@ -7,8 +7,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlcil.errors import MlcilError
+
+if TYPE_CHECKING:
+    from mlcil.experiment import Experiment
 
 logger = logging.getLogger("mlcil.cli")
 
@@ -21,8 +25,8 @@ def _split_overrides(values: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mlcil.config import load_config
     from mlcil.engine.loop import Trainer
+    from mlcil.experiment import load_config
     from mlcil.report import session_table
 
     extra_paths, overrides = _split_overrides(args.overrides)
@@ -43,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.overwrite and not args.dry_run:
             trainer.clear_run_dir()
     if args.dry_run:
-        print(dry_run_summary(trainer))
+        print(dry_run_summary(trainer.experiment, trainer.run_dir))
         return 0
     metrics = trainer.run(max_sessions=args.max_sessions)
     if metrics is None:
@@ -55,24 +59,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def dry_run_summary(trainer: object) -> str:
+def dry_run_summary(experiment: Experiment, run_dir: Path) -> str:
     """Sessions, set sizes, weights file status and a model summary, without training."""
-    from mlcil.engine.loop import Trainer
-
-    assert isinstance(trainer, Trainer)
-    config = trainer.config
+    config = experiment.config
     lines = [
-        f"run: {config.run_name} -> {trainer.run_dir}",
+        f"run: {config.run_name} -> {run_dir}",
         f"method: {config.method.to_dict()}",
-        f"dataset: {config.data.dataset} ({len(trainer.train_source)} train / "
-        f"{len(trainer.test_source)} test images, {len(trainer.class_names)} classes), "
+        f"dataset: {config.data.dataset} ({len(experiment.train_source)} train / "
+        f"{len(experiment.test_source)} test images, {len(experiment.class_names)} classes), "
         f"protocol {config.protocol}, overlap {config.data.overlap}",
-        f"device: {trainer.runtime.device} ({trainer.runtime.precision})",
+        f"device: {experiment.runtime.device} ({experiment.runtime.precision})",
         "",
         "session  new  classes                          train  test",
     ]
-    for session, sizes in zip(trainer.sessions, trainer.session_sizes(), strict=True):
-        names = ", ".join(trainer.class_names[c] for c in session.new_classes)
+    for session, sizes in zip(experiment.sessions, experiment.session_sizes(), strict=True):
+        names = ", ".join(experiment.class_names[c] for c in session.new_classes)
         if len(names) > 31:
             names = names[:28] + "..."
         lines.append(
@@ -93,8 +94,8 @@ def dry_run_summary(trainer: object) -> str:
         lines.append(f"pretrained weights: {pretrained} [{status}]")
     else:
         lines.append("pretrained weights: none (random initialisation)")
-    method = trainer.build_method(load_weights=False)
-    for session in trainer.sessions:
+    method = experiment.build_method(load_weights=False)
+    for session in experiment.sessions:
         method.network.add_session(len(session.new_classes))
     lines.append("")
     lines.append(f"model after the last session ({config.model.backbone}, {config.model.network}):")
@@ -108,7 +109,7 @@ def dry_run_summary(trainer: object) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mlcil.engine.loop import evaluate_run
+    from mlcil.engine.evaluate import evaluate_run
 
     result = evaluate_run(args.run)
     recorded = result["recorded_last_map"]
@@ -130,20 +131,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     del args
-    from mlcil.data import DATASET_LOADERS
+    from mlcil.data import DATASETS
     from mlcil.methods import METHODS
-    from mlcil.protocol import PUBLISHED_PROTOCOLS
+    from mlcil.models import NETWORKS
 
     print("methods:")
     for name, cls in sorted(METHODS.items()):
         summary = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
         print(f"  {name:<10} {summary.splitlines()[0] if summary else ''}")
-    print("datasets:")
-    for name in DATASET_LOADERS:
-        print(f"  {name}")
-    print("protocols:")
-    for dataset, protocols in PUBLISHED_PROTOCOLS.items():
-        print(f"  {dataset:<8} {' '.join(protocols)}")
+    print("networks:")
+    for name, cls in sorted(NETWORKS.items()):
+        summary = (cls.__doc__ or "").strip()
+        print(f"  {name:<10} {summary.splitlines()[0] if summary else ''}")
+    print("datasets (published protocols):")
+    for name, spec in DATASETS.items():
+        print(f"  {name:<10} {' '.join(spec.protocols)}")
     return 0
 
 

@@ -13,10 +13,11 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlcil.config import RunConfig, flatten, load_config
+from mlcil.config import RunConfig, flatten
 from mlcil.engine.checkpoint import latest_checkpoint
 from mlcil.engine.loop import Trainer
 from mlcil.errors import ConfigError
+from mlcil.experiment import load_config
 from mlcil.report import write_report
 
 logger = logging.getLogger(__name__)

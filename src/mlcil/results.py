@@ -6,12 +6,17 @@ import csv
 import io
 import json
 import math
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from mlcil.config.schema import RunConfig
 from mlcil.fileio import write_text_atomic
 from mlcil.metrics import average_map, f1_scores, forgetting, last_map
+from mlcil.version import __version__
 
 CSV_COLUMNS = (
     "session",
@@ -25,6 +30,26 @@ CSV_COLUMNS = (
     "test_images",
     "train_time_s",
 )
+
+
+def run_header(config: RunConfig, device: Any) -> dict[str, Any]:
+    """The identifying fields at the top of ``metrics.json``."""
+    return {
+        "method": config.method.name,
+        "label": config.display_label,
+        "dataset": config.data.dataset,
+        "protocol": config.protocol_label,
+        "seed": config.seed,
+        "run_name": config.run_name,
+        "network": config.model.network,
+        "backbone": config.model.backbone,
+        "memory_per_class": config.memory.per_class,
+        "memory_total": config.memory.total,
+        "device": str(device),
+        "machine": platform.machine(),
+        "mlcil_version": __version__,
+        "torch_version": torch.__version__,
+    }
 
 
 def summarize(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +12,13 @@ import pytest
 
 from mlcil.cli import main
 from mlcil.data.coco import load_coco
-from mlcil.engine.loop import evaluate_run
-from tiny import REPO, tiny_overrides
+from mlcil.engine.evaluate import evaluate_run
+from tiny import REPO, TINY_ICA, tiny_overrides
 
-TINY = tiny_overrides(memory__per_class="2")
+TINY = [*tiny_overrides(memory__per_class="2"), *TINY_ICA]
 
 
-def train(config: str, run_dir: Path, *overrides: str) -> float:
-    started = time.perf_counter()
+def train(config: str, run_dir: Path, *overrides: str) -> None:
     code = main(
         [
             "-q",
@@ -34,7 +32,6 @@ def train(config: str, run_dir: Path, *overrides: str) -> float:
         ]
     )
     assert code == 0
-    return time.perf_counter() - started
 
 
 def check_run_files(run_dir: Path, sessions: int, class_names: list[str]) -> dict[str, Any]:
@@ -99,9 +96,8 @@ def test_krt_on_the_coco_fixture_then_eval_reproduces_last_map(
 ) -> None:
     root, _ = coco_fixture
     run_dir = tmp_path / "coco_run"
-    seconds = train("coco_b40_c10.yaml", run_dir, f"root={root}", "protocol=B40-C20")
-    assert seconds < 60
-    from mlcil.protocol import class_names
+    train("coco_b40_c10.yaml", run_dir, f"root={root}", "protocol=B40-C20")
+    from mlcil.data.classes import class_names
 
     metrics = check_run_files(run_dir, 3, class_names("coco"))
     assert metrics["dataset"] == "coco" and metrics["protocol"] == "B40-C20"
@@ -119,11 +115,8 @@ def test_krt_on_the_coco_fixture_then_eval_reproduces_last_map(
 def test_krt_on_the_voc_fixture(voc_fixture: tuple[Path, dict], tmp_path: Path) -> None:
     root, _ = voc_fixture
     run_dir = tmp_path / "voc_run"
-    seconds = train(
-        "voc_b0_c4.yaml", run_dir, f"root={root}", "protocol=B10-C5", "memory.labels=official"
-    )
-    assert seconds < 60
-    from mlcil.protocol import class_names
+    train("voc_b0_c4.yaml", run_dir, f"root={root}", "protocol=B10-C5", "memory.labels=official")
+    from mlcil.data.classes import class_names
 
     metrics = check_run_files(run_dir, 3, class_names("voc"))
     assert [s["num_seen"] for s in metrics["sessions"]] == [10, 15, 20]

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from mlcil.data.base import FileImageSource
+from mlcil.data.classes import class_names
 from mlcil.data.coco import load_coco
 from mlcil.errors import DataError
-from mlcil.protocol import class_names
 
 NAMES = class_names("coco")
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from mlcil.data.base import FileImageSource
+from mlcil.data.classes import VOC_CLASSES
 from mlcil.data.voc import load_voc
 from mlcil.errors import DataError
-from mlcil.protocol import VOC_CLASSES
 
 NAMES = sorted(VOC_CLASSES)
 

@@ -102,8 +102,9 @@ def test_wrong_architecture_and_unsafe_pickles_are_refused(tmp_path: Path) -> No
 def test_feature_stage_truncates_and_bad_stage_is_an_error() -> None:
     backbone = Backbone("resnet18", feature_stage=2)
     assert backbone.feature_shape(48) == (128, 6, 6)
-    stages = backbone.forward_stages(torch.rand(1, 3, 48, 48))
-    assert [s.shape[1] for s in stages] == [64, 128]
+    assert backbone.stage_reductions == [2, 4, 8]
+    stages = backbone.forward_stages(torch.rand(1, 3, 48, 48), [1])
+    assert [s.shape[1] for s in stages] == [64, 128]  # stage 1, then the feature map
     with pytest.raises(WeightsError, match="out of range"):
         Backbone("resnet18", feature_stage=7)
     with pytest.raises(WeightsError, match="unknown timm architecture"):

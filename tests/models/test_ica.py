@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from mlcil.config import LossConfig, ModelConfig
-from mlcil.methods.base import Batch, SessionContext
+from mlcil.methods.base import Batch
 from mlcil.methods.krt import KRT, KRTParams
 from mlcil.models import ClassAttentionBlock, ICANetwork, LinearNetwork, build_network
+from mlcil.models.ica import ICAParams
 from mlcil.protocol import sessions
+from tiny import in_memory_context
 
-SMALL = ModelConfig(backbone="resnet18", feature_stage=2, embed_dim=32, num_heads=4)
+SMALL = ModelConfig(
+    backbone="resnet18", feature_stage=2, params=ICAParams(embed_dim=32, num_heads=4)
+)
 
 
 def small_network(sessions_sizes: tuple[int, ...] = (2,)) -> ICANetwork:
@@ -84,17 +89,13 @@ def test_growth_freezes_old_tokens_and_heads_only() -> None:
 def test_a_training_step_leaves_old_tokens_and_heads_bit_identical() -> None:
     torch.manual_seed(0)
     network = build_network(SMALL, image_size=32)
-    method = KRT(KRTParams(token_loss_weight=50.0), network, LossConfig())
+    method = KRT(KRTParams(token_loss_weight=50.0, label_density=0.3), network, LossConfig())
     protocol = sessions(6, 0, 2)
     images, targets = torch.rand(6, 3, 32, 32), (torch.rand(6, 6) > 0.5).float()
-
-    def batches() -> list[Batch]:
-        return [Batch(images, targets)]
+    labels = np.ones((6, 6), dtype=np.uint8)
 
     for session in protocol[:2]:
-        context = SessionContext(
-            session, lambda: iter(batches()), torch.device("cpu"), label_density=0.3
-        )
+        context = in_memory_context(session, protocol, labels)
         method.begin_session(context)
         optimizer = torch.optim.Adam(method.parameter_groups(), lr=1e-2, weight_decay=1e-4)
         if session.index == 1:
@@ -117,11 +118,12 @@ def test_a_training_step_leaves_old_tokens_and_heads_bit_identical() -> None:
 
 def test_linear_network_shares_one_embedding() -> None:
     torch.manual_seed(0)
-    network = build_network(ModelConfig(backbone="resnet18", feature_stage=2, network="linear"), 32)
+    linear = ModelConfig(backbone="resnet18", feature_stage=2, network="linear")
+    network = build_network(linear, 32)
     assert isinstance(network, LinearNetwork)
     network.add_session(2)
     network.add_session(3)
-    output = network(torch.rand(2, 3, 32, 32), return_stages=True)
+    output = network(torch.rand(2, 3, 32, 32), stage_indices=[1])
     assert output.logits.shape == (2, 5) and output.embeddings.shape == (2, 1, 128)
     assert output.stages is not None and output.stages[-1].shape == (2, 128, 4, 4)
     torch.testing.assert_close(network.retained_embedding(output, 1), output.pooled)
@@ -131,7 +133,9 @@ def test_linear_network_shares_one_embedding() -> None:
 def test_pytorch_initialisation_option_keeps_default_weights() -> None:
     torch.manual_seed(0)
     config = ModelConfig(
-        backbone="resnet18", feature_stage=2, embed_dim=32, num_heads=4, ica_init="pytorch"
+        backbone="resnet18",
+        feature_stage=2,
+        params=ICAParams(embed_dim=32, num_heads=4, ica_init="pytorch"),
     )
     network = build_network(config, image_size=32)
     network.add_session(2)

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlcil.config import RunConfig, load_config
+from mlcil.config import RunConfig
 from mlcil.errors import ConfigError, ProtocolError
+from mlcil.experiment import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -38,13 +39,13 @@ def test_every_shipped_config_loads(tmp_path: Path) -> None:
 def test_published_configs_carry_the_released_hyperparameters() -> None:
     coco = load_config(CONFIGS / "coco_b0_c10.yaml")
     assert coco.protocol == "B0-C10" and coco.data.resolved_root == "datasets/coco2014"
-    assert coco.model.backbone == "tresnet_m" and coco.model.embed_dim == 384
+    assert coco.model.backbone == "tresnet_m" and coco.model.params.embed_dim == 384
     assert coco.model.pretrained == "pretrained_models/tresnet_m_224_21k.pth"
     assert (coco.train.lr, coco.train.incremental_lr, coco.train.epochs) == (4e-5, 1e-4, 20)
     assert coco.memory.per_class == 20 and coco.method.params.token_loss_weight == 100
     assert load_config(CONFIGS / "coco_b40_c10.yaml").method.params.token_loss_weight == 300
     voc = load_config(CONFIGS / "voc_b10_c2.yaml")
-    assert voc.model.embed_dim == 768 and voc.memory.per_class == 2
+    assert voc.model.params.embed_dim == 768 and voc.memory.per_class == 2
     assert voc.train.incremental_lr == 4e-5 and voc.method.params.token_loss_weight == 80
     assert voc.data.resolved_root == "datasets/voc2007"
 
@@ -62,14 +63,61 @@ def test_unknown_keys_are_errors_naming_file_and_key(tmp_path: Path) -> None:
 
 
 def test_types_are_checked(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="train.epochs must be an integer"):
+    with pytest.raises(
+        ConfigError, match=r"train\.epochs: Input should be a valid integer, got 2\.5"
+    ):
         load_config(overrides=["train.epochs=2.5"])
-    with pytest.raises(ConfigError, match="must be true or false"):
+    with pytest.raises(ConfigError, match=r"train\.progress: .*boolean, got 'yes please'"):
         load_config(overrides=["train.progress=yes please"])
-    with pytest.raises(ConfigError, match="must be a number"):
+    with pytest.raises(ConfigError, match=r"train\.lr: .*number, got 'fast'"):
         load_config(overrides=["train.lr=fast"])
     # YAML 1.1 reads 1e-4 as a string; a float field still accepts it.
     assert load_config(overrides=["train.lr=1e-4"]).train.lr == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("train.lr=nan", r"train\.lr: Input should be a valid number, got 'nan'"),
+        ("train.lr=.inf", r"train\.lr: Input should be a finite number"),
+        ("train.weight_decay=-1", r"train\.weight_decay: .*greater than or equal to 0, got -1"),
+        ("seed=-1", r"seed: .*greater than or equal to 0, got -1"),
+        ("train.batch_size=0", r"train\.batch_size: .*greater than 0, got 0"),
+        ("data.augment=[blur]", r"data\.augment\.0: .*'cutout'"),
+        ("model.feature_stage=-2", r"model\.feature_stage"),
+    ],
+)
+def test_values_out_of_range_name_the_key_and_value(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(overrides=[override])
+
+
+def test_empty_and_non_utf8_config_files_are_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty.yaml").write_text("# nothing but a comment\n")
+    with pytest.raises(ConfigError, match=r"empty\.yaml: the config file is empty"):
+        load_config(tmp_path / "empty.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("seed: 1 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not a UTF-8 text file"):
+        load_config(tmp_path / "latin1.yaml")
+
+
+def test_network_parameters_belong_to_their_network(tmp_path: Path) -> None:
+    # The ICA network takes embed_dim; the linear one has no parameter, so the key is unknown.
+    assert load_config(overrides=["model.embed_dim=64"]).model.params.embed_dim == 64
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.embed_dim' of network 'linear'"):
+        load_config(overrides=["model.network=linear", "model.embed_dim=64"])
+    with pytest.raises(ConfigError, match="unknown network 'mlp'"):
+        load_config(overrides=["model.network=mlp"])
+    # Switching network in a stacked file drops the earlier network's parameters.
+    digits = CONFIGS / "digits_b0_c2.yaml"
+    no_ica = load_config([digits, CONFIGS / "ablations" / "krt_no_ica.yaml"])
+    assert no_ica.model.network == "linear" and no_ica.model.backbone == "resnet18"
+    assert no_ica.model.to_dict() == {
+        "backbone": "resnet18",
+        "pretrained": None,
+        "feature_stage": 2,
+        "network": "linear",
+    }
 
 
 def test_bad_values_are_errors() -> None:

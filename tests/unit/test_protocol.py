@@ -1,18 +1,12 @@
-"""Class orders and B{b}-C{c} sessions (KRT-SPEC section 2)."""
+"""Class orders (mlcil.data.classes) and B{b}-C{c} sessions (KRT-SPEC section 2)."""
 
 from __future__ import annotations
 
 import pytest
 
-from mlcil.errors import ProtocolError
-from mlcil.protocol import (
-    COCO_CATEGORIES,
-    Session,
-    class_names,
-    parse_protocol,
-    protocol_sessions,
-    sessions,
-)
+from mlcil.data.classes import COCO_CATEGORIES, class_names
+from mlcil.errors import DataError, ProtocolError
+from mlcil.protocol import Session, parse_protocol, protocol_sessions, sessions
 
 
 def test_coco_order_is_code_point_sorted_names() -> None:
@@ -48,7 +42,7 @@ def test_voc_and_digit_orders() -> None:
 
 
 def test_unknown_dataset_is_an_error_naming_it() -> None:
-    with pytest.raises(ProtocolError, match="imagenet"):
+    with pytest.raises(DataError, match="imagenet"):
         class_names("imagenet")
 
 

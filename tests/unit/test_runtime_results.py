@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from mlcil.config import TrainConfig
-from mlcil.engine.runtime import Runtime, derive_seed, seed_everything
 from mlcil.errors import ConfigError
 from mlcil.results import summarize, write_results
+from mlcil.runtime import Runtime, derive_seed, seed_everything
 
 
 def test_derived_seeds_are_stable_distinct_and_31_bit() -> None:

@@ -28,8 +28,8 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from mlcil.data.base import FileImageSource
+from mlcil.data.classes import class_names
 from mlcil.errors import DataError
-from mlcil.protocol import class_names
 
 logger = logging.getLogger(__name__)
 

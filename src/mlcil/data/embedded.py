@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 from mlcil.data.base import ArrayImageSource
+from mlcil.data.classes import class_names
 from mlcil.errors import DataError
-from mlcil.protocol import class_names
 
 logger = logging.getLogger(__name__)
 

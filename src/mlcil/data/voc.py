@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from mlcil.data.base import FileImageSource
+from mlcil.data.classes import class_names
 from mlcil.errors import DataError
-from mlcil.protocol import class_names
 
 logger = logging.getLogger(__name__)
 

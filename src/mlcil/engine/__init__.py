@@ -1,16 +1,7 @@
-"""The training engine: one loop for every method, run state, checkpoints, evaluation."""
+"""The training engine: the session loop, fitting a session, observers, evaluation, checkpoints.
 
-from __future__ import annotations
-
-from mlcil.engine.loop import Trainer, evaluate_run, load_run, plan_sessions
-from mlcil.engine.runtime import Runtime, derive_seed, seed_everything
-
-__all__ = [
-    "Runtime",
-    "Trainer",
-    "derive_seed",
-    "evaluate_run",
-    "load_run",
-    "plan_sessions",
-    "seed_everything",
-]
+Modules: ``loop`` (``Trainer``), ``fit`` (one session's epochs), ``observers`` (logs, progress,
+TensorBoard), ``evaluate`` (scores, session results, ``evaluate_run``), ``checkpoint`` (run state,
+atomic checkpoints, ``restore_run``). Import from those modules; this package imports none of them
+so that importing one engine module never drags in the rest.
+"""

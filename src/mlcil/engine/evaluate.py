@@ -1,17 +1,22 @@
-"""Scoring a test set and turning scores into a session's results."""
+"""Scoring a test set, turning scores into a session's results, and re-scoring a finished run."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mlcil.engine.runtime import Runtime
+from mlcil.engine.checkpoint import latest_checkpoint, restore_run
+from mlcil.errors import ConfigError
+from mlcil.experiment import Experiment, load_run
 from mlcil.methods.base import Method
 from mlcil.metrics import session_maps
 from mlcil.protocol import Session
+from mlcil.runtime import Runtime
 
 
 @torch.no_grad()
@@ -38,6 +43,31 @@ def predict_scores(
     return torch.cat(scores).numpy(), torch.cat(targets).numpy()
 
 
+@torch.no_grad()
+def pooled_features(method: Method, loader: DataLoader, runtime: Runtime) -> torch.Tensor:
+    """``(N, F)`` pooled backbone features of a loader's images, in eval mode (herding)."""
+    network = method.network
+    was_training = network.training
+    network.eval()
+    chunks = []
+    try:
+        for images, _ in loader:
+            with runtime.autocast():
+                features = network.pooled_features(images.to(runtime.device))
+            chunks.append(features.float().cpu())
+    finally:
+        network.train(was_training)
+    return torch.cat(chunks)
+
+
+def evaluate_session(
+    experiment: Experiment, method: Method, session: Session
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and targets of the test set after ``session``."""
+    loader = experiment.test_loader(session)
+    return predict_scores(method, loader, experiment.runtime, session.num_seen)
+
+
 def session_result(
     scores: np.ndarray,
     targets: np.ndarray,
@@ -58,3 +88,26 @@ def session_result(
         "classes_without_positives": [class_names[c] for c in maps["classes_without_positives"]],
         "test_images": len(scores),
     }
+
+
+def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
+    """Re-evaluate the latest checkpoint of a run on its last finished session's test set.
+
+    Returns:
+        The session's result (maps in percent) plus ``session`` and ``recorded_last_map`` (the
+        ``last_map`` of ``metrics.json``, or None when the run is unfinished).
+    """
+    run_dir = Path(run_dir)
+    config, metrics = load_run(run_dir)
+    experiment = Experiment(config)
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        raise ConfigError(f"{run_dir}: no checkpoint to evaluate")
+    state = restore_run(experiment, folder)
+    session = experiment.sessions[state.next_session - 1]
+    scores, targets = evaluate_session(experiment, state.method, session)
+    base = experiment.sessions[0]
+    result = session_result(scores, targets, session, base, experiment.class_names)
+    is_last = session.index == len(experiment.sessions) - 1
+    recorded = metrics.get("last_map") if is_last else None
+    return {**result, "session": session.index, "recorded_last_map": recorded}

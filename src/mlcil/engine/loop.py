@@ -1,183 +1,87 @@
-"""The training engine: one loop that runs a whole protocol for any registered method.
+"""The session loop: runs a whole protocol for any registered method and writes ``runs/<name>/``.
 
-``Trainer`` keeps every piece of run state in one place (network and method state, exemplar
-memory, results so far, the next session, elapsed time), checkpoints it after each session and
-can rebuild itself from the latest checkpoint (``resume=True``). Randomness is re-seeded from
-``(seed, session, epoch)`` at the start of every session and epoch, so a resumed run continues
-exactly as an uninterrupted one would.
+``Trainer`` only orchestrates. The experiment (data, sessions, transforms, runtime) comes from
+:class:`mlcil.experiment.Experiment`, fitting a session from :func:`mlcil.engine.fit.fit_session`,
+run state and checkpoints from :mod:`mlcil.engine.checkpoint`, logging, progress bars and
+TensorBoard from observers. After every session the state is checkpointed; ``resume=True``
+rebuilds it from the latest checkpoint, and because every session and epoch re-seeds from
+``(seed, session, epoch)`` a resumed run continues exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import platform
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-import mlcil
-from mlcil.config import RunConfig, load_config
-from mlcil.data import build_sources, label_density
-from mlcil.data.sessions import (
-    TargetedImages,
-    session_test_set,
-    session_train_indices,
-    session_train_set,
-    test_indices,
+from mlcil.config.schema import RunConfig
+from mlcil.engine.checkpoint import RunState, latest_checkpoint, restore_run, save_checkpoint
+from mlcil.engine.evaluate import evaluate_session, pooled_features, session_result
+from mlcil.engine.fit import NonFiniteLossError, fit_session
+from mlcil.engine.observers import (
+    LogObserver,
+    Observer,
+    Observers,
+    ProgressObserver,
+    TensorBoardObserver,
 )
-from mlcil.data.transforms import build_transform
-from mlcil.engine.checkpoint import (
-    latest_checkpoint,
-    load_network_weights,
-    read_state,
-    save_checkpoint,
-)
-from mlcil.engine.evaluate import predict_scores, session_result
-from mlcil.engine.runtime import Runtime, derive_seed, seed_everything
-from mlcil.errors import ConfigError, DataError, TrainingError
+from mlcil.errors import ConfigError
+from mlcil.experiment import Experiment
 from mlcil.fileio import write_text_atomic
-from mlcil.memory import ExemplarMemory
-from mlcil.methods import Batch, Method, SessionContext, get_method
-from mlcil.models import build_network
-from mlcil.protocol import Session, protocol_sessions
-from mlcil.results import summarize, write_results
+from mlcil.methods.base import SessionContext
+from mlcil.protocol import Session
+from mlcil.results import run_header, summarize, write_results
+from mlcil.runtime import derive_seed, seed_everything
 
 logger = logging.getLogger(__name__)
 
-# Offsets that keep the derived seeds of a session's phases apart from its epochs' seeds.
-_GROWTH_SEED = 1_000_001
-_THRESHOLD_PASS_SEED = 1_000_002
-
-
-def plan_sessions(config: RunConfig, method: type[Method], num_classes: int) -> list[Session]:
-    """The sessions a run learns: the protocol's, or one session of every class (joint)."""
-    sessions = protocol_sessions(config.protocol, num_classes)  # validates the protocol
-    if method.single_session:
-        every = list(range(num_classes))
-        return [Session(index=0, new_classes=every, seen_classes=every)]
-    return sessions
-
-
-def one_cycle(
-    optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int, pct_start: float
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """OneCycle per session, stepped every batch (KRT-SPEC section 8).
-
-    OneCycle needs a warm-up of at least two steps; a session too short for that (tiny data or
-    a test run) trains at the constant ``max_lr`` instead of failing.
-    """
-    if pct_start * total_steps <= 2:
-        logger.warning(
-            "only %d steps in this session: too few for OneCycle, using a constant lr", total_steps
-        )
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start
-    )
+# Offset that keeps the seed of a session's growth step (new head, new tokens) apart from epochs.
+_GROWTH_PHASE = 1_000_001
+RESULT_FILES = ("config.yaml", "metrics.json", "metrics.csv", "map_per_session.png", "train.log")
 
 
 class Trainer:
     """Runs a protocol, writing ``runs/<name>/``.
 
     Args:
-        config: the resolved run configuration.
+        config: the resolved run configuration, or an ``Experiment`` built from one.
         run_dir: output folder; default ``<output_dir>/<run name>``.
         resume: continue from the latest checkpoint in ``run_dir``.
+        observers: extra observers, notified after the built-in ones.
     """
 
     def __init__(
-        self, config: RunConfig, run_dir: str | Path | None = None, resume: bool = False
+        self,
+        config: RunConfig | Experiment,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        observers: Sequence[Observer] = (),
     ) -> None:
-        self.config = config
-        self.run_dir = Path(run_dir) if run_dir else Path(config.output_dir) / config.run_name
-        self.resume = resume
-        self.runtime = Runtime.from_config(config.train, config.data.num_workers)
-        self.method_class = get_method(config.method.name)
-        if self.method_class.needs_memory and not config.memory.enabled:
-            raise ConfigError(
-                f"method {config.method.name!r} replays exemplars: set memory.per_class > 0 "
-                "or memory.total"
-            )
-        self.train_source, self.test_source = build_sources(config.data)
-        self.class_names = self.train_source.class_names
-        self.sessions = plan_sessions(config, self.method_class, len(self.class_names))
-        self.label_density = label_density(config.data, self.train_source)
-        self._check_sessions()
-        image_size = config.data.image_size
-        self.train_transform = build_transform(image_size, True, config.data.augment)
-        self.eval_transform = build_transform(image_size, False)
-        self.memory = ExemplarMemory(
-            per_class=config.memory.per_class,
-            total=config.memory.total,
-            label_mode=config.memory.labels,
+        self.experiment = config if isinstance(config, Experiment) else Experiment(config)
+        self.config = self.experiment.config
+        self.run_dir = (
+            Path(run_dir) if run_dir else Path(self.config.output_dir) / self.config.run_name
         )
-        self.method: Method | None = None
-        self.results: list[dict[str, Any]] = []
-        self.next_session = 0
-        self.elapsed_s = 0.0
+        self.resume = resume
+        self.extra_observers = list(observers)
+        self.state: RunState | None = None
         self._final_scores: tuple[np.ndarray, np.ndarray] | None = None
-        self._writer = None
+
+    @property
+    def next_session(self) -> int:
+        return self.state.next_session if self.state is not None else 0
 
     def clear_run_dir(self) -> None:
         """Delete the result files and checkpoints of an earlier run in ``run_dir``."""
         for name in ("checkpoints", "tensorboard"):
             shutil.rmtree(self.run_dir / name, ignore_errors=True)
-        for name in ("config.yaml", "metrics.json", "metrics.csv", "map_per_session.png"):
+        for name in RESULT_FILES:
             (self.run_dir / name).unlink(missing_ok=True)
-        (self.run_dir / "train.log").unlink(missing_ok=True)
-
-    # --- set-up --------------------------------------------------------------------------------
-
-    def _check_sessions(self) -> None:
-        """Fail before any training when a session would have no training or test image."""
-        overlap = self.config.data.overlap
-        for session in self.sessions:
-            train = session_train_indices(self.train_source.labels, session, self.sessions, overlap)
-            if len(train) == 0:
-                names = ", ".join(self.class_names[c] for c in session.new_classes)
-                raise DataError(
-                    f"session {session.index} ({names}) has no training image in "
-                    f"{self.config.data.dataset}/train"
-                )
-            if len(test_indices(self.test_source.labels, session.seen_classes)) == 0:
-                raise DataError(
-                    f"after session {session.index} no test image carries a seen class in "
-                    f"{self.config.data.dataset}/test"
-                )
-
-    def build_method(self, load_weights: bool = True) -> Method:
-        seed_everything(self.config.seed)
-        network = build_network(
-            self.config.model, self.config.data.image_size, load_weights=load_weights
-        )
-        network.to(self.runtime.device)
-        return self.method_class(self.config.method.params, network, self.config.loss)
-
-    def session_sizes(self) -> list[dict[str, int]]:
-        """Training/test image counts per session (exemplars not included)."""
-        overlap = self.config.data.overlap
-        rows = []
-        for session in self.sessions:
-            train = session_train_indices(self.train_source.labels, session, self.sessions, overlap)
-            test = test_indices(self.test_source.labels, session.seen_classes)
-            rows.append(
-                {
-                    "session": session.index,
-                    "new_classes": len(session.new_classes),
-                    "train_images": len(train),
-                    "test_images": len(test),
-                }
-            )
-        return rows
-
-    # --- the run -------------------------------------------------------------------------------
 
     def run(self, max_sessions: int | None = None) -> dict[str, Any] | None:
         """Learn the remaining sessions (at most ``max_sessions`` of them).
@@ -186,377 +90,135 @@ class Trainer:
             The ``metrics.json`` content once every session is done, else None.
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        handler = self._attach_log_file()
+        observer = self._observers()
         try:
-            if self.resume:
-                self._restore()
-            else:
-                if latest_checkpoint(self.run_dir) is not None:
-                    raise ConfigError(
-                        f"{self.run_dir} already holds a run: resume it with --resume, or "
-                        "choose another name/output_dir"
-                    )
-                self.method = self.build_method()
-                if self.runtime.is_main:
-                    write_text_atomic(self.run_dir / "config.yaml", self.config.to_yaml())
-            remaining = self.sessions[self.next_session :]
-            if max_sessions is not None:
-                remaining = remaining[:max_sessions]
-            for session in remaining:
-                self._run_session(session)
-            if self.next_session < len(self.sessions):
+            state = self._begin()
+            remaining = self.experiment.sessions[state.next_session :]
+            for session in remaining[:max_sessions] if max_sessions is not None else remaining:
+                self._run_session(state, session, observer)
+            if state.next_session < len(self.experiment.sessions):
                 return None
-            return self._finish()
+            return self._finish(state)
         finally:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
-            logging.getLogger("mlcil").removeHandler(handler)
-            handler.close()
+            observer.close()
 
-    def _run_session(self, session: Session) -> None:
-        assert self.method is not None
-        started = time.perf_counter()
-        overlap = self.config.data.overlap
-        exemplar_indices, exemplar_targets = self.memory.targets(
-            self.train_source.labels, session, self.sessions
-        )
-        train_set = session_train_set(
-            self.train_source,
-            session,
-            self.sessions,
-            self.train_transform,
-            overlap=overlap,
-            extra_indices=exemplar_indices,
-            extra_targets=exemplar_targets,
-        )
-        own_images = len(train_set) - len(exemplar_indices)
-        logger.info(
-            "session %d: classes %s, %d training images + %d exemplars",
-            session.index,
-            ", ".join(self.class_names[c] for c in session.new_classes),
-            own_images,
-            len(exemplar_indices),
-        )
-        context = self._learn(session, train_set)
-        train_time = time.perf_counter() - started
-        scores, targets = self._evaluate(session)
-        result = session_result(scores, targets, session, self.sessions[0], self.class_names)
-        result.update(
-            train_images=own_images,
-            memory_images=len(exemplar_indices),
-            train_time_s=round(train_time, 3),
-            method_state=self.method.state_dict(),
-        )
-        if self.memory.enabled:
-            self._update_memory(session, train_set.indices[:own_images])
-        self.method.end_session(context)
-        self.results.append(result)
-        self.next_session = session.index + 1
-        self.elapsed_s += time.perf_counter() - started
-        self._final_scores = (scores, targets)
-        self._log_session(result)
-        if self.runtime.is_main:
-            save_checkpoint(
-                self.run_dir,
-                session.index,
-                self.method.network,
-                self._state(),
-                self.memory.to_dict(),
+    def _observers(self) -> Observers:
+        train, is_main = self.config.train, self.experiment.runtime.is_main
+        observers: list[Observer] = [LogObserver(self.run_dir / "train.log")]
+        if train.progress and is_main:
+            observers.append(ProgressObserver())
+        if train.tensorboard and is_main:
+            observers.append(TensorBoardObserver(self.run_dir / "tensorboard"))
+        return Observers([*observers, *self.extra_observers])
+
+    def _begin(self) -> RunState:
+        """A fresh run state, or the one restored from the latest checkpoint."""
+        folder = latest_checkpoint(self.run_dir)
+        if self.resume:
+            if folder is None:
+                raise ConfigError(
+                    f"--resume: no checkpoint found in {self.run_dir / 'checkpoints'}"
+                )
+            self.state = restore_run(self.experiment, folder)
+            logger.info("resumed %s after session %d", self.run_dir, self.next_session - 1)
+            return self.state
+        if folder is not None:
+            raise ConfigError(
+                f"{self.run_dir} already holds a run: resume it with --resume, or choose another "
+                "name/output_dir"
             )
+        self.state = RunState(self.experiment.build_method(), self.experiment.new_memory())
+        if self.experiment.runtime.is_main:
+            write_text_atomic(self.run_dir / "config.yaml", self.config.to_yaml())
+        return self.state
 
-    def _learn(self, session: Session, train_set: TargetedImages) -> SessionContext:
-        assert self.method is not None
-        config = self.config.train
-        runtime = self.runtime
-        seed = self.config.seed
-
-        def loader(phase_seed: int) -> torch.utils.data.DataLoader:
-            return runtime.loader(train_set, config.batch_size, shuffle=True, seed=phase_seed)
-
-        def threshold_pass() -> Iterator[Batch]:
-            seed_everything(derive_seed(seed, session.index, _THRESHOLD_PASS_SEED))
-            for images, targets in loader(derive_seed(seed, session.index, _THRESHOLD_PASS_SEED)):
-                yield Batch(images, targets).to(runtime.device)
-
+    def _run_session(self, state: RunState, session: Session, observer: Observer) -> None:
+        """Learn one session, evaluate it, update the memory and checkpoint everything."""
+        experiment, method = self.experiment, state.method
+        started = time.perf_counter()
+        train_set, own_images = experiment.train_set(session, state.memory)
+        names = ", ".join(experiment.class_names[c] for c in session.new_classes)
+        exemplars = len(train_set) - own_images
+        observer.session_started(
+            session, f"classes {names}, {own_images} training images + {exemplars} exemplars"
+        )
         context = SessionContext(
             session=session,
-            train_batches=threshold_pass,
-            device=runtime.device,
-            autocast=runtime.autocast,
-            label_density=self.label_density,
+            sessions=experiment.sessions,
+            train_set=train_set,
+            train_source=experiment.train_source,
+            runtime=experiment.runtime,
+            seed=self.config.seed,
+            batch_size=self.config.train.batch_size,
         )
-        seed_everything(derive_seed(seed, session.index, _GROWTH_SEED))
-        self.method.begin_session(context)
-        network = self.method.network
-        network.to(runtime.device)
-        epochs = config.epochs_for(session.index)
-        learning_rate = config.lr_for(session.index)
-        optimizer = torch.optim.Adam(
-            self.method.parameter_groups(), lr=learning_rate, weight_decay=config.weight_decay
+        seed_everything(derive_seed(self.config.seed, session.index, _GROWTH_PHASE))
+        method.begin_session(context)
+        method.network.to(experiment.runtime.device)
+        try:
+            fit_session(method, context, self.config.train, observer, self._interim_map(session))
+        except NonFiniteLossError as error:
+            # The previous session's checkpoint stays the latest, so the run can resume.
+            raise NonFiniteLossError(f"{error}; then resume {self.run_dir}") from None
+        train_time = time.perf_counter() - started
+        scores, targets = evaluate_session(experiment, method, session)
+        result = self._result(scores, targets, session)
+        result.update(
+            train_images=own_images,
+            memory_images=exemplars,
+            train_time_s=round(train_time, 3),
+            method_state=method.state_dict(),
         )
-        steps_per_epoch = len(loader(0))
-        scheduler = one_cycle(optimizer, learning_rate, epochs * steps_per_epoch, config.pct_start)
-        scaler = runtime.grad_scaler()
-        for epoch in range(epochs):
-            epoch_seed = derive_seed(seed, session.index, epoch)
-            seed_everything(epoch_seed)
-            network.train()
-            bar = tqdm(
-                loader(epoch_seed),
-                desc=f"session {session.index} epoch {epoch + 1}/{epochs}",
-                # None lets tqdm hide itself when stderr is not a terminal (logs, CI).
-                disable=None if config.progress and runtime.is_main else True,
-                leave=False,
-                dynamic_ncols=True,
-            )
-            totals: dict[str, float] = {}
-            for step, (images, targets) in enumerate(bar):
-                batch = Batch(images, targets).to(runtime.device)
-                with runtime.autocast():
-                    output = self.method.training_step(batch)
-                if not torch.isfinite(output.loss):
-                    # Stop before a NaN reaches the weights: the previous session's checkpoint
-                    # stays the latest, so the run can resume with a smaller learning rate.
-                    raise TrainingError(
-                        f"session {session.index} epoch {epoch + 1} step {step}: the loss is "
-                        f"{float(output.loss.detach())} (parts: "
-                        + ", ".join(f"{k}={float(v):.4g}" for k, v in output.parts.items())
-                        + f"); lower train.lr or train.incremental_lr and resume {self.run_dir}"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(output.loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                parts = {"loss": output.loss.detach(), **output.parts}
-                for name, value in parts.items():
-                    totals[name] = totals.get(name, 0.0) + float(value)
-                if step % 10 == 0 or step == steps_per_epoch - 1:
-                    bar.set_postfix({k: f"{v / (step + 1):.3g}" for k, v in totals.items()})
-                    self._scalar_group(
-                        f"train/session_{session.index}",
-                        {k: float(v) for k, v in parts.items()},
-                        epoch * steps_per_epoch + step,
-                    )
-            means = {k: v / max(steps_per_epoch, 1) for k, v in totals.items()}
-            logger.info(
-                "session %d epoch %d/%d: %s",
-                session.index,
-                epoch + 1,
-                epochs,
-                ", ".join(f"{k} {v:.4g}" for k, v in means.items()),
-            )
-            if config.eval_every_epoch and epoch < epochs - 1:
-                scores, targets = self._evaluate(session)
-                interim = session_result(
-                    scores, targets, session, self.sessions[0], self.class_names
-                )
-                # Logged for curiosity only: the reported model is always the last epoch's.
-                logger.info(
-                    "session %d epoch %d: seen mAP %.2f (not used for selection)",
-                    session.index,
-                    epoch + 1,
-                    interim["seen_map"],
-                )
-                self._scalar(
-                    "eval/epoch_seen_map", interim["seen_map"], session.index * 1000 + epoch
-                )
-        return context
+        if state.memory.enabled:
+            self._update_memory(state, session, train_set.indices[:own_images])
+        method.end_session(context)
+        state.results.append(result)
+        state.next_session = session.index + 1
+        state.elapsed_s += time.perf_counter() - started
+        self._final_scores = (scores, targets)
+        observer.session_finished(result)
+        self._save(state, session)
 
-    def _evaluate(self, session: Session) -> tuple[np.ndarray, np.ndarray]:
-        assert self.method is not None
-        test_set = session_test_set(self.test_source, session.seen_classes, self.eval_transform)
-        loader = self.runtime.loader(test_set, self._eval_batch_size(), shuffle=False)
-        return predict_scores(self.method, loader, self.runtime, session.num_seen)
+    def _result(self, scores: np.ndarray, targets: np.ndarray, session: Session) -> dict[str, Any]:
+        experiment = self.experiment
+        return session_result(
+            scores, targets, session, experiment.sessions[0], experiment.class_names
+        )
 
-    def _eval_batch_size(self) -> int:
-        return self.config.train.eval_batch_size or 2 * self.config.train.batch_size
+    def _interim_map(self, session: Session) -> Any:
+        assert self.state is not None
+        method = self.state.method
 
-    def _update_memory(self, session: Session, own_indices: np.ndarray) -> None:
+        def seen_map() -> float:
+            scores, targets = evaluate_session(self.experiment, method, session)
+            return float(self._result(scores, targets, session)["seen_map"])
+
+        return seen_map
+
+    def _update_memory(self, state: RunState, session: Session, own: np.ndarray) -> None:
         """Herd exemplars of the session's classes on un-augmented pooled features."""
-        assert self.method is not None
-        plain = TargetedImages(
-            self.train_source,
-            own_indices,
-            np.zeros((len(own_indices), 1), dtype=np.float32),
-            self.eval_transform,
+        experiment = self.experiment
+        loader = experiment.eval_loader(experiment.plain_images(own))
+        features = pooled_features(state.method, loader, experiment.runtime)
+        source = experiment.train_source
+        state.memory.update(session, own, features, source.labels, source.image_refs)
+
+    def _save(self, state: RunState, session: Session) -> None:
+        if not self.experiment.runtime.is_main:
+            return
+        payload = state.to_json(
+            self.config.run_name, self.config.method.name, len(self.experiment.sessions)
         )
-        network = self.method.network
-        was_training = network.training
-        network.eval()
-        chunks = []
-        with torch.no_grad():
-            for images, _ in self.runtime.loader(plain, self._eval_batch_size(), shuffle=False):
-                with self.runtime.autocast():
-                    features = network.pooled_features(images.to(self.runtime.device))
-                chunks.append(features.float().cpu())
-        network.train(was_training)
-        self.memory.update(
-            session,
-            own_indices,
-            torch.cat(chunks),
-            self.train_source.labels,
-            self.train_source.image_refs,
-        )
+        network = state.method.network
+        save_checkpoint(self.run_dir, session.index, network, payload, state.memory.to_dict())
 
-    # --- state ---------------------------------------------------------------------------------
-
-    def _state(self) -> dict[str, Any]:
-        assert self.method is not None
-        return {
-            "run_name": self.config.run_name,
-            "method": self.config.method.name,
-            "next_session": self.next_session,
-            "num_sessions": len(self.sessions),
-            "session_sizes": list(self.method.network.session_sizes),
-            "method_state": self.method.state_dict(),
-            "results": self.results,
-            "elapsed_s": self.elapsed_s,
-        }
-
-    def _restore(self) -> None:
-        folder = latest_checkpoint(self.run_dir)
-        if folder is None:
-            raise ConfigError(f"--resume: no checkpoint found in {self.run_dir / 'checkpoints'}")
-        state = read_state(folder)
-        self.method = self.build_method(load_weights=False)
-        for size in state["session_sizes"]:
-            self.method.network.add_session(int(size))
-        self.method.network.to(self.runtime.device)
-        load_network_weights(folder, self.method.network)
-        self.method.load_state_dict(state["method_state"])
-        memory_path = folder / "memory.json"
-        self.memory = ExemplarMemory.load(memory_path)
-        self.memory.check_against(self.train_source.image_refs, where=str(memory_path))
-        self.results = list(state["results"])
-        self.next_session = int(state["next_session"])
-        self.elapsed_s = float(state["elapsed_s"])
-        if self.next_session > 0:
-            self.method.restore(self.sessions[self.next_session - 1])
-        logger.info("resumed %s after session %d", self.run_dir, self.next_session - 1)
-
-    def _finish(self) -> dict[str, Any]:
+    def _finish(self, state: RunState) -> dict[str, Any]:
         if self._final_scores is None:  # resumed after the last session: score again
-            self._final_scores = self._evaluate(self.sessions[-1])
+            last = self.experiment.sessions[-1]
+            self._final_scores = evaluate_session(self.experiment, state.method, last)
         scores, targets = self._final_scores
-        config = self.config
-        header = {
-            "method": config.method.name,
-            "label": config.display_label,
-            "dataset": config.data.dataset,
-            "protocol": config.protocol.upper().replace(" ", ""),
-            "seed": config.seed,
-            "run_name": config.run_name,
-            "network": config.model.network,
-            "backbone": config.model.backbone,
-            "memory_per_class": config.memory.per_class,
-            "memory_total": config.memory.total,
-            "device": str(self.runtime.device),
-            "machine": platform.machine(),
-            "mlcil_version": mlcil.__version__,
-            "torch_version": torch.__version__,
-        }
-        metrics = summarize(
-            self.results, scores, targets, config.train.f1_threshold, header, self.elapsed_s
-        )
-        if self.runtime.is_main:
+        header = run_header(self.config, self.experiment.runtime.device)
+        threshold = self.config.train.f1_threshold
+        metrics = summarize(state.results, scores, targets, threshold, header, state.elapsed_s)
+        if self.experiment.runtime.is_main:
             write_results(self.run_dir, metrics)
         return metrics
-
-    # --- logging -------------------------------------------------------------------------------
-
-    def _attach_log_file(self) -> logging.Handler:
-        handler = logging.FileHandler(self.run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler.setLevel(logging.INFO)
-        root = logging.getLogger("mlcil")
-        root.addHandler(handler)
-        if root.level == logging.NOTSET or root.level > logging.INFO:
-            root.setLevel(logging.INFO)
-        return handler
-
-    def _tensorboard(self) -> Any:
-        if not (self.config.train.tensorboard and self.runtime.is_main):
-            return None
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        return self._writer
-
-    def _scalar(self, tag: str, value: float, step: int) -> None:
-        writer = self._tensorboard()
-        if writer is not None:
-            writer.add_scalar(tag, value, step)
-
-    def _scalar_group(self, prefix: str, values: dict[str, float], step: int) -> None:
-        writer = self._tensorboard()
-        if writer is not None:
-            for name, value in values.items():
-                writer.add_scalar(f"{prefix}/{name}", value, step)
-
-    def _log_session(self, result: dict[str, Any]) -> None:
-        def fmt(value: float | None) -> str:
-            return "  -  " if value is None else f"{value:5.2f}"
-
-        logger.info(
-            "session %d done: seen mAP %s | base %s | new %s | %d test images | %.1f s",
-            result["index"],
-            fmt(result["seen_map"]),
-            fmt(result["base_map"]),
-            fmt(result["new_map"]),
-            result["test_images"],
-            result["train_time_s"],
-        )
-        if result["classes_without_positives"]:
-            logger.warning(
-                "session %d: classes without a positive test image (AP counted as 0): %s",
-                result["index"],
-                ", ".join(result["classes_without_positives"]),
-            )
-        self._scalar("eval/seen_map", result["seen_map"], result["index"])
-        if result["base_map"] is not None:
-            self._scalar("eval/base_map", result["base_map"], result["index"])
-        if result["new_map"] is not None:
-            self._scalar("eval/new_map", result["new_map"], result["index"])
-
-
-def load_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
-    """The resolved config and ``metrics.json`` (if written) of a run folder."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir} is not a run folder: {config_path} is missing")
-    config = load_config(config_path)
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    return config, metrics
-
-
-def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
-    """Re-evaluate the latest checkpoint of a run on its last finished session's test set.
-
-    Returns:
-        The session's result (maps in percent) plus ``session`` and ``recorded_last_map`` (the
-        ``last_map`` of ``metrics.json``, or None when the run is unfinished).
-    """
-    run_dir = Path(run_dir)
-    config, metrics = load_run(run_dir)
-    trainer = Trainer(config, run_dir=run_dir)
-    folder = latest_checkpoint(run_dir)
-    if folder is None:
-        raise ConfigError(f"{run_dir}: no checkpoint to evaluate")
-    state = read_state(folder)
-    method = trainer.build_method(load_weights=False)
-    for size in state["session_sizes"]:
-        method.network.add_session(int(size))
-    method.network.to(trainer.runtime.device)
-    load_network_weights(folder, method.network)
-    session = trainer.sessions[int(state["next_session"]) - 1]
-    method.session = session
-    trainer.method = method
-    scores, targets = trainer._evaluate(session)
-    result = session_result(scores, targets, session, trainer.sessions[0], trainer.class_names)
-    recorded = metrics.get("last_map") if session.index == len(trainer.sessions) - 1 else None
-    return {**result, "session": session.index, "recorded_last_map": recorded}

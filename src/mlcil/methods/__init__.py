@@ -6,16 +6,16 @@ Importing this package imports every method module explicitly, so the registry i
 from __future__ import annotations
 
 from mlcil.methods import finetune, joint, krt, lwf, podnet, replay  # noqa: F401  (registration)
-from mlcil.methods.base import Batch, Method, SessionContext, StepOutput
-from mlcil.methods.registry import METHODS, get_method, method_params_class, register_method
+from mlcil.methods.base import Batch, Method, Optimization, SessionContext, StepOutput
+from mlcil.methods.registry import METHODS, get_method, register_method
 
 __all__ = [
     "METHODS",
     "Batch",
     "Method",
+    "Optimization",
     "SessionContext",
     "StepOutput",
     "get_method",
-    "method_params_class",
     "register_method",
 ]

@@ -1,31 +1,37 @@
 """The surface every method implements, and the pieces methods share.
 
-A method owns its network (and, when it distils, a frozen copy of the previous session's one) and
-returns a loss; the engine owns optimisation, precision, devices, data loading, evaluation,
-exemplar memory and checkpoints. The whole surface:
+A method owns its network (and, when it distils, a frozen copy of the previous session's one),
+its optimisation and its loss; the engine owns the loop, precision, devices, data loading,
+evaluation, exemplar memory and checkpoints. The whole surface, each with a default:
 
-- ``begin_session(context)``: grow the network; prepare per-session state (e.g. the DPL threshold).
+- ``build_network(model, image_size, load_weights)`` (class method): the network to train.
+- ``begin_session(context)``: grow the network; prepare per-session state.
+- ``configure_optimization(train, session, steps)``: optimiser, schedule, gradient clipping.
 - ``training_step(batch) -> StepOutput``: the loss of one batch and its named parts.
 - ``end_session(context)``: keep what the next session needs (the old network).
 - ``predict(images) -> logits`` over the classes seen so far.
-- ``state_dict()`` / ``load_state_dict()``: the method's own plain-data state for checkpoints.
+- ``state_dict()`` / ``load_state_dict()`` / ``restore(session)``: checkpoints.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from mlcil.config import LossConfig
+from mlcil.config.schema import LossConfig, ModelConfig, Params, TrainConfig
+from mlcil.data.base import ImageSource
+from mlcil.data.sessions import TargetedImages
 from mlcil.losses import asymmetric_loss, token_distillation_weight
-from mlcil.models.base import IncrementalNetwork, NetworkOutput
+from mlcil.models import IncrementalNetwork, NetworkOutput, build_network
+from mlcil.optim import decay_groups, one_cycle
 from mlcil.protocol import Session
+from mlcil.runtime import Runtime, derive_seed, seed_everything
 
 
 @dataclasses.dataclass
@@ -51,28 +57,54 @@ class StepOutput:
 
 
 @dataclasses.dataclass
+class Optimization:
+    """What ``configure_optimization`` returns: stepped once per batch by the engine."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    grad_clip_norm: float | None = None  # clip the global gradient norm to this; None: never
+
+
+@dataclasses.dataclass
 class SessionContext:
     """What a method may use while a session starts or ends.
 
     Attributes:
         session: the session being learned.
-        train_batches: a callable returning an iterator over the session's training batches,
-            with the same augmentation and shuffling as an epoch (KRT's DPL threshold pass).
-        device: where the network lives.
-        autocast: a factory for the engine's mixed-precision context.
-        label_density: the dataset's labels per image per class (DPL's prior).
+        sessions: the run's whole plan of sessions.
+        train_set: the session's training images (its own, then the exemplars) with targets.
+        train_source: the whole training split (for dataset-level statistics).
+        runtime: device, precision and data loaders.
+        seed: the run's seed.
+        batch_size: the training batch size.
     """
 
     session: Session
-    train_batches: Callable[[], Iterator[Batch]]
-    device: torch.device
-    autocast: Callable[[], AbstractContextManager] = nullcontext
-    label_density: float = 0.0
+    sessions: Sequence[Session]
+    train_set: TargetedImages
+    train_source: ImageSource
+    runtime: Runtime
+    seed: int
+    batch_size: int
 
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
 
-@dataclasses.dataclass
-class NoParams:
-    """Hyperparameters of a method that has none of its own."""
+    def autocast(self) -> AbstractContextManager:
+        return self.runtime.autocast()
+
+    def batches(self, phase: int) -> Iterator[Batch]:
+        """One pass over the training set with an epoch's augmentation and shuffling.
+
+        Randomness is re-seeded from ``(run seed, session, phase)``, so a pass is reproducible on
+        its own; a method picks a ``phase`` distinct from epoch numbers for each of its passes.
+        """
+        phase_seed = derive_seed(self.seed, self.session.index, phase)
+        seed_everything(phase_seed)
+        loader = self.runtime.loader(self.train_set, self.batch_size, shuffle=True, seed=phase_seed)
+        for images, targets in loader:
+            yield Batch(images, targets).to(self.runtime.device)
 
 
 class Method:
@@ -80,14 +112,14 @@ class Method:
 
     Attributes:
         name: registry name used by configs.
-        Params: dataclass of the method's own hyperparameters (YAML ``method:`` section).
+        Params: the method's own hyperparameters (YAML ``method:`` section).
         keeps_old_network: keep a frozen copy of the network after each session.
         single_session: learn every class at once (joint training) instead of the protocol.
         needs_memory: refuse to run without exemplar memory.
     """
 
     name: ClassVar[str] = ""
-    Params: ClassVar[type] = NoParams
+    Params: ClassVar[type[Params]] = Params
     keeps_old_network: ClassVar[bool] = False
     single_session: ClassVar[bool] = False
     needs_memory: ClassVar[bool] = False
@@ -101,10 +133,28 @@ class Method:
 
     # --- the surface the engine calls ---------------------------------------------------------
 
+    @classmethod
+    def build_network(
+        cls, model: ModelConfig, image_size: int, load_weights: bool = True
+    ) -> IncrementalNetwork:
+        """The network this method trains: by default the registered ``model.network``."""
+        return build_network(model, image_size, load_weights=load_weights)
+
     def begin_session(self, context: SessionContext) -> None:
         """Grow the network for the session's new classes."""
         self.session = context.session
         self.network.add_session(len(context.session.new_classes))
+
+    def configure_optimization(
+        self, train: TrainConfig, session: Session, total_steps: int
+    ) -> Optimization:
+        """Adam with coupled weight decay on 2+-d tensors and OneCycle (KRT-SPEC section 8)."""
+        learning_rate = train.lr_for(session.index)
+        optimizer = torch.optim.Adam(
+            self.parameter_groups(), lr=learning_rate, weight_decay=train.weight_decay
+        )
+        scheduler = one_cycle(optimizer, learning_rate, total_steps, train.pct_start)
+        return Optimization(optimizer, scheduler, train.grad_clip_norm)
 
     def training_step(self, batch: Batch) -> StepOutput:
         raise NotImplementedError
@@ -133,14 +183,8 @@ class Method:
             self.old_network = frozen_copy(self.network)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters split for weight decay (KRT-SPEC section 8): tensors with two or
-        more dimensions (weights, tokens, positional embedding) decay, 1-d ones do not. Frozen
-        parameters are left out."""
-        decay, no_decay = [], []
-        for parameter in self.network.parameters():
-            if parameter.requires_grad:
-                (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        """The network's trainable parameters, split for weight decay."""
+        return decay_groups(self.network.parameters())
 
     # --- shared pieces ------------------------------------------------------------------------
 
@@ -169,16 +213,18 @@ class Method:
             clip=config.clip,
         )
 
-    def teacher(self, images: torch.Tensor, return_stages: bool = False) -> NetworkOutput | None:
+    def teacher(
+        self, images: torch.Tensor, stage_indices: Sequence[int] | None = None
+    ) -> NetworkOutput | None:
         """The old network's outputs on the same images, or None in the first session."""
         if self.old_network is None:
             return None
         with torch.no_grad():
-            return self.old_network(images, return_stages=return_stages)
+            return self.old_network(images, stage_indices=stage_indices)
 
     def incremental_weight(self, base_weight: float) -> float:
-        """``base_weight * sqrt(seen / new)``: the adaptive distillation weight that KRT (and
-        PODNet) grow with the ratio of old knowledge to new."""
+        """``base_weight * sqrt(seen / new)``: the adaptive distillation weight that grows with
+        the ratio of old knowledge to new."""
         assert self.session is not None
         return token_distillation_weight(base_weight, self.seen, len(self.session.new_classes))
 

@@ -16,13 +16,14 @@ Ablations by configuration: ``pseudo_labels: false``, ``token_loss_weight: 0``,
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 
-from mlcil.errors import ConfigError
+from mlcil.config.schema import Params
+from mlcil.data.base import training_label_density
 from mlcil.losses import token_distillation
 from mlcil.methods.base import Batch, Method, SessionContext, StepOutput
 from mlcil.methods.registry import register_method
@@ -36,21 +37,17 @@ from mlcil.pseudo_labels import (
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class KRTParams:
-    pseudo_labels: bool = True  # dynamic pseudo-labels (knowledge restore)
-    threshold_search: str = "exact"  # "exact" order statistic, or "iterative" (released code)
-    token_loss_weight: float = 100.0  # lambda: 100 COCO B0-C10, 300 COCO B40-C10, 80 VOC
+# The DPL threshold pass draws its own shuffle and augmentation, seeded apart from every epoch's.
+THRESHOLD_PASS_PHASE = 1_000_002
 
-    def __post_init__(self) -> None:
-        if self.threshold_search not in ("exact", "iterative"):
-            raise ConfigError(
-                f"method.threshold_search: {self.threshold_search!r} is not 'exact' or 'iterative'"
-            )
-        if self.token_loss_weight < 0:
-            raise ConfigError(
-                f"method.token_loss_weight must be >= 0, got {self.token_loss_weight}"
-            )
+
+class KRTParams(Params):
+    pseudo_labels: bool = True  # dynamic pseudo-labels (knowledge restore)
+    threshold_search: Literal["exact", "iterative"] = "exact"  # iterative: the released search
+    token_loss_weight: Annotated[float, Field(ge=0)] = 100.0  # 100 COCO B0-C10, 300 B40, 80 VOC
+    # DPL prior rho, labels per image per class; None: the dataset's published value (COCO
+    # 2.9/80, VOC 1.4/20), else the training split's own label density.
+    label_density: Annotated[float, Field(gt=0, le=1)] | None = None
 
 
 @register_method
@@ -73,10 +70,10 @@ class KRT(Method):
         assert self.old_network is not None
         chunks = []
         with torch.no_grad(), context.autocast():
-            for batch in context.train_batches():
+            for batch in context.batches(THRESHOLD_PASS_PHASE):
                 chunks.append(self.old_network(batch.images).logits.float().sigmoid().cpu())
         old_scores = torch.cat(chunks)  # (N, old classes)
-        target = target_positives_per_image(context.label_density, self.num_old)
+        target = target_positives_per_image(self.label_density(context), self.num_old)
         if self.params.threshold_search == "exact":
             threshold = dpl_threshold(old_scores, target)
         else:
@@ -92,6 +89,16 @@ class KRT(Method):
             len(old_scores),
         )
         return threshold
+
+    def label_density(self, context: SessionContext) -> float:
+        """DPL's prior: the configured value, the dataset's published one, or the training
+        split's own labels per image per class (KRT-SPEC section 5)."""
+        if self.params.label_density is not None:
+            return float(self.params.label_density)
+        source = context.train_source
+        if source.label_density is not None:
+            return source.label_density
+        return training_label_density(source.labels)
 
     def training_step(self, batch: Batch) -> StepOutput:
         output = self.network(batch.images)

@@ -7,15 +7,13 @@ cross-entropy with soft targets, summed like the ASL so the weight is scale-free
 
 from __future__ import annotations
 
-import dataclasses
-
+from mlcil.config.schema import Params
 from mlcil.losses import sigmoid_distillation
 from mlcil.methods.base import Batch, Method, StepOutput
 from mlcil.methods.registry import register_method
 
 
-@dataclasses.dataclass
-class LwFParams:
+class LwFParams(Params):
     distillation_weight: float = 1.0
 
 

@@ -7,15 +7,13 @@ network's; POD-flat keeps the pooled embedding's direction. Both weights grow wi
 
 from __future__ import annotations
 
-import dataclasses
-
+from mlcil.config.schema import Params
 from mlcil.losses import pod_flat, pod_spatial
 from mlcil.methods.base import Batch, Method, StepOutput
 from mlcil.methods.registry import register_method
 
 
-@dataclasses.dataclass
-class PODNetParams:
+class PODNetParams(Params):
     spatial_weight: float = 30.0
     flat_weight: float = 30.0
 
@@ -27,11 +25,18 @@ class PODNet(Method):
     keeps_old_network = True
     needs_memory = True
 
+    def distilled_stages(self) -> list[int]:
+        """Backbone stages whose maps POD-spatial compares, the feature map aside: every earlier
+        stage with stride >= 4 (the stem output duplicates stage 1 in many timm CNNs)."""
+        reductions = self.network.backbone.stage_reductions
+        return [i for i, stride in enumerate(reductions[:-1]) if stride >= 4]
+
     def training_step(self, batch: Batch) -> StepOutput:
-        output = self.network(batch.images, return_stages=True)
+        stages = self.distilled_stages()
+        output = self.network(batch.images, stage_indices=stages)
         loss = self.classification_loss(output.logits, batch.targets[:, : self.seen])
         parts = {"asl": loss.detach()}
-        teacher = self.teacher(batch.images, return_stages=True)
+        teacher = self.teacher(batch.images, stage_indices=stages)
         if teacher is not None:
             assert teacher.stages is not None and output.stages is not None
             spatial = pod_spatial(teacher.stages, output.stages)

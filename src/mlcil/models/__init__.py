@@ -1,12 +1,13 @@
-"""Backbones and incremental networks."""
+"""Backbones and incremental networks, registered by name (``model.network``)."""
 
 from __future__ import annotations
 
-from mlcil.config import ModelConfig
+from mlcil.config.schema import ModelConfig
 from mlcil.models.backbones import Backbone, load_backbone_weights
 from mlcil.models.base import IncrementalNetwork, NetworkOutput
-from mlcil.models.ica import ClassAttentionBlock, ICANetwork
+from mlcil.models.ica import ClassAttentionBlock, ICANetwork, ICAParams
 from mlcil.models.linear import LinearNetwork
+from mlcil.models.registry import NETWORKS
 
 
 def build_network(
@@ -15,29 +16,23 @@ def build_network(
     """Build the configured network with no session yet (call ``add_session`` per session).
 
     Args:
-        config: the model section of a run config.
+        config: the model section of a run config (its ``params`` are the network's own).
         image_size: square input size (fixes ICA's positional embedding).
         load_weights: read ``config.pretrained``; False builds the same architecture without
             touching the file (dry runs, and rebuilding before a checkpoint is loaded).
     """
+    network_class = NETWORKS.get_class(config.network)
     pretrained = config.pretrained if load_weights else None
     backbone = Backbone(config.backbone, config.feature_stage, pretrained)
-    if config.network == "ica":
-        return ICANetwork(
-            backbone,
-            image_size=image_size,
-            embed_dim=config.embed_dim,
-            num_heads=config.num_heads,
-            mlp_ratio=config.mlp_ratio,
-            released_init=config.ica_init == "released",
-        )
-    return LinearNetwork(backbone)
+    return network_class.from_params(backbone, image_size, config.params)
 
 
 __all__ = [
+    "NETWORKS",
     "Backbone",
     "ClassAttentionBlock",
     "ICANetwork",
+    "ICAParams",
     "IncrementalNetwork",
     "LinearNetwork",
     "NetworkOutput",

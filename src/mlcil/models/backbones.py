@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -68,10 +69,10 @@ class Backbone(nn.Module):
         self.feature_stage = stage
         self.num_features: int = int(body.feature_info[stage]["num_chs"])
         self.reduction: int = int(body.feature_info[stage]["reduction"])
-        # Stages used for PODNet's spatial distillation: every stage with stride >= 4 up to
-        # the feature stage (the stem output duplicates stage 1 in many timm CNNs).
-        self.distill_stages = [
-            i for i in range(stage + 1) if int(body.feature_info[i]["reduction"]) >= 4
+        # Output stride of every stage up to the feature stage (for methods that distil
+        # intermediate maps and pick their own stages).
+        self.stage_reductions: list[int] = [
+            int(body.feature_info[i]["reduction"]) for i in range(stage + 1)
         ]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -80,12 +81,19 @@ class Backbone(nn.Module):
             images, indices=[self.feature_stage], intermediates_only=True
         )[-1]
 
-    def forward_stages(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Return every distillation stage's map; the last one is the feature map."""
-        indices = sorted({*self.distill_stages, self.feature_stage})
-        return list(
-            self.body.forward_intermediates(images, indices=indices, intermediates_only=True)
+    def forward_stages(self, images: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+        """The maps of the stages in ``indices`` followed by the feature map, in one pass.
+
+        Returns:
+            ``len(indices) + 1`` maps: the requested stages in ascending order, then the feature
+            stage's map (so the last entry is always what ``forward`` returns).
+        """
+        wanted = sorted({*indices, self.feature_stage})
+        maps = list(
+            self.body.forward_intermediates(images, indices=wanted, intermediates_only=True)
         )
+        by_stage = dict(zip(wanted, maps, strict=True))
+        return [by_stage[i] for i in sorted(set(indices))] + [by_stage[self.feature_stage]]
 
     @torch.no_grad()
     def feature_shape(self, image_size: int) -> tuple[int, int, int]:

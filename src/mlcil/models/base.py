@@ -9,10 +9,13 @@ module tree can be rebuilt before its weights are loaded.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from mlcil.config.schema import Params
 from mlcil.models.backbones import Backbone
 
 
@@ -25,7 +28,8 @@ class NetworkOutput:
         embeddings: ``(B, S, D)``, the embedding each session's head reads (S = sessions; a
             network whose heads share one embedding returns S = 1).
         pooled: ``(B, F)``, the global-average-pooled backbone feature map (used by herding).
-        stages: backbone stage maps, only when ``return_stages=True`` (PODNet).
+        stages: backbone stage maps, only when ``forward`` was given ``stage_indices``: the
+            requested stages in ascending order, then the feature map.
     """
 
     logits: torch.Tensor
@@ -35,7 +39,20 @@ class NetworkOutput:
 
 
 class IncrementalNetwork(nn.Module):
-    """Base class: a backbone plus a growing list of per-session heads."""
+    """Base class: a backbone plus a growing list of per-session heads.
+
+    A subclass registered with ``@NETWORKS.register`` sets ``name`` (the ``model.network`` value)
+    and ``Params`` (its own typed YAML keys), and builds itself in ``from_params``.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[Params]] = Params
+
+    @classmethod
+    def from_params(cls, backbone: Backbone, image_size: int, params: Any) -> IncrementalNetwork:
+        """Build the network on ``backbone`` for square inputs of ``image_size`` pixels."""
+        del image_size, params
+        return cls(backbone)
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
@@ -71,14 +88,17 @@ class IncrementalNetwork(nn.Module):
     def _grow(self, num_new_classes: int) -> None:
         """Append per-session parameters other than the head."""
 
-    def forward(self, images: torch.Tensor, return_stages: bool = False) -> NetworkOutput:
+    def forward(
+        self, images: torch.Tensor, stage_indices: Sequence[int] | None = None
+    ) -> NetworkOutput:
         raise NotImplementedError
 
     def backbone_maps(
-        self, images: torch.Tensor, return_stages: bool
+        self, images: torch.Tensor, stage_indices: Sequence[int] | None
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        if return_stages:
-            stages = self.backbone.forward_stages(images)
+        """The feature map, plus the requested stage maps when ``stage_indices`` is given."""
+        if stage_indices is not None:
+            stages = self.backbone.forward_stages(images, stage_indices)
             return stages[-1], stages
         return self.backbone(images), None
 

@@ -10,11 +10,17 @@ plain per-session computation) and costs one block instead of S.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
+from mlcil.config.schema import Params
 from mlcil.models.backbones import Backbone
 from mlcil.models.base import IncrementalNetwork, NetworkOutput
+from mlcil.models.registry import NETWORKS
 
 INIT_STD = 0.01  # the released code redraws every Linear weight from N(0, 0.01)
 TOKEN_STD = 0.02
@@ -102,6 +108,28 @@ class ClassAttentionBlock(nn.Module):
         return self._finish(sequence[:, 0], attended.transpose(1, 2).reshape(batch, dim))
 
 
+class ICAParams(Params):
+    """The ICA network's YAML keys (next to ``network: ica`` in the ``model`` section)."""
+
+    embed_dim: Annotated[int, Field(gt=0)] = 384  # token width D: 384 COCO, 768 VOC
+    num_heads: Annotated[int, Field(gt=0)] = 8
+    mlp_ratio: Annotated[float, Field(gt=0)] = 4.0
+    # "released": every ICA Linear weight redrawn from N(0, 0.01) as the authors' code does;
+    # "pytorch": PyTorch's default initialisation, which trains far faster when the backbone
+    # itself starts from random weights (the embedded benchmark).
+    ica_init: Literal["released", "pytorch"] = "released"
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ICAParams:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"model.embed_dim ({self.embed_dim}) must be divisible by model.num_heads "
+                f"({self.num_heads})"
+            )
+        return self
+
+
+@NETWORKS.register
 class ICANetwork(IncrementalNetwork):
     """Backbone -> 1x1 projection + positional embedding -> shared class attention -> heads.
 
@@ -114,6 +142,20 @@ class ICANetwork(IncrementalNetwork):
         released_init: redraw the block's and the first head's Linear weights from N(0, 0.01)
             with zero biases, as the released code does; False keeps PyTorch's defaults.
     """
+
+    name = "ica"
+    Params = ICAParams
+
+    @classmethod
+    def from_params(cls, backbone: Backbone, image_size: int, params: Any) -> ICANetwork:
+        return cls(
+            backbone,
+            image_size=image_size,
+            embed_dim=params.embed_dim,
+            num_heads=params.num_heads,
+            mlp_ratio=params.mlp_ratio,
+            released_init=params.ica_init == "released",
+        )
 
     def __init__(
         self,
@@ -166,8 +208,10 @@ class ICANetwork(IncrementalNetwork):
             )
         return self.projection(feature_map).flatten(2).transpose(1, 2) + self.pos_embed
 
-    def forward(self, images: torch.Tensor, return_stages: bool = False) -> NetworkOutput:
-        feature_map, stages = self.backbone_maps(images, return_stages)
+    def forward(
+        self, images: torch.Tensor, stage_indices: Sequence[int] | None = None
+    ) -> NetworkOutput:
+        feature_map, stages = self.backbone_maps(images, stage_indices)
         patches = self.patch_tokens(feature_map)  # (B, N, D)
         kr_tokens = torch.cat([token.reshape(1, -1) for token in self.kr_tokens])  # (S, D)
         embeddings = self.block(self.kt_token.reshape(-1), kr_tokens, patches)  # (B, S, D)

@@ -7,15 +7,21 @@ read the same pooled embedding, so ``NetworkOutput.embeddings`` has a single slo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from mlcil.models.backbones import Backbone
 from mlcil.models.base import IncrementalNetwork, NetworkOutput
+from mlcil.models.registry import NETWORKS
 
 
+@NETWORKS.register
 class LinearNetwork(IncrementalNetwork):
     """Backbone -> global average pooling -> concatenated per-session linear heads."""
+
+    name = "linear"
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__(backbone)
@@ -25,8 +31,10 @@ class LinearNetwork(IncrementalNetwork):
         device = next(self.backbone.parameters()).device
         return nn.Linear(self.embed_dim, num_classes).to(device)
 
-    def forward(self, images: torch.Tensor, return_stages: bool = False) -> NetworkOutput:
-        feature_map, stages = self.backbone_maps(images, return_stages)
+    def forward(
+        self, images: torch.Tensor, stage_indices: Sequence[int] | None = None
+    ) -> NetworkOutput:
+        feature_map, stages = self.backbone_maps(images, stage_indices)
         pooled = feature_map.mean(dim=(2, 3))  # (B, F)
         embeddings = pooled[:, None, :]  # (B, 1, F): every head reads the same embedding
         return NetworkOutput(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mlcil.config import TrainConfig
+from mlcil.config.schema import TrainConfig
 from mlcil.errors import ConfigError
 
 

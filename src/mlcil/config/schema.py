@@ -1,0 +1,202 @@
+"""The typed schema of a run: pydantic models whose fields hold every default.
+
+Each section rejects unknown keys, non-finite numbers and values of the wrong type (no silent
+coercion: ``epochs: 2.5`` is an error, not 2). Two sections are *registered*: their keys depend on
+a name looked up in a registry. ``method`` holds ``name`` plus the method's own ``Params``, and
+``model`` holds the backbone fields plus ``network`` and that network's ``Params``. The schema
+itself imports no method and no network: ``mlcil.config.loading`` receives the lookup.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mlcil.data.catalog import DATASETS, dataset_spec, resolved_root
+from mlcil.protocol import parse_protocol
+
+STRICT = ConfigDict(
+    extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True, frozen=False
+)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+
+
+class Params(BaseModel):
+    """Base of a method's or a network's own hyperparameters (the YAML keys next to its name)."""
+
+    model_config = STRICT
+
+
+class Section(BaseModel):
+    model_config = STRICT
+
+
+class DataConfig(Section):
+    """Which images and labels, and how they are fed to the model."""
+
+    dataset: str = "digits"
+    root: str | None = None  # None: the dataset's default root (mlcil.data.catalog)
+    train_manifest: str | None = None  # manifest dataset only
+    test_manifest: str | None = None
+    class_list: str | None = None  # manifest: file with one class name per line, in order
+    image_size: PositiveInt = 224
+    overlap: Literal["all", "disjoint"] = "all"  # "all": the published protocol
+    augment: list[Literal["cutout", "randaugment", "hflip"]] = Field(
+        default_factory=lambda: ["cutout", "randaugment"]
+    )
+    num_workers: Annotated[int, Field(ge=0)] = 4
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value not in DATASETS:
+            raise ValueError(f"{value!r} is not one of {', '.join(map(repr, DATASETS))}")
+        return value
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _one_augmentation_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _manifests_present(self) -> DataConfig:
+        spec = dataset_spec(self.dataset)
+        if spec.needs_manifests and not (self.train_manifest and self.test_manifest):
+            raise ValueError(
+                f"data.dataset={self.dataset} needs data.train_manifest and data.test_manifest"
+            )
+        return self
+
+    @property
+    def resolved_root(self) -> str | None:
+        return resolved_root(self)
+
+
+class ModelConfig(Section):
+    """Backbone and classification network (``network`` names a registered network whose own
+    parameters sit next to these keys in YAML)."""
+
+    backbone: str = "tresnet_m"  # any timm model with forward_intermediates
+    pretrained: str | None = None  # local weights file (timm or ASL/KRT format); None: random
+    feature_stage: Annotated[int, Field(ge=0)] | None = None  # timm stage to read; None: last
+    network: str = "ica"
+    params: Params = Field(default_factory=Params)  # the network's Params, set by the loader
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = self.model_dump(exclude={"params"})
+        return {**fields, **self.params.model_dump()}
+
+
+class LossConfig(Section):
+    """Asymmetric loss of every method's classification term (KRT-SPEC section 6)."""
+
+    gamma_neg: Annotated[float, Field(ge=0)] = 4.0
+    gamma_pos: Annotated[float, Field(ge=0)] = 0.0
+    clip: Annotated[float, Field(ge=0, lt=1)] = 0.05
+
+
+class MemoryConfig(Section):
+    """Exemplar replay (KRT-SPEC section 7). ``per_class: 0`` and no ``total`` disable it."""
+
+    per_class: Annotated[int, Field(ge=0)] = 0  # m exemplars per class (growing memory)
+    total: PositiveInt | None = None  # fixed total budget; per class = total // seen classes
+    labels: Literal["strict", "official"] = "strict"  # official: the released code's labels
+
+    @property
+    def enabled(self) -> bool:
+        return self.per_class > 0 or self.total is not None
+
+
+class TrainConfig(Section):
+    """Optimisation schedule (KRT-SPEC section 8) and run-time behaviour."""
+
+    epochs: PositiveInt = 20
+    base_epochs: PositiveInt | None = None  # epochs of the first session; None: same as epochs
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 4e-5  # first session
+    incremental_lr: PositiveFloat = 1e-4  # every later session
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    pct_start: Fraction = 0.2
+    grad_clip_norm: PositiveFloat | None = None  # clip the global gradient norm; None: never
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA, else fp32
+    device: str = "auto"  # auto: cuda when available, else cpu
+    eval_every_epoch: bool = False  # logged only, never used to pick a model
+    eval_batch_size: PositiveInt | None = None  # None: 2 x batch_size
+    f1_threshold: Fraction = 0.8  # CF1/OF1 threshold on sigmoid scores (some papers use 0.525)
+    progress: bool = True
+    tensorboard: bool = True
+
+    def epochs_for(self, session_index: int) -> int:
+        if session_index == 0 and self.base_epochs is not None:
+            return self.base_epochs
+        return self.epochs
+
+    def lr_for(self, session_index: int) -> float:
+        return self.lr if session_index == 0 else self.incremental_lr
+
+
+class MethodConfig(Section):
+    """The method's registry name and its own typed hyperparameters."""
+
+    name: str = "krt"
+    params: Params = Field(default_factory=Params)  # the method's Params, set by the loader
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.params.model_dump()}
+
+
+class RunConfig(Section):
+    """Everything one run needs; saved resolved as ``config.yaml`` next to its results."""
+
+    name: str | None = None  # run folder name; None: <dataset>_<protocol>_<label>_s<seed>
+    label: str | None = None  # name shown in reports (e.g. an ablation); None: the method's name
+    output_dir: str = "runs"
+    seed: Annotated[int, Field(ge=0)] = 3407
+    protocol: str = "B0-C10"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+
+    @field_validator("protocol")
+    @classmethod
+    def _valid_protocol(cls, value: str) -> str:
+        parse_protocol(value)  # fail before any work starts
+        return value
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        return f"{self.data.dataset}_{self.protocol_label}_{self.display_label}_s{self.seed}"
+
+    @property
+    def protocol_label(self) -> str:
+        return self.protocol.upper().replace(" ", "")
+
+    @property
+    def display_label(self) -> str:
+        return self.label or self.method.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain YAML form: registered sections flattened back to name + parameters."""
+        result = self.model_dump(exclude={"model", "method"})
+        ordered: dict[str, Any] = {}
+        for key in type(self).model_fields:
+            if key == "model":
+                ordered[key] = self.model.to_dict()
+            elif key == "method":
+                ordered[key] = self.method.to_dict()
+            else:
+                ordered[key] = result[key]
+        return ordered
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
