@@ -261,7 +261,7 @@ def _image_files(rows: Sequence[ManifestRow], path: Path, base: Path) -> list[st
         if not Path(full).is_relative_to(base_abs):
             raise DataError(
                 f"manifest: {path}, line {row.line}: image path {row.image!r} leaves the image "
-                f"folder {base} (relative paths must stay inside it; write an absolute path to "
+                f"folder {base_abs} (relative paths must stay inside it; write an absolute path to "
                 f"use a file elsewhere)"
             )
         files.append(full)
