@@ -60,17 +60,138 @@ def session_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _is_number(value: Any) -> bool:
+    # bool is an int subclass, but true/false in metrics.json is a corrupted value, not a number.
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_fields(
+    entry: dict[str, Any], fields: Sequence[tuple[str, str]], prefix: str, path: str | Path
+) -> None:
+    """Check ``entry[key]`` for each ``(key, kind)``; kinds: text, text?, int, number, number?.
+
+    A kind ending in ``?`` may be null or absent; the others must be present.
+    """
+    expected = {"text": "a string", "int": "an integer", "number": "a finite number"}
+    for key, kind in fields:
+        optional = kind.endswith("?")
+        base = kind.rstrip("?")
+        if key not in entry:
+            if optional:
+                continue
+            raise ConfigError(f"{path}: key '{prefix}{key}' is missing")
+        value = entry[key]
+        if value is None and optional:
+            continue
+        if base == "text":
+            good = isinstance(value, str)
+        elif base == "int":
+            good = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            good = _is_number(value)
+        if not good:
+            nullable = " or null" if optional else ""
+            raise ConfigError(
+                f"{path}: key '{prefix}{key}' must be {expected[base]}{nullable}, got "
+                f"{value!r} ({type(value).__name__})"
+            )
+
+
+_RUN_FIELDS = (
+    ("method", "text"),
+    ("label", "text?"),
+    ("dataset", "text"),
+    ("protocol", "text"),
+    ("seed", "int"),
+    ("avg_map", "number"),
+    ("last_map", "number"),
+    ("forgetting", "number?"),
+    ("wall_time_s", "number"),
+)
+_FINAL_FIELDS = (("cf1", "number"), ("of1", "number"), ("threshold", "number?"))
+_SESSION_FIELDS = (
+    ("num_seen", "int"),
+    ("seen_map", "number"),
+    ("base_map", "number?"),
+    ("new_map", "number?"),
+)
+
+
+def validate_metrics(metrics: Any, path: str | Path) -> dict[str, Any]:
+    """Check that a parsed ``metrics.json`` holds what the report and ``session_table`` read.
+
+    Args:
+        metrics: the parsed JSON.
+        path: the file it came from, for the error messages.
+
+    Returns:
+        ``metrics`` itself, now known to be a dict with the expected keys and value types.
+
+    Raises:
+        ConfigError: naming ``path`` and the key at fault (``sessions[1].seen_map``): not a JSON
+            object, a missing key, or a value of the wrong type (a number given as a string,
+            NaN, a boolean).
+    """
+    if not isinstance(metrics, dict):
+        raise ConfigError(
+            f"{path}: expected a JSON object of run metrics, got a JSON "
+            f"{_json_type(metrics)}; is this a metrics.json written by mlcil?"
+        )
+    _check_fields(metrics, _RUN_FIELDS, "", path)
+    for key in ("final", "sessions"):
+        if key not in metrics:
+            raise ConfigError(f"{path}: key '{key}' is missing")
+    final = metrics["final"]
+    if not isinstance(final, dict):
+        raise ConfigError(f"{path}: key 'final' must be an object with cf1 and of1, got {final!r}")
+    _check_fields(final, _FINAL_FIELDS, "final.", path)
+    sessions = metrics["sessions"]
+    if not isinstance(sessions, list) or not sessions:
+        raise ConfigError(
+            f"{path}: key 'sessions' must be a non-empty list of per-session results, got "
+            f"{sessions!r}"
+        )
+    for position, entry in enumerate(sessions):
+        if not isinstance(entry, dict):
+            raise ConfigError(
+                f"{path}: key 'sessions[{position}]' must be an object, got {entry!r}"
+            )
+        _check_fields(entry, _SESSION_FIELDS, f"sessions[{position}].", path)
+    return metrics
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
 def load_runs(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """``metrics.json`` of every run folder (with its folder under ``run_dir``)."""
+    """``metrics.json`` of every run folder (with its folder under ``run_dir``).
+
+    Args:
+        run_dirs: finished run folders.
+
+    Returns:
+        One validated metrics dict per folder, in the given order.
+
+    Raises:
+        ConfigError: naming the folder or file: no folder given, no ``metrics.json``, a file
+            that cannot be read or parsed, or content rejected by ``validate_metrics``.
+    """
+    if not run_dirs:
+        raise ConfigError("report: no run folder given")
     runs = []
     for run_dir in run_dirs:
         path = Path(run_dir) / "metrics.json"
         if not path.is_file():
             raise ConfigError(f"{run_dir}: no metrics.json (is the run finished?)")
         try:
-            metrics = json.loads(path.read_text())
+            metrics = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path}: invalid JSON: {error}") from error
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: cannot read: {error}") from error
+        validate_metrics(metrics, path)
         metrics["run_dir"] = str(run_dir)
         runs.append(metrics)
     return runs
@@ -183,20 +304,45 @@ def mean_curves(label_runs: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
     """Per label, a metrics-like dict whose sessions hold the mean seen mAP over seeds."""
     curves = {}
     for label, runs in label_runs.items():
-        reference = runs[0]
+        # Seeds may differ in length (a run extended by an added session); each point averages
+        # the runs that reached it, and the longest run gives the x positions.
+        reference = max(runs, key=lambda r: len(r["sessions"]))
         sessions = []
         for position, entry in enumerate(reference["sessions"]):
-            values = [r["sessions"][position]["seen_map"] for r in runs]
+            values = [
+                r["sessions"][position]["seen_map"] for r in runs if position < len(r["sessions"])
+            ]
             sessions.append({"num_seen": entry["num_seen"], "seen_map": statistics.fmean(values)})
         curves[label] = {**reference, "sessions": sessions}
     return curves
 
 
 def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.md``, ``report.json`` and one curve PNG per (dataset, protocol)."""
-    runs = load_runs(run_dirs)
+    """Write ``report.md``, ``report.json`` and one curve PNG per (dataset, protocol).
+
+    Args:
+        run_dirs: finished run folders.
+        output_dir: the report folder, created when missing; existing report files in it are
+            replaced.
+
+    Returns:
+        The written files: ``"markdown"``, ``"json"`` and one PNG per ``"<dataset> <protocol>"``.
+
+    Raises:
+        ConfigError: when ``output_dir`` is an existing file (it is never replaced by a folder)
+            or cannot be created, or a run is rejected by ``load_runs``.
+    """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(
+            f"report: output {output_dir} exists and is a file, not a folder; choose another "
+            "output folder (the file is left as it is)"
+        )
+    runs = load_runs(run_dirs)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"report: cannot create output folder {output_dir}: {error}") from error
     paths = {}
     markdown = comparison_markdown(runs)
     summary = {}

@@ -11,7 +11,14 @@ import pytest
 from PIL import Image
 
 from mlcil.data.base import FileImageSource
-from mlcil.data.manifest import infer_class_names, load_manifest, read_class_file
+from mlcil.data.manifest import (
+    ManifestRow,
+    infer_class_names,
+    load_manifest,
+    new_labels_in_order,
+    read_class_file,
+    read_manifest_rows,
+)
 from mlcil.errors import DataError
 
 
@@ -192,3 +199,112 @@ def test_unknown_extension_is_rejected(tmp_path):
     path.write_text("image,labels\n")
     with pytest.raises(DataError, match=r"\.csv or \.jsonl"):
         load_manifest(path, "train", ["cat"])
+
+
+def test_same_image_twice_with_same_labels_names_both_lines(tmp_path):
+    write_image(tmp_path / "a.jpg")
+    write_image(tmp_path / "b.jpg")
+    path = tmp_path / "m.csv"
+    path.write_text("image,labels\na.jpg,cat;dog\nb.jpg,cat\n\n./a.jpg,dog;cat\n")
+    with pytest.raises(DataError, match=where(path, 5) + ".*already listed on line 2") as caught:
+        load_manifest(path, "train", ["cat", "dog"])
+    message = str(caught.value)
+    assert "same labels" in message and "conflicting" not in message
+    # "./a.jpg" is the same file as "a.jpg": the message shows how line 2 wrote it.
+    assert "as 'a.jpg'" in message
+
+
+def test_same_image_with_different_labels_is_a_conflict(tmp_path):
+    write_image(tmp_path / "a.jpg")
+    path = tmp_path / "m.jsonl"
+    rows = [("a.jpg", ["cat"]), ("a.jpg", ["dog"]), ("a.jpg", ["cat"])]
+    path.write_text(
+        "".join(json.dumps({"image": image, "labels": labels}) + "\n" for image, labels in rows)
+    )
+    with pytest.raises(DataError, match=where(path, 2) + ".*line 1.*conflicting labels") as caught:
+        load_manifest(path, "test", ["cat", "dog"])
+    message = str(caught.value)
+    assert "['cat'] (line 1)" in message and "['dog'] (line 2)" in message
+    assert "2 repeated rows in all" in message
+
+
+def test_absolute_and_relative_paths_to_one_file_are_duplicates(tmp_path):
+    image = write_image(tmp_path / "pics" / "a.jpg")
+    path = tmp_path / "m.csv"
+    path.write_text(f"image,labels\npics/a.jpg,cat\n{image},cat\n")
+    with pytest.raises(DataError, match=where(path, 3) + ".*already listed on line 2"):
+        load_manifest(path, "train", ["cat"])
+
+
+def test_same_name_in_different_folders_is_not_a_duplicate(tmp_path):
+    write_image(tmp_path / "x" / "a.jpg")
+    write_image(tmp_path / "y" / "a.jpg")
+    path = tmp_path / "m.csv"
+    path.write_text("image,labels\nx/a.jpg,cat\ny/a.jpg,cat\n")
+    assert load_manifest(path, "train", ["cat"]).image_refs == ["x/a.jpg", "y/a.jpg"]
+
+
+@pytest.mark.parametrize("ref", ["../outside.png", "pics/../../outside.png"])
+def test_relative_path_leaving_the_root_is_refused(tmp_path, ref):
+    # The file exists: the refusal is about where the path points, not a missing file.
+    write_image(tmp_path / "outside.png")
+    data = tmp_path / "data"
+    write_image(data / "a.jpg")
+    path = data / "m.csv"
+    path.write_text(f"image,labels\na.jpg,cat\n{ref},cat\n")
+    with pytest.raises(DataError, match=where(path, 3) + ".*" + re.escape(repr(ref))) as caught:
+        load_manifest(path, "train", ["cat"])
+    assert "leaves the image folder" in str(caught.value)
+    # The same holds against an explicit root.
+    with pytest.raises(DataError, match=where(path, 3) + ".*leaves the image folder"):
+        load_manifest(path, "train", ["cat"], root=data)
+
+
+def test_relative_path_that_comes_back_inside_the_root_is_kept(tmp_path):
+    write_image(tmp_path / "pics" / "a.jpg")
+    (tmp_path / "other").mkdir()
+    path = tmp_path / "m.csv"
+    path.write_text("image,labels\nother/../pics/a.jpg,cat\n")
+    source = load_manifest(path, "train", ["cat"])
+    assert source.load_image(0).size == (8, 6)
+
+
+def test_a_folder_is_not_an_image_file(tmp_path):
+    (tmp_path / "pics").mkdir()
+    path = tmp_path / "m.csv"
+    path.write_text("image,labels\npics,cat\n")
+    with pytest.raises(DataError, match=where(path, 2) + " image file not found"):
+        load_manifest(path, "train", ["cat"])
+
+
+def test_read_manifest_rows_keeps_lines_and_label_order(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text('image,labels\nb.jpg," dog ;cat;dog"\n\nmissing.jpg,\n')
+    assert read_manifest_rows(path) == [
+        ManifestRow(2, "b.jpg", ("dog", "cat")),
+        ManifestRow(4, "missing.jpg", ()),
+    ]
+
+
+def test_new_labels_follow_row_then_label_order(tmp_path):
+    path = tmp_path / "session.jsonl"
+    rows = [
+        ("a.jpg", ["zebra", "cat"]),
+        ("b.jpg", []),
+        ("c.jpg", ["ant", "zebra", "bee"]),
+        ("d.jpg", ["cat", "ant"]),
+    ]
+    path.write_text(
+        "".join(json.dumps({"image": image, "labels": labels}) + "\n" for image, labels in rows)
+    )
+    # Neither sorted nor set order: "zebra" comes first because row 1 names it first.
+    assert new_labels_in_order(path, ["cat", "dog"]) == ["zebra", "ant", "bee"]
+    assert new_labels_in_order(path, []) == ["zebra", "cat", "ant", "bee"]
+    assert new_labels_in_order(path, ["ant", "bee", "cat", "zebra"]) == []
+
+
+def test_new_labels_reports_parse_errors(tmp_path):
+    path = tmp_path / "session.csv"
+    path.write_text("image,label\na.jpg,cat\n")
+    with pytest.raises(DataError, match=where(path, 1) + ".*'labels'"):
+        new_labels_in_order(path, ["cat"])

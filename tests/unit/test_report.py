@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from mlcil.report import (
     comparison_markdown,
     group_runs,
     load_runs,
+    mean_curves,
     mean_std,
     session_breakdown_markdown,
+    validate_metrics,
     write_report,
 )
 
@@ -104,3 +107,84 @@ def test_session_breakdown_averages_seen_base_new_over_seeds(tmp_path: Path) -> 
     assert "| method | session 0 | session 1 |" in lines
     # joint (95 last) is listed before krt (72 last); its second-session cell is empty.
     assert lines.index("| joint | 95.0 |  |") < lines.index("| krt | 91.0 | 72.0 / 82.0 / 63.0 |")
+
+
+def rewrite(run_dir: Path, change) -> Path:
+    """Apply ``change`` to the run's parsed metrics.json and write it back; a change that
+    returns a list replaces the whole content with it."""
+    path = run_dir / "metrics.json"
+    metrics = json.loads(path.read_text())
+    result = change(metrics)
+    if isinstance(result, list):
+        metrics = result
+    path.write_text(json.dumps(metrics))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: [m], "expected a JSON object of run metrics, got a JSON list"),
+        (lambda m: m.update(last_map="72.0"), "key 'last_map' must be a finite number, got '72.0'"),
+        (lambda m: m.pop("avg_map"), "key 'avg_map' is missing"),
+        (lambda m: m.update(avg_map=float("nan")), "key 'avg_map' must be a finite number"),
+        (lambda m: m.update(last_map=True), "key 'last_map' must be a finite number, got True"),
+        (lambda m: m["sessions"][1].pop("seen_map"), "key 'sessions\\[1\\].seen_map' is missing"),
+        (lambda m: m.update(sessions=[]), "key 'sessions' must be a non-empty list"),
+        (lambda m: m.update(sessions=[5]), "key 'sessions\\[0\\]' must be an object"),
+        (
+            lambda m: m["final"].update(cf1=None),
+            "key 'final.cf1' must be a finite number, got None",
+        ),
+        (lambda m: m.update(forgetting="-"), "key 'forgetting' must be a finite number or null"),
+        (lambda m: m.update(seed="0"), "key 'seed' must be an integer"),
+        (lambda m: m.pop("protocol"), "key 'protocol' is missing"),
+        (lambda m: m.pop("final"), "key 'final' is missing"),
+        (lambda m: m.update(final=[1.0]), "key 'final' must be an object"),
+    ],
+)
+def test_bad_metrics_name_the_file_and_key(tmp_path: Path, change, message: str) -> None:
+    run = fake_run(tmp_path, "krt", "B0-C2", 0, [90.0, 70.0])
+    path = rewrite(run, change)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: ") + message):
+        load_runs([run])
+
+
+def test_validate_metrics_accepts_nulls_where_the_engine_writes_them(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, "joint", "B0-C2", 0, [95.0])
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["sessions"][0].update(base_map=95.0, new_map=None)
+    metrics["label"] = None
+    assert validate_metrics(metrics, "x.json") is metrics
+
+
+def test_unreadable_or_empty_inputs(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, "krt", "B0-C2", 0, [90.0])
+    (run / "metrics.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ConfigError, match=re.escape(str(run / "metrics.json"))):
+        load_runs([run])
+    with pytest.raises(ConfigError, match="no run folder given"):
+        load_runs([])
+
+
+def test_report_output_that_is_a_file_is_refused_and_kept(tmp_path: Path) -> None:
+    run = fake_run(tmp_path / "runs", "krt", "B0-C2", 0, [90.0, 70.0])
+    output = tmp_path / "report"
+    output.write_text("my notes")
+    with pytest.raises(ConfigError, match=re.escape(f"{output} exists and is a file")):
+        write_report([run], output)
+    assert output.read_text() == "my notes"
+    # A file in the way higher up cannot become a folder either.
+    with pytest.raises(ConfigError, match="cannot create output folder"):
+        write_report([run], output / "inner")
+    assert output.read_text() == "my notes"
+
+
+def test_mean_curves_average_the_runs_that_reached_each_session(tmp_path: Path) -> None:
+    dirs = [
+        fake_run(tmp_path, "krt", "B0-C2", 0, [90.0, 70.0]),
+        fake_run(tmp_path, "krt", "B0-C2", 1, [92.0, 74.0, 60.0]),
+    ]
+    curve = mean_curves({"krt": load_runs(dirs)})["krt"]
+    assert [s["seen_map"] for s in curve["sessions"]] == [91.0, 72.0, 60.0]
+    assert [s["num_seen"] for s in curve["sessions"]] == [2, 4, 6]

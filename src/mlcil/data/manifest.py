@@ -16,8 +16,13 @@ A manifest lists images with their label names, in one of two file types chosen 
 
         {"image": "images/0001.jpg", "labels": ["dog", "cat"]}
 
-Relative image paths resolve against ``root`` when given, else against the manifest's folder;
-absolute paths are kept. The class list comes from a class file (one name per line, in the order
+Relative image paths resolve against ``root`` when given, else against the manifest's folder, and
+must stay inside that folder (``../outside.png`` is an error: a manifest copied to another machine
+must not reach files next to its data). Absolute paths are kept as written, wherever they point:
+the user named that file on purpose. The check is on the path as written, normalised without
+following symbolic links, so a data folder made of links into a shared store still works. Each image
+may be listed once; a second row for the same file (``a.jpg`` and ``./a.jpg`` count as the same) is
+an error naming both lines. The class list comes from a class file (one name per line, in the order
 the classes arrive in the incremental protocol) or, failing that, from ``infer_class_names``.
 """
 
@@ -43,8 +48,15 @@ _LABEL_SEPARATOR = ";"
 
 
 @dataclass(frozen=True)
-class _Row:
-    """One image of a manifest, with the line it came from for error messages."""
+class ManifestRow:
+    """One image of a manifest, with the line it came from for error messages.
+
+    Attributes:
+        line: 1-based line of the file the row was read from (for CSV, the line where the record
+            ends).
+        image: the image path as written (whitespace stripped).
+        labels: the label names, stripped, repeats merged, in first-occurrence order.
+    """
 
     line: int
     image: str
@@ -114,6 +126,50 @@ def infer_class_names(manifest_paths: Iterable[str | Path] | str | Path) -> list
     return sorted(found)
 
 
+def read_manifest_rows(path: str | Path) -> list[ManifestRow]:
+    """Parse a ``.csv`` or ``.jsonl`` manifest into rows, without looking at the image files.
+
+    Args:
+        path: the manifest file.
+
+    Returns:
+        One row per image line, in file order (blank lines skipped).
+
+    Raises:
+        DataError: naming the file and line of the first format problem (missing column or key,
+            malformed JSON, empty image path). Duplicate images and paths leaving the root are
+            checked by ``load_manifest``, which knows the root.
+    """
+    return _read_rows(Path(path))
+
+
+def new_labels_in_order(path: str | Path, known_classes: Sequence[str]) -> list[str]:
+    """The label names of a manifest that are not yet classes, in order of first appearance.
+
+    Used to add a session to a finished run: the new session's classes are appended to the run's
+    class list in the order the user's manifest introduces them, which keeps the result
+    independent of any sorting and reproducible from the file alone.
+
+    Args:
+        path: the new session's training manifest.
+        known_classes: the classes the run has already learned.
+
+    Returns:
+        The new names, ordered by row, then by position within the row; empty when the manifest
+        introduces no class (the caller decides whether that is an error).
+
+    Raises:
+        DataError: when the manifest cannot be read or parsed (see ``read_manifest_rows``).
+    """
+    known = set(known_classes)
+    new: dict[str, None] = {}
+    for row in _read_rows(Path(path)):
+        for label in row.labels:
+            if label not in known:
+                new.setdefault(label)
+    return list(new)
+
+
 def load_manifest(
     path: str | Path,
     split: str,
@@ -136,8 +192,9 @@ def load_manifest(
 
     Raises:
         DataError: naming the file and line of the first problem: a missing column or key, a
-            malformed JSON line, an empty image path, a label outside ``class_names``, or an
-            image file that does not exist (with the count of missing files).
+            malformed JSON line, an empty image path, a label outside ``class_names``, a relative
+            image path that leaves the root, an image file that does not exist (with the count of
+            missing files), or an image listed on two rows (naming both lines).
     """
     path = Path(path)
     if split not in ("train", "test"):
@@ -166,15 +223,9 @@ def load_manifest(
             labels[row_index, column] = 1
 
     base = Path(root) if root is not None else path.parent
-    # os.path.join keeps an absolute image path as it is.
-    missing = [row for row in rows if not os.path.exists(os.path.join(base, row.image))]
-    if missing:
-        first = missing[0]
-        raise DataError(
-            f"manifest: {path}, line {first.line}: image file not found: "
-            f"{os.path.join(base, first.image)} ({len(missing)} of {len(rows)} images missing; "
-            f"relative paths resolve against {base})"
-        )
+    files = _image_files(rows, path, base)
+    _check_image_files_exist(rows, path, base)
+    _check_no_duplicate_images(rows, files, path)
     logger.info(
         "manifest/%s: %d images (%d with a label) over %d classes from %s",
         split,
@@ -194,6 +245,70 @@ def load_manifest(
     )
 
 
+def _image_files(rows: Sequence[ManifestRow], path: Path, base: Path) -> list[str]:
+    """Each row's image as a normalised absolute path; relative paths must stay inside ``base``.
+
+    Normalised lexically (``os.path.normpath``), not resolved: following links would reject data
+    folders whose images are links into a shared store, which are the user's deliberate choice.
+    """
+    base_abs = os.path.abspath(base)
+    files = []
+    for row in rows:
+        if os.path.isabs(row.image):
+            files.append(os.path.normpath(row.image))
+            continue
+        full = os.path.normpath(os.path.join(base_abs, row.image))
+        if not Path(full).is_relative_to(base_abs):
+            raise DataError(
+                f"manifest: {path}, line {row.line}: image path {row.image!r} leaves the image "
+                f"folder {base_abs} (relative paths must stay inside it; write an absolute path to "
+                f"use a file elsewhere)"
+            )
+        files.append(full)
+    return files
+
+
+def _check_image_files_exist(rows: Sequence[ManifestRow], path: Path, base: Path) -> None:
+    # The path as written, not the normalised one: "gone/../a.jpg" fails to open when "gone" is
+    # missing, and that is what the data loader will open. os.path.join keeps absolute paths.
+    missing = [row for row in rows if not os.path.isfile(os.path.join(base, row.image))]
+    if missing:
+        first = missing[0]
+        raise DataError(
+            f"manifest: {path}, line {first.line}: image file not found: "
+            f"{os.path.join(base, first.image)} ({len(missing)} of {len(rows)} images missing; "
+            f"relative paths resolve against {base})"
+        )
+
+
+def _check_no_duplicate_images(
+    rows: Sequence[ManifestRow], files: Sequence[str], path: Path
+) -> None:
+    """Refuse a second row for one image file: its labels would count twice, or contradict."""
+    first_row: dict[str, ManifestRow] = {}
+    repeats: list[tuple[ManifestRow, ManifestRow]] = []
+    for row, file in zip(rows, files, strict=True):
+        earlier = first_row.setdefault(file, row)
+        if earlier is not row:
+            repeats.append((earlier, row))
+    if not repeats:
+        return
+    earlier, row = repeats[0]
+    written = f" as {earlier.image!r}" if earlier.image != row.image else ""
+    if set(earlier.labels) == set(row.labels):
+        problem = "with the same labels; remove one of the rows"
+    else:
+        problem = (
+            f"with conflicting labels {list(earlier.labels)} (line {earlier.line}) and "
+            f"{list(row.labels)} (line {row.line}); keep one row with the right labels"
+        )
+    total = f" ({len(repeats)} repeated rows in all)" if len(repeats) > 1 else ""
+    raise DataError(
+        f"manifest: {path}, line {row.line}: image {row.image!r} is already listed on line "
+        f"{earlier.line}{written}, {problem}{total}"
+    )
+
+
 def _read_text(path: Path, what: str) -> str:
     try:
         # utf-8-sig drops the byte-order mark spreadsheet programs put in front of CSV exports.
@@ -206,7 +321,7 @@ def _read_text(path: Path, what: str) -> str:
         raise DataError(f"manifest: cannot read {what} {path}: {error}") from error
 
 
-def _read_rows(path: Path) -> list[_Row]:
+def _read_rows(path: Path) -> list[ManifestRow]:
     """Parse a manifest by its extension."""
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl"):
@@ -220,7 +335,7 @@ def _unique_labels(values: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(name for name in (value.strip() for value in values) if name))
 
 
-def _parse_csv(text: str, path: Path) -> list[_Row]:
+def _parse_csv(text: str, path: Path) -> list[ManifestRow]:
     # read_text already turned every line end into \n; StringIO splits on \n only.
     reader = csv.reader(io.StringIO(text))
     try:
@@ -236,7 +351,7 @@ def _parse_csv(text: str, path: Path) -> list[_Row]:
                 )
         image_column, labels_column = columns.index("image"), columns.index("labels")
         needed = max(image_column, labels_column) + 1
-        rows: list[_Row] = []
+        rows: list[ManifestRow] = []
         for record in reader:
             line = reader.line_num
             if not any(cell.strip() for cell in record):
@@ -250,14 +365,14 @@ def _parse_csv(text: str, path: Path) -> list[_Row]:
             if not image:
                 raise DataError(f"manifest: {path}, line {line}: empty image path")
             labels = _unique_labels(record[labels_column].split(_LABEL_SEPARATOR))
-            rows.append(_Row(line, image, labels))
+            rows.append(ManifestRow(line, image, labels))
     except csv.Error as error:
         raise DataError(f"manifest: {path}, line {reader.line_num}: bad CSV: {error}") from error
     return rows
 
 
-def _parse_jsonl(text: str, path: Path) -> list[_Row]:
-    rows: list[_Row] = []
+def _parse_jsonl(text: str, path: Path) -> list[ManifestRow]:
+    rows: list[ManifestRow] = []
     # read_text turned every line end into \n. Split on it only: str.splitlines would also split
     # at characters such as U+2028 that JSON allows unescaped inside a string.
     for line_no, line in enumerate(text.split("\n"), start=1):
@@ -284,5 +399,5 @@ def _parse_jsonl(text: str, path: Path) -> list[_Row]:
         labels = entry["labels"]
         if not isinstance(labels, list) or not all(isinstance(name, str) for name in labels):
             raise DataError(f"{where}: 'labels' must be a list of strings, got {labels!r}")
-        rows.append(_Row(line_no, image.strip(), _unique_labels(labels)))
+        rows.append(ManifestRow(line_no, image.strip(), _unique_labels(labels)))
     return rows
