@@ -28,6 +28,7 @@ __all__ = [
     "f1_scores",
     "mean_average_precision",
     "session_maps",
+    "subset_maps",
 ]
 
 
@@ -359,3 +360,64 @@ def session_maps(
         "ap": [float(v) for v in ap],
         "classes_without_positives": missing,
     }
+
+
+def subset_maps(
+    scores: Any,
+    targets: Any,
+    base_classes: Sequence[int],
+    new_classes: Sequence[int],
+) -> dict[str, float | None]:
+    """Base and new mAP as the released KRT evaluation computes them, each on its own subset.
+
+    For ``base``: keep only the images that show at least one base class, and only the base
+    classes' columns; AP per base class over those images; mAP = their mean. Likewise for
+    ``new`` with the session's new classes. :func:`session_maps` instead computes every class's
+    AP over ALL the images it is given (the whole seen test set), so its ``base_map``/``new_map``
+    also rank the images without any base/new class: extra negatives, which can only lower AP or
+    leave it unchanged. The two agree when every image shows a class of the group. Ties are
+    handled as in :func:`average_precision`; a class of the group with no positive image gets
+    AP 0.0 (logged, naming its column).
+
+    Args:
+        scores: Scores for the classes seen so far, shape ``(images, seen classes)``.
+        targets: 0/1 flags with the same shape.
+        base_classes: Column indices of the base-session classes.
+        new_classes: Column indices of the classes learned in the current session.
+
+    Returns:
+        ``{"base_map_subset": ..., "new_map_subset": ...}`` in percent; a value is ``None`` when
+        its class list is empty (e.g. new classes in the base session) or no image shows any of
+        its classes.
+
+    Raises:
+        MlcilError: on invalid scores/targets, zero columns, or class lists with out-of-range
+            or duplicate indices.
+    """
+    scores_np, targets_np = _prepare(scores, targets)
+    n_classes = scores_np.shape[1]
+    if n_classes == 0:
+        raise MlcilError("cannot compute subset mAPs over zero classes")
+    groups = {
+        "base_map_subset": _check_columns("base_classes", base_classes, n_classes),
+        "new_map_subset": _check_columns("new_classes", new_classes, n_classes),
+    }
+    result: dict[str, float | None] = {}
+    for key, cols in groups.items():
+        group_targets = targets_np[:, cols]  # (images, group classes)
+        shown = group_targets.any(axis=1)  # images that show a class of the group
+        if cols.size == 0 or not shown.any():
+            result[key] = None
+            continue
+        subset_targets = group_targets[shown]
+        missing = cols[~subset_targets.any(axis=0)]
+        if missing.size:
+            logger.warning(
+                "%s: %d class(es) have no positive image; their AP is set to 0.0: %s",
+                key,
+                missing.size,
+                missing.tolist(),
+            )
+        ap = _average_precision(scores_np[np.ix_(shown, cols)], subset_targets)
+        result[key] = float(100.0 * ap.mean())
+    return result
