@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mlcil.data import glyphs
+from mlcil.data.classes import class_names
 from mlcil.data.glyphs import (
     CACHE_VERSION,
     GLYPH_CLASSES,
@@ -21,7 +22,6 @@ from mlcil.data.glyphs import (
     render_glyph,
 )
 from mlcil.errors import DataError
-from mlcil.protocol import class_names
 
 SIZE = 32  # small scenes keep these tests fast; the cell logic is the same as at 48
 
