@@ -140,8 +140,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         summary = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
         print(f"  {name:<10} {summary.splitlines()[0] if summary else ''}")
     print("networks:")
-    for name, cls in sorted(NETWORKS.items()):
-        summary = (cls.__doc__ or "").strip()
+    for name, network in sorted(NETWORKS.items()):
+        summary = (network.__doc__ or "").strip()
         print(f"  {name:<10} {summary.splitlines()[0] if summary else ''}")
     print("datasets (published protocols):")
     for name, spec in DATASETS.items():

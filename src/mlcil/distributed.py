@@ -378,7 +378,7 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     # NumPy has no bfloat16; float32 holds every bfloat16 value exactly.
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.float()
@@ -420,7 +420,7 @@ def all_gather_rows(array: np.ndarray | torch.Tensor) -> np.ndarray:
         raise MlcilError("all_gather_rows needs an array with a row dimension, got a 0-d value")
     world_size = _world_size()
     if world_size == 1:
-        return _to_numpy(tensor)
+        return to_numpy(tensor)
     _check_same_across_ranks("row shape/dtype", (tuple(tensor.shape[1:]), str(tensor.dtype)))
     device = _comm_device()
     lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size)]
@@ -434,7 +434,7 @@ def all_gather_rows(array: np.ndarray | torch.Tensor) -> np.ndarray:
     blocks = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(blocks, padded)
     rows = torch.cat([block[:count] for block, count in zip(blocks, counts, strict=True)])
-    return _to_numpy(rows.to(tensor.dtype))
+    return to_numpy(rows.to(tensor.dtype))
 
 
 def order_rows(rows: np.ndarray, positions: np.ndarray, total: int) -> np.ndarray:

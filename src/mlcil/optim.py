@@ -17,7 +17,8 @@ def decay_groups(parameters: Iterable[nn.Parameter]) -> list[dict[str, Any]]:
     """Trainable parameters split for weight decay: tensors with two or more dimensions (weights,
     tokens, positional embedding) decay, 1-d ones (biases, norm scales) do not. Frozen parameters
     are left out."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for parameter in parameters:
         if parameter.requires_grad:
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)

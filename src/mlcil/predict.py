@@ -92,7 +92,7 @@ def gather_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Proble
 
 
 def _images_below(folder: Path) -> list[Path]:
-    found = []
+    found: list[Path] = []
     for directory, _, names in os.walk(folder):
         found.extend(
             Path(directory, name)
@@ -284,7 +284,7 @@ def _threshold_csv(text: str, path: Path) -> list[tuple[int, str, Any]]:
     """``(line, class, value text)`` of each row of a ``class,threshold`` CSV."""
     # read_text turned every line end into \n; StringIO splits on \n only.
     reader = csv.reader(io.StringIO(text))
-    entries = []
+    entries: list[tuple[int, str, str]] = []
     try:
         header = [column.strip() for column in next(reader, [])]
         if "class" not in header or "threshold" not in header:
@@ -325,7 +325,7 @@ def _threshold_json(text: str, path: Path) -> list[tuple[int, str, Any]]:
     # json.loads keeps the last of repeated keys and forgets lines; walk the (now known valid)
     # object member by member with the standard decoder to keep both.
     decoder = json.JSONDecoder()
-    entries = []
+    entries: list[tuple[int, str, Any]] = []
     position = _skip_space(text, 0) + 1  # past "{"
     while True:
         position = _skip_space(text, position)

@@ -248,7 +248,7 @@ def comparison_markdown(runs: Sequence[dict[str, Any]]) -> str:
         lines = [f"### {dataset} {protocol}", "", header, rule]
         for row in rows:
             seeds = len(row["seeds"])
-            cells = [_format(*row[c], seeds) for c, _ in METRIC_COLUMNS]
+            cells = [_format(row[c][0], row[c][1], seeds) for c, _ in METRIC_COLUMNS]
             lines.append(f"| {row['label']} | {seeds} | " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"

@@ -147,11 +147,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _default_name(key: str) -> str:
+    """The component a registered section names when its config does not say."""
+    return MethodConfig().name if key == "method" else ModelConfig().network
+
+
 def _component_params(raw: Mapping[str, Any], key: str, lookup: ParamsLookup) -> set[str]:
     """Parameter names of the component the raw config currently names in section ``key``."""
     name_key, kind, _ = REGISTERED[key]
     section = raw.get(key)
-    default = {"method": MethodConfig, "model": ModelConfig}[key].model_fields[name_key].default
+    default = _default_name(key)
     name = section.get(name_key, default) if isinstance(section, Mapping) else default
     try:
         return set(lookup(kind, str(name)).model_fields)
@@ -235,7 +240,7 @@ def _split_component(
 ) -> dict[str, Any]:
     """Validate a registered section's component parameters into the component's Params."""
     name_key, kind, own_fields = REGISTERED[key]
-    default = {"method": MethodConfig, "model": ModelConfig}[key].model_fields[name_key].default
+    default = _default_name(key)
     name = section.get(name_key, default)
     if not isinstance(name, str):
         raise ConfigError(f"{where}: {key}.{name_key} must be a string, got {name!r}")

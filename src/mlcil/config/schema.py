@@ -21,6 +21,8 @@ STRICT = ConfigDict(
     extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True, frozen=False
 )
 
+Augmentation = Literal["cutout", "randaugment", "hflip"]
+_DEFAULT_AUGMENT: list[Augmentation] = ["cutout", "randaugment"]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
@@ -46,9 +48,7 @@ class DataConfig(Section):
     class_list: str | None = None  # manifest: file with one class name per line, in order
     image_size: PositiveInt = 224
     overlap: Literal["all", "disjoint"] = "all"  # "all": the published protocol
-    augment: list[Literal["cutout", "randaugment", "hflip"]] = Field(
-        default_factory=lambda: ["cutout", "randaugment"]
-    )
+    augment: list[Augmentation] = Field(default_factory=lambda: _DEFAULT_AUGMENT.copy())
     num_workers: Annotated[int, Field(ge=0)] = 4
 
     @field_validator("dataset")

@@ -37,16 +37,23 @@ class DatasetSpec:
     needs_manifests: bool = False
 
 
+def _root(config: DataConfig) -> str:
+    root = resolved_root(config)
+    if root is None:
+        raise DataError(f"data.root: dataset {config.dataset!r} needs a root folder")
+    return root
+
+
 def _coco(config: DataConfig, split: str) -> ImageSource:
     from mlcil.data.coco import load_coco
 
-    return load_coco(resolved_root(config), split)
+    return load_coco(_root(config), split)
 
 
 def _voc(config: DataConfig, split: str) -> ImageSource:
     from mlcil.data.voc import load_voc
 
-    return load_voc(resolved_root(config), split)
+    return load_voc(_root(config), split)
 
 
 def _digits(config: DataConfig, split: str) -> ImageSource:

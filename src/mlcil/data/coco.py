@@ -204,7 +204,8 @@ def _categories(
         where = f"coco: {path}: categories[{position}]"
         if not isinstance(category, dict):
             raise DataError(f"{where} is not a JSON object")
-        category_id, name = category.get("id"), category.get("name")
+        category_id: Any = category.get("id")
+        name = category.get("name")
         if not _is_int(category_id):
             raise DataError(f"{where} has no integer 'id' (got {category_id!r})")
         if not isinstance(name, str) or name not in index:
@@ -219,8 +220,8 @@ def _categories(
                 f"coco: {path}: category name {name!r} is listed twice (ids {seen_names[name]} "
                 f"and {category_id})"
             )
-        by_id[category_id] = index[name]
-        seen_names[name] = category_id
+        by_id[int(category_id)] = index[name]
+        seen_names[name] = int(category_id)
     ids = np.array(sorted(by_id), dtype=np.int64)
     classes = np.array([by_id[int(i)] for i in ids], dtype=np.int64)
     return ids, classes

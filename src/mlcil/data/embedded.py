@@ -22,6 +22,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -54,7 +55,9 @@ def _source_digits() -> tuple[np.ndarray, np.ndarray]:
     frames = pixels.reshape(-1, 28, 28).astype(np.uint8)
     resized = np.stack(
         [
-            np.asarray(Image.fromarray(frame).resize((DIGIT_SIZE, DIGIT_SIZE), Image.BILINEAR))
+            np.asarray(
+                Image.fromarray(frame).resize((DIGIT_SIZE, DIGIT_SIZE), Image.Resampling.BILINEAR)
+            )
             for frame in frames
         ]
     )
@@ -135,14 +138,12 @@ def _build(train_images: int, test_images: int, seed: int) -> dict[str, tuple[np
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
-            np.savez(
-                handle,
-                **{
-                    f"{split}_{key}": value
-                    for split, values in result.items()
-                    for key, value in zip(("images", "labels", "pool"), values, strict=True)
-                },
-            )
+            arrays: dict[str, Any] = {
+                f"{split}_{key}": value
+                for split, values in result.items()
+                for key, value in zip(("images", "labels", "pool"), values, strict=True)
+            }
+            np.savez(handle, **arrays)
         os.replace(handle.name, path)  # atomic: readers never see a half-written cache
     except OSError as error:
         logger.debug("could not cache the digits benchmark at %s: %s", path, error)
@@ -159,7 +160,7 @@ def _generate(train_images: int, test_images: int, seed: int) -> dict[str, tuple
         test_pool.append(members[TRAIN_DIGITS_PER_CLASS:])
     train_idx = np.concatenate(train_pool)
     test_idx = np.concatenate(test_pool)
-    result = {}
+    result: dict[str, tuple[np.ndarray, ...]] = {}
     for split, pool, count in (("train", train_idx, train_images), ("test", test_idx, test_images)):
         images, labels = compose_scenes(digits[pool], digit_labels[pool], count, rng)
         result[split] = (images, labels, pool)

@@ -22,7 +22,7 @@ def has_any(labels: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     """Boolean mask of the rows of ``labels`` with at least one positive among ``classes``."""
     if len(classes) == 0:
         return np.zeros(len(labels), dtype=bool)
-    return labels[:, list(classes)].any(axis=1)
+    return np.asarray(labels[:, list(classes)].any(axis=1), dtype=bool)
 
 
 def restrict(labels: np.ndarray, classes: Sequence[int]) -> np.ndarray:
@@ -61,7 +61,7 @@ def test_indices(labels: np.ndarray, seen_classes: Sequence[int]) -> np.ndarray:
     return np.flatnonzero(has_any(labels, seen_classes))
 
 
-test_indices.__test__ = False  # not a pytest test despite its name
+test_indices.__test__ = False  # type: ignore[attr-defined]  # not a pytest test despite its name
 
 
 class TargetedImages(Dataset):

@@ -100,7 +100,7 @@ def _patch_numpy_alias(module: types.ModuleType) -> None:
     in_package = module.__name__ == "randaugment" or module.__name__.startswith("randaugment.")
     if not in_package or getattr(module, "np", None) is not np or hasattr(np, "int"):
         return
-    module.np = _NumpyWithIntAlias()
+    module.np = _NumpyWithIntAlias()  # type: ignore[attr-defined]
     logger.debug("gave %s a NumPy view with the np.int alias it needs", module.__name__)
 
 

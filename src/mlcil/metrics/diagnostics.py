@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 
 from mlcil.errors import MlcilError
-from mlcil.metrics.multilabel import _to_numpy
+from mlcil.metrics.multilabel import to_numpy
 
 __all__ = ["embedding_drift", "logit_drift", "pseudo_label_quality"]
 
 
 def _binary_matrix(name: str, array: Any) -> np.ndarray:
     """``array`` as an ``(N, K)`` bool matrix; raises if it is not 2-D 0/1 flags."""
-    values = _to_numpy(array)
+    values = to_numpy(array)
     if values.ndim != 2:
         raise MlcilError(f"{name} must be a 2-D (images, classes) matrix, got shape {values.shape}")
     if values.dtype == np.bool_:
@@ -47,7 +47,7 @@ def _binary_matrix(name: str, array: Any) -> np.ndarray:
 
 def _real_array(name: str, array: Any) -> np.ndarray:
     """``array`` as finite float64; raises on non-numeric or NaN/inf entries."""
-    values = _to_numpy(array)
+    values = to_numpy(array)
     if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
         raise MlcilError(f"{name} must hold real numbers, got dtype {values.dtype}")
     values = values.astype(np.float64, copy=False)

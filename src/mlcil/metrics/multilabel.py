@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 
-def _to_numpy(array: Any) -> np.ndarray:
+def to_numpy(array: Any) -> np.ndarray:
     """Return ``array`` as a NumPy array, detaching and moving PyTorch tensors to the CPU.
 
     Tensors are recognised by duck typing so this module does not need torch at import time.
@@ -76,8 +76,8 @@ def _prepare(scores: Any, targets: Any) -> tuple[np.ndarray, np.ndarray]:
         MlcilError: on mismatched or unsupported shapes, non-numeric or non-finite scores, or
             targets that are not 0/1.
     """
-    scores_np = _to_numpy(scores)
-    targets_np = _to_numpy(targets)
+    scores_np = to_numpy(scores)
+    targets_np = to_numpy(targets)
     if scores_np.shape != targets_np.shape:
         raise MlcilError(
             f"scores and targets must have the same shape, got scores {scores_np.shape} "
@@ -123,7 +123,7 @@ def classes_without_positives(targets: Any) -> list[int]:
     Raises:
         MlcilError: if ``targets`` is not 1-D/2-D or not binary.
     """
-    targets_np = _to_numpy(targets)
+    targets_np = to_numpy(targets)
     if targets_np.ndim == 1:
         targets_np = targets_np[:, None]
     elif targets_np.ndim != 2:
@@ -229,7 +229,7 @@ def mean_average_precision(scores: Any, targets: Any) -> float:
     return float(100.0 * ap.mean())
 
 
-def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+def _safe_divide(numerator: Any, denominator: Any) -> np.ndarray:
     """Element-wise ``numerator / denominator`` with 0/0 (and x/0) defined as 0."""
     numerator = np.asarray(numerator, dtype=np.float64)
     denominator = np.asarray(denominator, dtype=np.float64)
@@ -297,7 +297,7 @@ def f1_scores(scores: Any, targets: Any, threshold: float = 0.8) -> dict[str, fl
 
 def _check_columns(name: str, columns: Sequence[int], n_classes: int) -> np.ndarray:
     """Validate a list of column indices against ``n_classes`` and return it as an int array."""
-    cols = _to_numpy(columns)
+    cols = to_numpy(columns)
     if cols.size == 0:
         return np.zeros(0, dtype=np.int64)
     if cols.ndim != 1 or not np.issubdtype(cols.dtype, np.integer):

@@ -17,6 +17,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +45,7 @@ class Backbone(nn.Module):
         super().__init__()
         import timm
 
+        body: Any  # a timm model: its attributes are timm's, not nn.Module's
         try:
             body = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
         except RuntimeError as error:  # timm's "Unknown model" error

@@ -1,0 +1,157 @@
+"""Structural rules of the package, checked on its source: no import cycle among mlcil modules,
+short functions, a small session loop, generic engine contracts, no reaching into private
+members of other modules."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+PACKAGE = SRC / "mlcil"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, ast.Module]:
+    return {module_name(p): ast.parse(p.read_text()) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _type_checking_nodes(tree: ast.Module) -> set[int]:
+    """ids of import nodes under ``if TYPE_CHECKING:`` (never executed at run time)."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(child) for child in ast.walk(node))
+    return skipped
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> mlcil modules it imports anywhere (functions included, TYPE_CHECKING not)."""
+    trees = modules()
+    graph: dict[str, set[str]] = {name: set() for name in trees}
+    for name, tree in trees.items():
+        skipped = _type_checking_nodes(tree)
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in trees else node.module
+                    for a in node.names
+                ]
+            graph[name].update(t for t in targets if t in trees and t != name)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                return [*path[path.index(target) :], target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one_and_only_one() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycle_among_mlcil_modules() -> None:
+    graph = import_graph()
+    assert len(graph) > 40 and "mlcil.config.loading" in graph
+    assert "mlcil.experiment" in graph["mlcil.engine.loop"]  # the graph sees real edges
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_config_imports_no_method_and_no_network() -> None:
+    graph = import_graph()
+    for name in ("mlcil.config", "mlcil.config.schema", "mlcil.config.loading"):
+        assert not {t for t in graph[name] if t.startswith(("mlcil.methods", "mlcil.models"))}
+
+
+def code_lines(function: ast.FunctionDef | ast.AsyncFunctionDef, source: list[str]) -> int:
+    """Lines of code in a function: blank lines, comments and docstrings not counted."""
+    skip: set[int] = set()
+    body = function.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        skip.update(range(body[0].lineno, (body[0].end_lineno or body[0].lineno) + 1))
+    count = 0
+    for number in range(function.lineno, (function.end_lineno or function.lineno) + 1):
+        text = source[number - 1].strip()
+        if number not in skip and text and not text.startswith("#"):
+            count += 1
+    return count
+
+
+def test_code_lines_counts_what_it_should() -> None:
+    tree = ast.parse('def f():\n    """Doc\n    more."""\n    # note\n\n    x = 1\n    return x\n')
+    function = tree.body[0]
+    assert isinstance(function, ast.FunctionDef)
+    assert code_lines(function, ["def f():", '    """Doc', '    more."""', "    # note", "",
+                                 "    x = 1", "    return x"]) == 3  # fmt: skip
+
+
+def test_no_function_is_longer_than_60_lines_of_code() -> None:
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(source))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = code_lines(node, source)
+                if lines > 60:
+                    long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({lines})")
+    assert not long, long
+
+
+def test_the_session_loop_is_small() -> None:
+    assert len((PACKAGE / "engine" / "loop.py").read_text().splitlines()) < 250
+
+
+def test_engine_contracts_name_no_method() -> None:
+    pattern = re.compile(r"dpl|pseudo|podnet", re.IGNORECASE)
+    files = [*sorted((PACKAGE / "engine").glob("*.py")), PACKAGE / "models" / "base.py"]
+    hits = [f"{p.name}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+            if pattern.search(line)]  # fmt: skip
+    assert not hits, hits
+
+
+def test_no_module_reaches_into_another_objects_private_members() -> None:
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_")):
+                continue
+            if node.attr.startswith("__") and node.attr.endswith("__"):
+                continue
+            owner = node.value
+            if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+                continue
+            offenders.append(f"{path.relative_to(SRC)}:{node.lineno} .{node.attr}")
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mlcil"):
+                private = [a.name for a in node.names if re.match(r"_[^_]", a.name)]
+                offenders.extend(f"{path.relative_to(SRC)}: imports {n}" for n in private)
+    assert not offenders, offenders
