@@ -159,6 +159,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         base=args.base,
         overrides=args.set,
         output_dir=args.output,
+        jobs=args.jobs,
     )
     print(Path(paths["markdown"]).read_text())
     print(f"report: {paths['markdown']}")
@@ -212,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--base", help="config stacked under every CONFIG")
     compare.add_argument("--set", nargs="*", default=[], help="key=value overrides for all")
     compare.add_argument("--output", default="runs/compare", help="report and runs folder")
+    compare.add_argument(
+        "--jobs", type=int, default=1, help="runs at once, each in its own single-thread process"
+    )
     compare.set_defaults(func=cmd_compare)
 
     report = commands.add_parser("report", help="markdown table and plot over finished runs")

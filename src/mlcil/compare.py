@@ -9,15 +9,19 @@ interrupted comparison continues where it stopped.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import multiprocessing
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from mlcil.config import RunConfig, flatten
 from mlcil.engine.checkpoint import latest_checkpoint
 from mlcil.engine.loop import Trainer
 from mlcil.errors import ConfigError
-from mlcil.experiment import load_config
+from mlcil.experiment import build_config, load_config
 from mlcil.report import write_report
 
 logger = logging.getLogger(__name__)
@@ -30,6 +34,7 @@ def run_comparison(
     base: str | None = None,
     overrides: Sequence[str] = (),
     output_dir: str | Path = "runs/compare",
+    jobs: int = 1,
 ) -> dict[str, Path]:
     """Run every (protocol, config, seed) that has no result yet and write the report."""
     output_dir = Path(output_dir)
@@ -44,12 +49,12 @@ def run_comparison(
                     extra.append(f"protocol={protocol}")
                 config = load_config(files, [*overrides, *extra])  # validate all up front
                 plans.append((spec, config))
-    run_dirs = []
-    for position, (spec, config) in enumerate(plans, start=1):
-        run_dir = output_dir / "runs" / config.run_name
-        run_dirs.append(run_dir)
+    run_dirs = [output_dir / "runs" / config.run_name for _, config in plans]
+    for run_dir, (_, config) in zip(run_dirs, plans, strict=True):
         if (run_dir / "config.yaml").is_file():
-            _check_same_config(run_dir, config)
+            _check_same_config(run_dir, config)  # every conflict is found before any training
+    todo = []
+    for position, (run_dir, (spec, config)) in enumerate(zip(run_dirs, plans, strict=True), 1):
         if (run_dir / "metrics.json").is_file():
             logger.info("[%d/%d] %s: already finished", position, len(plans), run_dir)
             continue
@@ -64,8 +69,32 @@ def run_comparison(
             run_dir,
             " (resuming)" if resume else "",
         )
-        Trainer(config, run_dir=run_dir, resume=resume).run()
+        todo.append((config.to_dict(), str(run_dir), resume))
+    _execute(todo, jobs)
     return write_report(run_dirs, output_dir)
+
+
+def _run_one(config: dict, run_dir: str, resume: bool) -> None:
+    Trainer(build_config(config), run_dir=run_dir, resume=resume).run()
+
+
+def _one_thread() -> None:
+    # Parallel jobs share the cores: one thread each avoids oversubscription (the thread count
+    # changes float reduction order, so say so when comparing with a multi-threaded run).
+    torch.set_num_threads(1)
+
+
+def _execute(todo: Sequence[tuple[dict, str, bool]], jobs: int) -> None:
+    """Run the planned trainings, ``jobs`` at a time in fresh processes (1: in this one)."""
+    if jobs <= 1:
+        for config, run_dir, resume in todo:
+            _run_one(config, run_dir, resume)
+        return
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with concurrent.futures.ProcessPoolExecutor(jobs, context, initializer=_one_thread) as pool:
+        futures = [pool.submit(_run_one, *job) for job in todo]
+        for future in concurrent.futures.as_completed(futures):
+            future.result()  # re-raise the first failure here
 
 
 def _check_same_config(run_dir: Path, config: RunConfig) -> None:

@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlcil.config import loading
-from mlcil.config.schema import Params, RunConfig
-from mlcil.data import build_sources
+from mlcil.config.schema import ModelConfig, Params, RunConfig
+from mlcil.data import ImageSource, build_sources
 from mlcil.data.sessions import (
     TargetedImages,
     session_test_set,
@@ -30,7 +30,7 @@ from mlcil.data.sessions import (
 from mlcil.data.transforms import build_transform
 from mlcil.errors import ConfigError, DataError
 from mlcil.memory import ExemplarMemory
-from mlcil.methods import METHODS, Method
+from mlcil.methods import METHODS, Method, SessionContext
 from mlcil.models import NETWORKS
 from mlcil.protocol import Session, protocol_sessions
 from mlcil.runtime import Runtime, seed_everything
@@ -52,6 +52,11 @@ def load_config(
 ) -> RunConfig:
     """Read YAML files (later ones win), apply ``key=value`` overrides, validate every key."""
     return loading.load_config(paths, overrides, params_lookup)
+
+
+def build_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
+    """Validate a plain mapping (e.g. ``RunConfig.to_dict()``) into a ``RunConfig``."""
+    return loading.build_config(raw, where, params_lookup)
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
@@ -136,12 +141,20 @@ class Experiment:
             )
         return rows
 
-    def build_method(self, load_weights: bool = True) -> Method:
-        """The configured method with a fresh network (no session yet) on the run's device."""
+    def build_method(self, load_weights: bool = True, model: ModelConfig | None = None) -> Method:
+        """The configured method with a fresh network (no session yet) on the run's device.
+
+        Args:
+            load_weights: read the model's pretrained weights file (False: same architecture,
+                weights left as initialised; a checkpoint is loaded next).
+            model: the model section to build instead of the config's (e.g. with a
+                ``pretrain:`` name resolved to its cached file).
+        """
         config = self.config
+        model = model or config.model
         seed_everything(config.seed)
         network = self.method_class.build_network(
-            config.model, config.data.image_size, load_weights=load_weights
+            model, config.data.image_size, load_weights=load_weights
         )
         network.to(self.runtime.device)
         return self.method_class(config.method.params, network, config.loss)
@@ -168,6 +181,18 @@ class Experiment:
         )
         return train_set, len(train_set) - len(exemplar_indices)
 
+    def context(self, session: Session, train_set: TargetedImages) -> SessionContext:
+        """What the method may use while ``session`` starts and ends."""
+        return SessionContext(
+            session=session,
+            sessions=self.sessions,
+            train_set=train_set,
+            train_source=self.train_source,
+            runtime=self.runtime,
+            seed=self.config.seed,
+            batch_size=self.config.train.batch_size,
+        )
+
     @property
     def eval_batch_size(self) -> int:
         return self.config.train.eval_batch_size or 2 * self.config.train.batch_size
@@ -180,10 +205,14 @@ class Experiment:
         test_set = session_test_set(self.test_source, session.seen_classes, self.eval_transform)
         return self.eval_loader(test_set)
 
-    def plain_images(self, indices: np.ndarray) -> TargetedImages:
-        """Training images at ``indices`` with the evaluation transform (no augmentation)."""
+    def plain_images(
+        self, indices: np.ndarray, source: ImageSource | None = None
+    ) -> TargetedImages:
+        """Images at ``indices`` of the training split (or ``source``) with the evaluation
+        transform (no augmentation) and empty targets."""
         targets = np.zeros((len(indices), 1), dtype=np.float32)
-        return TargetedImages(self.train_source, indices, targets, self.eval_transform)
+        source = source or self.train_source
+        return TargetedImages(source, indices, targets, self.eval_transform)
 
     def describe_device(self) -> str:
         return f"{self.runtime.device} ({self.runtime.precision}, torch {torch.__version__})"

@@ -202,8 +202,78 @@ def group_runs(runs: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str
     groups: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for metrics in runs:
         label = metrics.get("label") or metrics["method"]
-        groups[(metrics["dataset"], metrics["protocol"])][label].append(metrics)
+        groups[(metrics["dataset"], protocol_key(metrics))][label].append(metrics)
     return {key: dict(value) for key, value in groups.items()}
+
+
+def protocol_key(metrics: dict[str, Any]) -> str:
+    """The protocol, with the class order appended when a run set its own (``B0-C2@3-8-0-...``):
+    runs over different class orders are different experiments."""
+    order = metrics.get("class_order")
+    return metrics["protocol"] + ("@" + "-".join(order) if order else "")
+
+
+DIAGNOSTIC_TABLES = (
+    (
+        "old-class labels restored: precision / recall (%)",
+        lambda d: _pair(d.get("restore"), "precision", "recall"),
+    ),
+    (
+        "drift of the old sessions' embeddings on the probe images (mean cosine distance)",
+        lambda d: _single(d.get("embedding_drift"), "mean_cosine_distance"),
+    ),
+    (
+        "change of the old classes' scores on the probe images (mean |delta sigmoid|)",
+        lambda d: _single(d.get("logit_drift"), "mean_abs_score_change"),
+    ),
+)
+
+
+def _pair(values: dict | None, first: str, second: str) -> tuple[float | None, ...] | None:
+    return None if not values else (values.get(first), values.get(second))
+
+
+def _single(values: dict | None, key: str) -> tuple[float | None, ...] | None:
+    return None if not values else (values.get(key),)
+
+
+def _diagnostic_cell(entries: Sequence[dict[str, Any]], getter: Any) -> str:
+    """Means over seeds of one diagnostic's values ("-" when no run measured it); percentages
+    with one decimal, distances with three."""
+    measured = [t for t in (getter(e.get("diagnostics") or {}) for e in entries) if t is not None]
+    if not measured:
+        return "-"
+    cells = []
+    for position in range(len(measured[0])):
+        mean, _ = mean_std([values[position] for values in measured])
+        width = ".1f" if len(measured[0]) > 1 else ".3f"
+        cells.append("-" if mean is None else format(mean, width))
+    return " / ".join(cells)
+
+
+def diagnostics_markdown(runs: Sequence[dict[str, Any]]) -> str:
+    """Per (dataset, protocol) and diagnostic, a table of its value after each session (means
+    over seeds; sessions after the first, where old knowledge exists)."""
+    sections = []
+    for (dataset, protocol), label_runs in group_runs(runs).items():
+        num_sessions = max(len(r["sessions"]) for group in label_runs.values() for r in group)
+        if num_sessions < 2:
+            continue
+        header = "| method | " + " | ".join(f"session {i}" for i in range(1, num_sessions)) + " |"
+        for title, getter in DIAGNOSTIC_TABLES:
+            lines = [f"### {dataset} {protocol}: {title}", "", header]
+            lines.append("|---|" + "---|" * (num_sessions - 1))
+            for label, group in label_runs.items():
+                per_session = [
+                    [r["sessions"][i] for r in group if i < len(r["sessions"])]
+                    for i in range(1, num_sessions)
+                ]
+                cells = [_diagnostic_cell(entries, getter) for entries in per_session]
+                if any(cell != "-" for cell in cells):
+                    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            if len(lines) > 4:
+                sections.append("\n".join(lines))
+    return "\n\n".join(sections) + "\n" if sections else ""
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
@@ -356,6 +426,9 @@ def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path) -> dict
             for row in comparison_rows(label_runs)
         ]
     markdown += "\n" + session_breakdown_markdown(runs)
+    diagnostics = diagnostics_markdown(runs)
+    if diagnostics:
+        markdown += "\n" + diagnostics
     write_text_atomic(output_dir / "report.md", markdown)
     write_text_atomic(output_dir / "report.json", json.dumps(summary, indent=1))
     paths["markdown"] = output_dir / "report.md"

@@ -39,6 +39,7 @@ def run_header(config: RunConfig, device: Any) -> dict[str, Any]:
         "label": config.display_label,
         "dataset": config.data.dataset,
         "protocol": config.protocol_label,
+        "class_order": config.data.class_order,
         "seed": config.seed,
         "run_name": config.run_name,
         "network": config.model.network,

@@ -10,9 +10,10 @@ Pretraining a backbone (for example the digits benchmark's ResNet-18 on the glyp
 The provenance is a JSON object with at least ``source`` (e.g. ``"glyphs-v1"``), ``classes``,
 ``seed``, ``backbone``, ``feature_stage``, ``image_size``, ``recipe`` (training settings),
 ``command``, ``mlcil_version`` and ``created``. Every field except the bookkeeping ones
-(``NON_DEFINING_FIELDS``: the command line, the creation time, the package version and the
-checksum of the weights) *defines* the weights: ``key`` is a hash of those fields, and a cached
-file is reused only when its stored provenance agrees with the requested one on all of them.
+(``NON_DEFINING_FIELDS``: the command line, the creation time, the package version, the
+checksum of the weights and the recorded training result) *defines* the weights: ``key`` is a
+hash of those fields, and a cached file is reused only when its stored provenance agrees with the
+requested one on all of them.
 Values are compared as JSON, so ``5`` and ``5.0`` are different settings and a tuple equals the
 list with the same items.
 
@@ -36,10 +37,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-import mlcil
 from mlcil.data.embedded import cache_dir
 from mlcil.errors import MlcilError, WeightsError
 from mlcil.fileio import write_text_atomic
+from mlcil.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ REQUIRED_FIELDS: tuple[str, ...] = (
 # Bookkeeping that says how and when a file was made, not what it holds: two runs of the same
 # recipe on the same data are interchangeable whatever their command line or date.
 NON_DEFINING_FIELDS: frozenset[str] = frozenset(
-    {"command", "created", "mlcil_version", "weights_sha256"}
+    {"command", "created", "mlcil_version", "weights_sha256", "result"}
 )
 KEY_LENGTH = 16
 
@@ -240,7 +241,7 @@ def store(
     tensors = {name: value.detach().cpu().contiguous() for name, value in state_dict.items()}
     _write_weights_atomic(tensors, path, key)
     record = dict(provenance)
-    record.setdefault("mlcil_version", mlcil.__version__)
+    record.setdefault("mlcil_version", __version__)
     record.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat())
     record["weights_sha256"] = _file_sha256(path)
     write_text_atomic(

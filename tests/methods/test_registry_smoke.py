@@ -83,3 +83,15 @@ def test_method_runs_two_sessions(
         assert set(recorder.parts[1][0]) == SECOND_SESSION_PARTS[name]
         if METHODS[name].needs_memory:
             assert metrics["sessions"][1]["memory_images"] > 0
+        # Diagnostics: restored labels only where the method restores some; drift for all.
+        diagnostics = metrics["sessions"][1]["diagnostics"]
+        restore = diagnostics["restore"]
+        assert (restore is not None) == (name == "krt")
+        if restore is not None:
+            assert restore["true_positives"] <= min(
+                restore["pseudo_positives"], restore["hidden_positives"]
+            )
+        probe_images = diagnostics["embedding_drift"]["num_images"]
+        assert 0 < probe_images <= 256
+        assert diagnostics["logit_drift"]["num_pairs"] == probe_images * 40  # 40 old classes
+        assert metrics["sessions"][0]["diagnostics"]["logit_drift"] is None

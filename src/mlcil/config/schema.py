@@ -46,6 +46,9 @@ class DataConfig(Section):
     train_manifest: str | None = None  # manifest dataset only
     test_manifest: str | None = None
     class_list: str | None = None  # manifest: file with one class name per line, in order
+    # The order in which classes arrive (every class name once); None: the dataset's order
+    # (lexicographic for COCO/VOC/digits, the class file's for manifests).
+    class_order: list[str] | None = None
     image_size: PositiveInt = 224
     overlap: Literal["all", "disjoint"] = "all"  # "all": the published protocol
     augment: list[Augmentation] = Field(default_factory=lambda: _DEFAULT_AUGMENT.copy())
@@ -56,6 +59,14 @@ class DataConfig(Section):
     def _known_dataset(cls, value: str) -> str:
         if value not in DATASETS:
             raise ValueError(f"{value!r} is not one of {', '.join(map(repr, DATASETS))}")
+        return value
+
+    @field_validator("class_order", mode="before")
+    @classmethod
+    def _class_names_are_text(cls, value: Any) -> Any:
+        # Digit classes are named "0".."9"; YAML reads an unquoted 3 as a number.
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
         return value
 
     @field_validator("augment", mode="before")
@@ -130,6 +141,7 @@ class TrainConfig(Section):
     f1_threshold: Fraction = 0.8  # CF1/OF1 threshold on sigmoid scores (some papers use 0.525)
     progress: bool = True
     tensorboard: bool = True
+    diagnostics: bool = True  # restore quality and old-knowledge drift per session (metrics.json)
 
     def epochs_for(self, session_index: int) -> int:
         if session_index == 0 and self.base_epochs is not None:

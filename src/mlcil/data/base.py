@@ -55,6 +55,25 @@ class ImageSource(abc.ABC):
             f"({int(self.labels.any(axis=1).sum())} with a label), {int(self.labels.sum())} labels"
         )
 
+    def reorder_classes(self, names: Sequence[str]) -> None:
+        """Put the classes in the order ``names`` gives (the order they arrive in sessions).
+
+        Raises:
+            DataError: unless ``names`` lists every class of the source exactly once.
+        """
+        known = set(self.class_names)
+        unknown = [n for n in names if n not in known]
+        if unknown or len(set(names)) != len(names) or len(names) != len(self.class_names):
+            missing = sorted(known - set(names))
+            raise DataError(
+                f"data.class_order must list each of the {len(known)} classes of "
+                f"{self.dataset} once: unknown {unknown}, missing {missing}, "
+                f"{len(names) - len(set(names))} repeated"
+            )
+        position = {name: i for i, name in enumerate(self.class_names)}
+        self.labels = self.labels[:, [position[n] for n in names]]
+        self.class_names = list(names)
+
     @abc.abstractmethod
     def load_image(self, index: int) -> Image.Image:
         """Decode image ``index`` as an RGB PIL image."""

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from mlcil.config.schema import RunConfig
+from mlcil.diagnostics import SessionDiagnostics
 from mlcil.engine.checkpoint import RunState, latest_checkpoint, restore_run, save_checkpoint
 from mlcil.engine.evaluate import evaluate_session, pooled_features, session_result
 from mlcil.engine.fit import NonFiniteLossError, fit_session
@@ -33,7 +34,7 @@ from mlcil.engine.observers import (
 from mlcil.errors import ConfigError
 from mlcil.experiment import Experiment
 from mlcil.fileio import write_text_atomic
-from mlcil.methods.base import SessionContext
+from mlcil.pretrain import resolve_pretrained
 from mlcil.protocol import Session
 from mlcil.results import run_header, summarize, write_results
 from mlcil.runtime import derive_seed, seed_everything
@@ -70,6 +71,7 @@ class Trainer:
         self.resume = resume
         self.extra_observers = list(observers)
         self.state: RunState | None = None
+        self.weights_provenance: dict[str, Any] | None = None  # of pretrain:<source> weights
         self._final_scores: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -127,7 +129,10 @@ class Trainer:
                 f"{self.run_dir} already holds a run: resume it with --resume, or choose another "
                 "name/output_dir"
             )
-        self.state = RunState(self.experiment.build_method(), self.experiment.new_memory())
+        model, provenance = resolve_pretrained(self.config.model, self.config.data.image_size)
+        self.weights_provenance = provenance
+        method = self.experiment.build_method(model=model)
+        self.state = RunState(method, self.experiment.new_memory())
         if self.experiment.runtime.is_main:
             write_text_atomic(self.run_dir / "config.yaml", self.config.to_yaml())
         return self.state
@@ -142,15 +147,10 @@ class Trainer:
         observer.session_started(
             session, f"classes {names}, {own_images} training images + {exemplars} exemplars"
         )
-        context = SessionContext(
-            session=session,
-            sessions=experiment.sessions,
-            train_set=train_set,
-            train_source=experiment.train_source,
-            runtime=experiment.runtime,
-            seed=self.config.seed,
-            batch_size=self.config.train.batch_size,
-        )
+        context = experiment.context(session, train_set)
+        diagnostics = SessionDiagnostics(experiment) if self.config.train.diagnostics else None
+        if diagnostics is not None:
+            diagnostics.before(method)
         seed_everything(derive_seed(self.config.seed, session.index, _GROWTH_PHASE))
         method.begin_session(context)
         method.network.to(experiment.runtime.device)
@@ -168,6 +168,10 @@ class Trainer:
             train_time_s=round(train_time, 3),
             method_state=method.state_dict(),
         )
+        if diagnostics is not None:
+            result["diagnostics"] = diagnostics.after(
+                method, session, train_set.indices[:own_images]
+            )
         if state.memory.enabled:
             self._update_memory(state, session, train_set.indices[:own_images])
         method.end_session(context)

@@ -165,6 +165,15 @@ class Method:
             self.old_network = frozen_copy(self.network)
 
     @torch.no_grad()
+    def restored_targets(self, images: torch.Tensor) -> torch.Tensor | None:
+        """``(B, old classes)`` 0/1 old-class labels this method would add to these images'
+        targets in the current session (knowledge restore), or None if it adds none.
+
+        Diagnostics compare them with the labels the protocol hid."""
+        del images
+        return None
+
+    @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, seen classes)``."""
         return self.network(images).logits

@@ -124,6 +124,14 @@ class KRT(Method):
             parts["token"] = token_loss.detach()
         return StepOutput(loss, parts)
 
+    @torch.no_grad()
+    def restored_targets(self, images: torch.Tensor) -> torch.Tensor | None:
+        """The old classes scored above the session's DPL threshold by the previous network."""
+        if self.old_network is None or self.pseudo_label_threshold is None:
+            return None
+        scores = self.old_network(images).logits.float().sigmoid()
+        return (scores > self.pseudo_label_threshold).float()
+
     def state_dict(self) -> dict[str, Any]:
         return {"pseudo_label_threshold": self.pseudo_label_threshold}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +55,6 @@ class Backbone(nn.Module):
                 f"model.backbone: {name!r} has no forward_intermediates in this timm version"
             )
         classifier = body.pretrained_cfg.get("classifier") or "fc"
-        if pretrained is not None:
-            load_backbone_weights(body, pretrained, classifier_prefix=classifier)
         num_stages = len(body.feature_info)
         stage = num_stages - 1 if feature_stage is None else feature_stage
         if not 0 <= stage < num_stages:
@@ -64,8 +62,14 @@ class Backbone(nn.Module):
                 f"model.feature_stage={feature_stage} is out of range for {name!r} "
                 f"({num_stages} stages: 0..{num_stages - 1})"
             )
+        full_keys = set(body.state_dict())
         if stage < num_stages - 1:
             body.prune_intermediate_layers(indices=[stage], prune_head=True, prune_norm=True)
+        if pretrained is not None:
+            # Pruning first lets a file hold either the whole network or only the stages kept
+            # (a backbone pretrained truncated, e.g. by ``mlcil pretrain``).
+            pruned = full_keys - set(body.state_dict())
+            load_backbone_weights(body, pretrained, classifier_prefix=classifier, ignore=pruned)
         self.name = name
         self.body = body
         self.feature_stage = stage
@@ -147,9 +151,14 @@ def is_coco_trained(state: dict[str, torch.Tensor], path: Path, classifier_prefi
 
 
 def load_backbone_weights(
-    model: nn.Module, path: str | Path, classifier_prefix: str = "fc"
+    model: nn.Module,
+    path: str | Path,
+    classifier_prefix: str = "fc",
+    ignore: Collection[str] = (),
 ) -> None:
-    """Load a local weights file into a full (not yet truncated) timm model, classifier dropped.
+    """Load a local weights file into a timm model, classifier dropped.
+
+    ``ignore`` names tensors of the file to skip (those of stages pruned from the model).
 
     Raises:
         WeightsError: the file is missing, unreadable, or its tensors do not fit the model.
@@ -180,7 +189,7 @@ def load_backbone_weights(
     state = {
         k: v
         for k, v in state.items()
-        if not (k == classifier_prefix or k.startswith(f"{classifier_prefix}."))
+        if not (k == classifier_prefix or k.startswith(f"{classifier_prefix}.") or k in ignore)
     }
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]

@@ -1,0 +1,146 @@
+"""Leak-free pretraining of a benchmark's backbone: glyph scenes in, cached weights out.
+
+KRT, like every published MLCIL method, starts from a backbone pretrained on classes outside the
+benchmark. For the embedded digits benchmark no such weights can be downloaded, and pretraining on
+the digits themselves would leak every future class. ``pretrain_backbone`` therefore trains the
+benchmark's backbone (jointly, every class at once, a linear head) on multi-label scenes of
+letters and symbols (:mod:`mlcil.data.glyphs`, no digit among them) and caches the trunk's
+weights with their provenance (:mod:`mlcil.weights_cache`). A config asks for them with
+``model.pretrained: pretrain:glyphs``; the weights are made on first use and reused afterwards
+only when the provenance (source, classes, seed, backbone, stage, image size, recipe) matches.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from mlcil.config.schema import ModelConfig, Params
+from mlcil.data.glyphs import CACHE_VERSION, GLYPH_CLASSES
+from mlcil.engine.evaluate import evaluate_session
+from mlcil.engine.fit import fit_session
+from mlcil.engine.observers import LogObserver, Observers, ProgressObserver
+from mlcil.errors import ConfigError
+from mlcil.experiment import Experiment, load_config
+from mlcil.metrics import mean_average_precision
+from mlcil.weights_cache import find_cached, read_provenance, store
+
+logger = logging.getLogger(__name__)
+
+SCHEME = "pretrain:"
+SOURCES = ("glyphs",)
+
+
+class PretrainRecipe(Params):
+    """How the backbone is trained on the glyph scenes (part of the weights' provenance)."""
+
+    epochs: Annotated[int, Field(gt=0)] = 8
+    batch_size: Annotated[int, Field(gt=0)] = 32
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    seed: Annotated[int, Field(ge=0)] = 0
+    augment: list[str] = Field(default_factory=lambda: ["cutout"])
+
+
+def provenance(model: ModelConfig, image_size: int, recipe: PretrainRecipe) -> dict[str, Any]:
+    """What defines the weights ``pretrain_backbone`` makes for this backbone and recipe."""
+    return {
+        "source": f"glyphs-v{CACHE_VERSION}",
+        "classes": list(GLYPH_CLASSES),
+        "seed": recipe.seed,
+        "backbone": model.backbone,
+        "feature_stage": model.feature_stage,
+        "image_size": image_size,
+        "recipe": recipe.model_dump(),
+    }
+
+
+def _training_overrides(model: ModelConfig, image_size: int, recipe: PretrainRecipe) -> list[str]:
+    stage = "null" if model.feature_stage is None else str(model.feature_stage)
+    return [
+        "data.dataset=glyphs",
+        f"data.image_size={image_size}",
+        f"data.augment=[{', '.join(recipe.augment)}]",
+        "data.num_workers=0",
+        f"protocol=B{len(GLYPH_CLASSES)}-C1",
+        "method.name=joint",
+        "model.network=linear",
+        f"model.backbone={model.backbone}",
+        f"model.feature_stage={stage}",
+        "model.pretrained=null",
+        f"seed={recipe.seed}",
+        f"train.epochs={recipe.epochs}",
+        f"train.batch_size={recipe.batch_size}",
+        f"train.lr={recipe.lr}",
+        "train.tensorboard=false",
+    ]
+
+
+def pretrain_backbone(
+    model: ModelConfig,
+    image_size: int,
+    recipe: PretrainRecipe | None = None,
+    cache: Path | None = None,
+    command: str | None = None,
+) -> Path:
+    """The cached glyph-pretrained weights of ``model``'s backbone, trained now if missing.
+
+    Args:
+        model: the benchmark's model section (backbone and feature stage matter).
+        image_size: the benchmark's input size.
+        recipe: training settings; None: the default recipe.
+        cache: the weights cache folder; None: ``weights_dir()``.
+        command: the command line recorded in the provenance; None: this process's.
+
+    Returns:
+        The ``.safetensors`` file (the truncated trunk's tensors, timm key names).
+    """
+    recipe = recipe or PretrainRecipe()
+    wanted = provenance(model, image_size, recipe)
+    cached = find_cached(wanted, cache)
+    if cached is not None:
+        logger.info("using cached glyph-pretrained backbone %s", cached)
+        return cached
+    logger.info("pretraining %s on glyph scenes (one-time; cached afterwards)", model.backbone)
+    started = time.perf_counter()
+    experiment = Experiment(load_config(None, _training_overrides(model, image_size, recipe)))
+    method = experiment.build_method()
+    session = experiment.sessions[0]  # joint training: one session of every glyph class
+    train_set, _ = experiment.train_set(session, experiment.new_memory())
+    context = experiment.context(session, train_set)
+    method.begin_session(context)
+    observer = Observers([LogObserver(), ProgressObserver()])
+    try:
+        fit_session(method, context, experiment.config.train, observer)
+    finally:
+        observer.close()
+    scores, targets = evaluate_session(experiment, method, session)
+    test_map = mean_average_precision(scores, targets)
+    record = {
+        **wanted,
+        "command": command if command is not None else " ".join(sys.argv),
+        "result": {"glyph_test_map": test_map, "seconds": round(time.perf_counter() - started)},
+    }
+    path = store(method.network.backbone.body.state_dict(), record, cache)
+    logger.info("glyph pretraining: %.1f test mAP; weights %s", test_map, path)
+    return path
+
+
+def resolve_pretrained(model: ModelConfig, image_size: int) -> tuple[ModelConfig, dict | None]:
+    """``model`` with a ``pretrain:<source>`` weights name replaced by the cached file (made on
+    first use), and that file's provenance; other models are returned unchanged with None."""
+    name = model.pretrained
+    if name is None or not name.startswith(SCHEME):
+        return model, None
+    source = name[len(SCHEME) :]
+    if source not in SOURCES:
+        raise ConfigError(
+            f"model.pretrained: {name!r} names no pretraining source; known: "
+            + ", ".join(SCHEME + s for s in SOURCES)
+        )
+    path = pretrain_backbone(model, image_size)
+    return model.model_copy(update={"pretrained": str(path)}), read_provenance(path)
