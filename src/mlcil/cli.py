@@ -166,6 +166,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    import json
+
+    from mlcil.experiment import load_config
+    from mlcil.pretrain import PretrainRecipe, pretrain_backbone
+    from mlcil.weights_cache import read_provenance
+
+    config = load_config(args.config, args.overrides)
+    changes = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed")}
+    recipe = PretrainRecipe(**{k: v for k, v in changes.items() if v is not None})
+    path = pretrain_backbone(config.model, config.data.image_size, recipe)
+    print(json.dumps(read_provenance(path), indent=1))
+    print(f"weights: {path}")
+    if recipe != PretrainRecipe():
+        print(f"(not the default recipe: point model.pretrained at {path} to use these weights)")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from mlcil.report import write_report
 
@@ -217,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=1, help="runs at once, each in its own single-thread process"
     )
     compare.set_defaults(func=cmd_compare)
+
+    pretrain = commands.add_parser(
+        "pretrain", help="pretrain a config's backbone on glyph scenes (cached with provenance)"
+    )
+    pretrain.add_argument("--config", action="append", required=True, help="YAML config(s)")
+    pretrain.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    pretrain.add_argument("--epochs", type=int, help="epochs (default: the recipe's 16)")
+    pretrain.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    pretrain.add_argument("--batch-size", type=int, help="batch size (default 32)")
+    pretrain.add_argument("--seed", type=int, help="data and training seed (default 0)")
+    pretrain.set_defaults(func=cmd_pretrain)
 
     report = commands.add_parser("report", help="markdown table and plot over finished runs")
     report.add_argument("runs", nargs="+", help="run folders")

@@ -90,7 +90,14 @@ def plan_sessions(protocol: str, single_session: bool, num_classes: int) -> list
 class Experiment:
     """The data, sessions, transforms and runtime of a config, checked before any training."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(
+        self, config: RunConfig, sources: tuple[ImageSource, ImageSource] | None = None
+    ) -> None:
+        """Args:
+        config: the run's configuration.
+        sources: ``(train, test)`` image sources to use instead of loading ``config.data``
+            (data held in memory, or a subset).
+        """
         self.config = config
         self.method_class = METHODS.get_class(config.method.name)
         if self.method_class.needs_memory and not config.memory.enabled:
@@ -99,7 +106,7 @@ class Experiment:
                 "or memory.total"
             )
         self.runtime = Runtime.from_config(config.train, config.data.num_workers)
-        self.train_source, self.test_source = build_sources(config.data)
+        self.train_source, self.test_source = sources or build_sources(config.data)
         self.class_names = self.train_source.class_names
         self.sessions = plan_sessions(
             config.protocol, self.method_class.single_session, len(self.class_names)

@@ -188,3 +188,32 @@ def test_mean_curves_average_the_runs_that_reached_each_session(tmp_path: Path) 
     curve = mean_curves({"krt": load_runs(dirs)})["krt"]
     assert [s["seen_map"] for s in curve["sessions"]] == [91.0, 72.0, 60.0]
     assert [s["num_seen"] for s in curve["sessions"]] == [2, 4, 6]
+
+
+def test_diagnostics_tables_average_each_session_over_seeds() -> None:
+    from mlcil.report import diagnostics_markdown, protocol_key
+
+    def run(seed: int, precision: float, drift: float) -> dict:
+        session = {"seen_map": 50.0, "num_seen": 4, "ap": {}}
+        diagnostics = {
+            "restore": {"precision": precision, "recall": 40.0},
+            "embedding_drift": {"mean_cosine_distance": drift},
+            "logit_drift": None,
+        }
+        return {
+            "dataset": "digits",
+            "protocol": "B0-C2",
+            "class_order": ["1", "0", "3", "2"],
+            "label": "krt",
+            "method": "krt",
+            "seed": seed,
+            "sessions": [{**session, "diagnostics": None}, {**session, "diagnostics": diagnostics}],
+        }
+
+    runs = [run(0, 80.0, 0.1), run(1, 60.0, 0.3)]
+    assert protocol_key(runs[0]) == "B0-C2@1-0-3-2"
+    markdown = diagnostics_markdown(runs)
+    assert "| krt | 70.0 / 40.0 |" in markdown  # precision averaged over the two seeds
+    assert "| krt | 0.200 |" in markdown  # embedding drift averaged
+    assert "scores on the probe images" not in markdown  # no run measured logit drift
+    assert "### digits B0-C2@1-0-3-2:" in markdown

@@ -9,6 +9,7 @@ itself imports no method and no network: ``mlcil.config.loading`` receives the l
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -187,7 +188,13 @@ class RunConfig(Section):
     def run_name(self) -> str:
         if self.name:
             return self.name
-        return f"{self.data.dataset}_{self.protocol_label}_{self.display_label}_s{self.seed}"
+        order = ""
+        if self.data.class_order is not None:
+            # Runs over another class order are another experiment: a short, stable tag.
+            digest = hashlib.sha1("\n".join(self.data.class_order).encode()).hexdigest()[:6]
+            order = f"-order{digest}"
+        label = self.display_label
+        return f"{self.data.dataset}_{self.protocol_label}{order}_{label}_s{self.seed}"
 
     @property
     def protocol_label(self) -> str:

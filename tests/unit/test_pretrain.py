@@ -1,0 +1,76 @@
+"""Leak-free pretraining: the glyph backbone is trained once, cached with its provenance, reused
+only when the provenance matches, and loads into the truncated benchmark backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import mlcil.pretrain as pretrain
+from mlcil.config.schema import ModelConfig
+from mlcil.data.classes import DIGIT_CLASSES
+from mlcil.errors import ConfigError
+from mlcil.models import Backbone
+from mlcil.weights_cache import load_cached, read_provenance, store
+
+MODEL = ModelConfig(backbone="resnet18", feature_stage=2, pretrained="pretrain:glyphs")
+TINY = pretrain.PretrainRecipe(epochs=1, batch_size=16, train_images=48, test_images=16)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLCIL_CACHE", str(tmp_path / "cache"))
+
+
+def test_pretraining_is_cached_and_reused_only_for_the_same_provenance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = pretrain.pretrain_backbone(MODEL, 32, TINY, command="test")
+    provenance = read_provenance(path)
+    assert provenance["classes"] and not set(provenance["classes"]) & set(DIGIT_CLASSES)
+    assert not any(ch.isdigit() for name in provenance["classes"] for ch in name)
+    assert (provenance["backbone"], provenance["feature_stage"], provenance["image_size"]) == (
+        "resnet18",
+        2,
+        32,
+    )
+    assert provenance["recipe"]["epochs"] == 1 and provenance["command"] == "test"
+    assert 0.0 <= provenance["result"]["glyph_test_map"] <= 100.0
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached weights should have been reused")
+
+    monkeypatch.setattr(pretrain, "fit_session", no_training)
+    assert pretrain.pretrain_backbone(MODEL, 32, TINY, command="again") == path
+    # Another seed (or image size) is another provenance: it must train, not reuse.
+    with pytest.raises(AssertionError, match="reused"):
+        pretrain.pretrain_backbone(MODEL, 32, TINY.model_copy(update={"seed": 1}))
+    with pytest.raises(AssertionError, match="reused"):
+        pretrain.pretrain_backbone(MODEL, 48, TINY)
+
+
+def test_the_truncated_trunk_loads_into_the_benchmark_backbone() -> None:
+    path = pretrain.pretrain_backbone(MODEL, 32, TINY, command="test")
+    backbone = Backbone("resnet18", feature_stage=2, pretrained=path)
+    stored = load_cached(path)
+    assert set(stored) == set(backbone.body.state_dict())  # only the kept stages are stored
+    for key, value in backbone.body.state_dict().items():
+        assert torch.equal(value, stored[key]), key
+
+
+def test_pretrain_names_resolve_to_the_cached_file() -> None:
+    # Store weights under the default recipe's provenance, as a finished pretraining would.
+    trunk = Backbone("resnet18", feature_stage=2).body.state_dict()
+    wanted = pretrain.provenance(MODEL, 48, pretrain.PretrainRecipe())
+    path = store(trunk, {**wanted, "command": "test"})
+    resolved, provenance = pretrain.resolve_pretrained(MODEL, 48)
+    assert resolved.pretrained == str(path) and resolved.backbone == "resnet18"
+    assert provenance is not None and provenance["source"].startswith("glyphs-v")
+    plain = ModelConfig(backbone="resnet18", pretrained="weights/resnet18.pth")
+    assert pretrain.resolve_pretrained(plain, 48) == (plain, None)
+    with pytest.raises(ConfigError, match="pretrain:imagenet.*known: pretrain:glyphs"):
+        pretrain.resolve_pretrained(
+            MODEL.model_copy(update={"pretrained": "pretrain:imagenet"}), 48
+        )
