@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -35,15 +36,14 @@ def test_compare_then_report(
         *TINY,
         f"root={root}",
     ]
-    assert main(args) == 0
-    output = capsys.readouterr().out
-    assert "### coco B40-C40" in output
-    method_rows = [line for line in output.splitlines() if line.startswith(("| finetune", "| lwf"))]
-    # The summary table (mean ± std over seeds) comes first, then the per-session breakdown.
-    summary_rows = [row for row in method_rows if "±" in row]
-    breakdown_rows = [row for row in method_rows if "±" not in row]
-    assert len(summary_rows) == 2 and all(" | 2 | " in row for row in summary_rows)  # two seeds
-    assert len(breakdown_rows) == 2 and all(row.count(" / ") == 2 for row in breakdown_rows)
+    assert main([*args, "--jobs", "2"]) == 0  # two single-thread worker processes
+    assert "### coco B40-C40" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    rows = {row["label"]: row for row in summary["coco B40-C40"]}
+    assert set(rows) == {"finetune", "lwf"} and all(r["seeds"] == [0, 1] for r in rows.values())
+    for row in rows.values():
+        mean, std = row["last mAP"]
+        assert 0.0 <= mean <= 100.0 and std >= 0.0
     runs = sorted(p.name for p in (tmp_path / "cmp" / "runs").iterdir())
     assert runs == [
         "coco_B40-C40_finetune_s0",
