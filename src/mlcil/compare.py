@@ -16,9 +16,10 @@ from pathlib import Path
 from mlcil.config import RunConfig, flatten
 from mlcil.engine.checkpoint import latest_checkpoint
 from mlcil.engine.loop import Trainer
-from mlcil.errors import ConfigError
-from mlcil.experiment import load_config
+from mlcil.errors import ConfigError, MlcilError
+from mlcil.experiment import Experiment, load_config
 from mlcil.report import write_report
+from mlcil.safety import check_fresh_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,11 @@ def run_comparison(
                     extra.append(f"protocol={protocol}")
                 config = load_config(files, [*overrides, *extra])  # validate all up front
                 plans.append((spec, config))
+    experiments = _check_plans(plans, output_dir)
     run_dirs = []
     for position, (spec, config) in enumerate(plans, start=1):
         run_dir = output_dir / "runs" / config.run_name
         run_dirs.append(run_dir)
-        if (run_dir / "config.yaml").is_file():
-            _check_same_config(run_dir, config)
         if (run_dir / "metrics.json").is_file():
             logger.info("[%d/%d] %s: already finished", position, len(plans), run_dir)
             continue
@@ -64,8 +64,39 @@ def run_comparison(
             run_dir,
             " (resuming)" if resume else "",
         )
-        Trainer(config, run_dir=run_dir, resume=resume).run()
+        experiment = experiments[position - 1]
+        Trainer(experiment or config, run_dir=run_dir, resume=resume).run()
     return write_report(run_dirs, output_dir)
+
+
+def _check_plans(
+    plans: Sequence[tuple[str, RunConfig]], output_dir: Path
+) -> list[Experiment | None]:
+    """Check every run of the grid before the first one starts: its data, protocol and sessions
+    (by building its experiment), and any earlier run in its folder (same settings, or a
+    complete run to resume). Returns the experiments (None for runs already finished)."""
+    experiments: list[Experiment | None] = []
+    seen: dict[Path, str] = {}
+    for spec, config in plans:
+        run_dir = output_dir / "runs" / config.run_name
+        if run_dir in seen:
+            raise ConfigError(
+                f"{spec} and {seen[run_dir]} both write {run_dir}: give them different "
+                "'name' or 'label' settings"
+            )
+        seen[run_dir] = spec
+        if (run_dir / "config.yaml").is_file():
+            _check_same_config(run_dir, config)
+            if (run_dir / "metrics.json").is_file():
+                experiments.append(None)
+                continue
+        elif latest_checkpoint(run_dir) is None:
+            check_fresh_run_dir(run_dir)
+        try:
+            experiments.append(Experiment(config))
+        except MlcilError as error:
+            raise type(error)(f"{spec} (seed {config.seed}, {config.protocol}): {error}") from None
+    return experiments
 
 
 def _check_same_config(run_dir: Path, config: RunConfig) -> None:
