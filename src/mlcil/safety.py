@@ -58,7 +58,7 @@ def check_fresh_run_dir(run_dir: str | Path) -> None:
     found = [name for name in RUN_FILES if os.path.lexists(run_dir / name)]
     if found:
         raise ConfigError(
-            f"{run_dir} already holds files of a run ({', '.join(found)}): resume it with "
+            f"{run_dir} already holds a run ({', '.join(found)}): resume it with "
             "--resume, replace it with --overwrite, or choose another --run-dir"
         )
 
