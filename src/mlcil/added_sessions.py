@@ -28,11 +28,12 @@ resume, ``eval`` and ``predict`` all see the same classes, data and sessions:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from PIL import Image
 from mlcil.config.schema import RunConfig
 from mlcil.data.base import ImageSource
 from mlcil.data.manifest import load_manifest, new_labels_in_order
+from mlcil.engine.checkpoint import latest_checkpoint
 from mlcil.errors import ConfigError, DataError
 from mlcil.experiment import Experiment, load_run
 from mlcil.fileio import write_text_atomic
@@ -112,6 +114,30 @@ def write_added_sessions(run_dir: str | Path, sessions: Sequence[AddedSession]) 
         "sessions": [session.to_json() for session in sessions],
     }
     write_text_atomic(Path(run_dir) / ADDED_FILE, json.dumps(payload, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def recorded_until_learned(run_dir: str | Path, added: Sequence[AddedSession]) -> Iterator[None]:
+    """Record ``added`` for the duration of a training call; when that call fails before the
+    added session's checkpoint is written, the run's previous record is put back, so a failed
+    ``--add-session`` leaves the run folder as it was (rerun the same command)."""
+    path = Path(run_dir) / ADDED_FILE
+    previous = path.read_bytes() if path.is_file() else None
+    write_added_sessions(run_dir, added)
+    try:
+        yield
+    except BaseException:
+        folder = latest_checkpoint(Path(run_dir))
+        learned = folder is not None and folder.name == f"session_{added[-1].index:02d}"
+        if not learned:
+            try:
+                if previous is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    path.write_bytes(previous)
+            except OSError as error:  # e.g. the disk is still full: the record stays pending
+                logger.warning("could not restore %s: %s", path, error)
+        raise
 
 
 class ConcatImageSource(ImageSource):

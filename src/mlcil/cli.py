@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import sys
@@ -37,10 +38,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"unexpected argument {extra_paths[0]!r}: overrides are key=value, configs go "
             "after --config"
         )
-    trainer = _resumed_trainer(args, overrides) if args.resume else _new_trainer(args, overrides)
+    guard: contextlib.AbstractContextManager = contextlib.nullcontext()
+    trainer: Trainer | None
+    if args.resume:
+        trainer, guard = _resumed_trainer(args, overrides)
+    else:
+        trainer = _new_trainer(args, overrides)
     if trainer is None:
         return 0
-    metrics = trainer.run(max_sessions=args.max_sessions)
+    with guard:
+        metrics = trainer.run(max_sessions=args.max_sessions)
     if metrics is None:
         print(f"stopped after session {trainer.next_session - 1}; continue with:")
         print(f"  mlcil train --resume {trainer.run_dir}")
@@ -75,9 +82,12 @@ def _new_trainer(args: argparse.Namespace, overrides: list[str]) -> Trainer | No
     return trainer
 
 
-def _resumed_trainer(args: argparse.Namespace, overrides: list[str]) -> Trainer | None:
-    """A trainer that continues ``--resume RUN``, with one more session with ``--add-session``."""
-    from mlcil.added_sessions import plan_added_session, run_experiment, write_added_sessions
+def _resumed_trainer(
+    args: argparse.Namespace, overrides: list[str]
+) -> tuple[Trainer, contextlib.AbstractContextManager]:
+    """A trainer that continues ``--resume RUN``, with one more session with ``--add-session``,
+    and the context to train it in (it records the added session, and forgets it on failure)."""
+    from mlcil.added_sessions import plan_added_session, recorded_until_learned, run_experiment
     from mlcil.engine.checkpoint import latest_checkpoint, read_state, restore_run
     from mlcil.engine.loop import Trainer
     from mlcil.experiment import load_config
@@ -97,7 +107,8 @@ def _resumed_trainer(args: argparse.Namespace, overrides: list[str]) -> Trainer 
         raise MlcilError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
     config = load_config([run_dir / "config.yaml"], overrides)
     if not args.add_session:
-        return Trainer(run_experiment(run_dir, config), run_dir=run_dir, resume=True)
+        trainer = Trainer(run_experiment(run_dir, config), run_dir=run_dir, resume=True)
+        return trainer, contextlib.nullcontext()
     folder = latest_checkpoint(run_dir)
     if folder is None:
         raise MlcilError(f"--add-session: {run_dir} has no checkpoint to continue from")
@@ -106,9 +117,9 @@ def _resumed_trainer(args: argparse.Namespace, overrides: list[str]) -> Trainer 
         run_dir, config, learned, args.add_session, args.test_manifest
     )
     restore_run(experiment, folder)  # the checkpoint must fit before anything is written
-    write_added_sessions(run_dir, added)
     logger.info("adding session %d with classes %s", added[-1].index, ", ".join(added[-1].classes))
-    return Trainer(experiment, run_dir=run_dir, resume=True)
+    trainer = Trainer(experiment, run_dir=run_dir, resume=True)
+    return trainer, recorded_until_learned(run_dir, added)
 
 
 def dry_run_summary(experiment: Experiment, run_dir: Path) -> str:
@@ -205,7 +216,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path, reason in model.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if not predictions:
-        raise MlcilError(f"no image could be predicted ({len(model.skipped)} inputs skipped)")
+        first = f": {model.skipped[0][0]}: {model.skipped[0][1]}" if model.skipped else ""
+        raise MlcilError(
+            f"no image could be predicted{first} ({len(model.skipped)} inputs skipped)"
+        )
     if output is not None:
         buffer = io.StringIO()
         write_csv(predictions, buffer, model.classes)
