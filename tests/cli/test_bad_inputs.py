@@ -289,6 +289,14 @@ CASES: dict[str, tuple[Setup, str]] = {
         _const("train", "--config", CONFIG, "--add-session", "x.csv"),
         "--add-session",
     ),
+    "added_sessions_malformed": (
+        lambda ws: [
+            (ws.run / "added_sessions.json").write_text("[1, 2]") and "eval",
+            "--run",
+            str(ws.run),
+        ],
+        "added_sessions.json",
+    ),
     # Prediction.
     "predict_output_exists": (_predict_output_exists, "preds.csv"),
     "predict_threshold_out_of_range": (
