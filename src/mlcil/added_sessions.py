@@ -48,6 +48,7 @@ from mlcil.errors import ConfigError, DataError
 from mlcil.experiment import Experiment, load_run
 from mlcil.fileio import write_text_atomic
 from mlcil.protocol import Session
+from mlcil.results import write_results
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +210,17 @@ def extend_experiment(experiment: Experiment, added: Sequence[AddedSession]) -> 
     experiment.class_names = names
     experiment.sessions = sessions
     experiment.check_sessions()
+
+
+def annotate_metrics(run_dir: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Record a run's added sessions in its ``metrics.json`` (key ``added_sessions``), so that a
+    report reader sees that its last sessions are not its protocol's. No-op without any."""
+    added = read_added_sessions(run_dir)
+    if not added:
+        return metrics
+    metrics["added_sessions"] = [item.to_json() for item in added]
+    write_results(Path(run_dir), metrics)
+    return metrics
 
 
 def run_experiment(run_dir: str | Path, config: RunConfig | None = None) -> Experiment:

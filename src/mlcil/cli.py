@@ -52,6 +52,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"stopped after session {trainer.next_session - 1}; continue with:")
         print(f"  mlcil train --resume {trainer.run_dir}")
         return 0
+    if args.resume:
+        from mlcil.added_sessions import annotate_metrics
+
+        annotate_metrics(trainer.run_dir, metrics)
     print(session_table(metrics))
     print(f"results: {trainer.run_dir}/metrics.json  plot: {trainer.run_dir}/map_per_session.png")
     return 0

@@ -210,6 +210,22 @@ def _compare(protocols: list[str], conflicting: bool = False) -> Setup:
     return setup
 
 
+def _missing_image(ws: Workspace) -> list[str]:
+    argv = _add(ws, [("a.png", "kayak"), ("b.png", "kayak")])
+    (ws.tmp / "scenes" / "a.png").unlink()
+    return argv
+
+
+def _no_checkpoint(ws: Workspace) -> list[str]:
+    shutil.rmtree(ws.run / "checkpoints")
+    return ["predict", "--run", str(ws.run), str(ws.tmp)]
+
+
+def _malformed_added(ws: Workspace) -> list[str]:
+    (ws.run / "added_sessions.json").write_text("[1, 2]")
+    return ["eval", "--run", str(ws.run)]
+
+
 def _const(*argv: str) -> Setup:
     return lambda ws: [a.replace("RUN", str(ws.run)).replace("TMP", str(ws.tmp)) for a in argv]
 
@@ -289,20 +305,15 @@ CASES: dict[str, tuple[Setup, str]] = {
         _const("train", "--config", CONFIG, "--add-session", "x.csv"),
         "--add-session",
     ),
-    "added_sessions_malformed": (
-        lambda ws: [
-            (ws.run / "added_sessions.json").write_text("[1, 2]") and "eval",
-            "--run",
-            str(ws.run),
-        ],
-        "added_sessions.json",
-    ),
+    "added_sessions_malformed": (_malformed_added, "added_sessions.json"),
+    "manifest_image_missing": (_missing_image, "a.png"),
     # Prediction.
     "predict_output_exists": (_predict_output_exists, "preds.csv"),
     "predict_threshold_out_of_range": (
         _const("predict", "--run", "RUN", "--threshold", "1.5", "TMP"),
         "1.5",
     ),
+    "predict_without_checkpoint": (_no_checkpoint, "no checkpoint"),
     "predict_nothing_readable": (_const("predict", "--run", "RUN", "TMP/none.png"), "none.png"),
     # compare checks every run before the first one starts.
     "compare_bad_protocol": (_compare(["B0-C5", "B0-C3"]), "B0-C3"),

@@ -128,6 +128,7 @@ def test_add_session_learns_the_new_labels(
         ["6", "7"],
         new,
     ]
+    assert [a["classes"] for a in metrics["added_sessions"]] == [new]
     last = metrics["sessions"][-1]
     assert last["num_seen"] == 10 and last["memory_images"] > 0
     assert list(last["ap"]) == [str(d) for d in range(8)] + new
