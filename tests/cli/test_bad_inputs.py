@@ -226,6 +226,18 @@ def _malformed_added(ws: Workspace) -> list[str]:
     return ["eval", "--run", str(ws.run)]
 
 
+def _nan_weights(ws: Workspace) -> list[str]:
+    from safetensors.torch import load_file, save_file
+
+    path = ws.run / "checkpoints" / "session_01" / "model.safetensors"
+    tensors = {
+        k: v.float().fill_(float("nan")) if v.is_floating_point() else v
+        for k, v in load_file(str(path)).items()
+    }
+    save_file(tensors, str(path))
+    return _add(ws, [("k1.png", "kayak"), ("k2.png", "kayak;3")])
+
+
 def _const(*argv: str) -> Setup:
     return lambda ws: [a.replace("RUN", str(ws.run)).replace("TMP", str(ws.tmp)) for a in argv]
 
@@ -307,6 +319,7 @@ CASES: dict[str, tuple[Setup, str]] = {
     ),
     "added_sessions_malformed": (_malformed_added, "added_sessions.json"),
     "manifest_image_missing": (_missing_image, "a.png"),
+    "nan_weights_in_checkpoint": (_nan_weights, "model.safetensors"),
     # Prediction.
     "predict_output_exists": (_predict_output_exists, "preds.csv"),
     "predict_threshold_out_of_range": (
