@@ -43,8 +43,8 @@ from PIL import Image
 from mlcil.config.schema import RunConfig
 from mlcil.data.base import ImageSource
 from mlcil.data.manifest import load_manifest, new_labels_in_order
-from mlcil.engine.checkpoint import latest_checkpoint
-from mlcil.errors import ConfigError, DataError
+from mlcil.engine.checkpoint import latest_checkpoint, read_state
+from mlcil.errors import ConfigError, DataError, WeightsError
 from mlcil.experiment import Experiment, load_run
 from mlcil.fileio import write_text_atomic
 from mlcil.protocol import Session
@@ -235,6 +235,17 @@ def run_experiment(run_dir: str | Path, config: RunConfig | None = None) -> Expe
     experiment = Experiment(config)
     extend_experiment(experiment, read_added_sessions(run_dir))
     return experiment
+
+
+def learned_sessions(folder: Path) -> int:
+    """How many sessions the run had learned at a checkpoint folder."""
+    state = read_state(folder)
+    try:
+        return int(state["next_session"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise WeightsError(
+            f"{folder / 'state.json'}: malformed checkpoint state: {error!r}"
+        ) from None
 
 
 def plan_added_session(

@@ -88,11 +88,17 @@ def _new_trainer(args: argparse.Namespace, overrides: list[str]) -> Trainer | No
 
 def _resumed_trainer(
     args: argparse.Namespace, overrides: list[str]
-) -> tuple[Trainer, contextlib.AbstractContextManager]:
+) -> tuple[Trainer | None, contextlib.AbstractContextManager]:
     """A trainer that continues ``--resume RUN``, with one more session with ``--add-session``,
-    and the context to train it in (it records the added session, and forgets it on failure)."""
-    from mlcil.added_sessions import plan_added_session, recorded_until_learned, run_experiment
-    from mlcil.engine.checkpoint import latest_checkpoint, read_state, restore_run
+    and the context to train it in (it records the added session, and forgets it on failure).
+    With ``--dry-run``, prints the plan (the added session included) and returns no trainer."""
+    from mlcil.added_sessions import (
+        learned_sessions,
+        plan_added_session,
+        recorded_until_learned,
+        run_experiment,
+    )
+    from mlcil.engine.checkpoint import latest_checkpoint, restore_run
     from mlcil.engine.loop import Trainer
     from mlcil.experiment import load_config
     from mlcil.safety import check_resume_overrides
@@ -100,9 +106,8 @@ def _resumed_trainer(
     for flag, value in (("--config", args.config), ("--run-dir", args.run_dir)):
         if value:
             raise MlcilError(f"{flag} cannot be combined with --resume (the run keeps its own)")
-    if args.overwrite or args.dry_run:
-        flag = "--overwrite" if args.overwrite else "--dry-run"
-        raise MlcilError(f"{flag} cannot be combined with --resume")
+    if args.overwrite:
+        raise MlcilError("--overwrite cannot be combined with --resume")
     if args.test_manifest and not args.add_session:
         raise MlcilError("--test-manifest goes with --add-session TRAIN_MANIFEST")
     check_resume_overrides(overrides)
@@ -111,16 +116,22 @@ def _resumed_trainer(
         raise MlcilError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
     config = load_config([run_dir / "config.yaml"], overrides)
     if not args.add_session:
-        trainer = Trainer(run_experiment(run_dir, config), run_dir=run_dir, resume=True)
-        return trainer, contextlib.nullcontext()
+        experiment = run_experiment(run_dir, config)
+        if args.dry_run:
+            print(dry_run_summary(experiment, run_dir))
+            return None, contextlib.nullcontext()
+        return Trainer(experiment, run_dir=run_dir, resume=True), contextlib.nullcontext()
     folder = latest_checkpoint(run_dir)
     if folder is None:
         raise MlcilError(f"--add-session: {run_dir} has no checkpoint to continue from")
-    learned = int(read_state(folder)["next_session"])
+    learned = learned_sessions(folder)
     experiment, added = plan_added_session(
         run_dir, config, learned, args.add_session, args.test_manifest
     )
     restore_run(experiment, folder)  # the checkpoint must fit before anything is written
+    if args.dry_run:
+        print(dry_run_summary(experiment, run_dir))
+        return None, contextlib.nullcontext()
     logger.info("adding session %d with classes %s", added[-1].index, ", ".join(added[-1].classes))
     trainer = Trainer(experiment, run_dir=run_dir, resume=True)
     return trainer, recorded_until_learned(run_dir, added)

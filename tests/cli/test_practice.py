@@ -147,3 +147,17 @@ def test_add_session_learns_the_new_labels(
     # A second add needs labels the run does not know yet.
     assert main([*args]) == 2
     assert "brings no label the run has not learned" in capsys.readouterr().err
+
+
+def test_add_session_dry_run_shows_the_plan_and_writes_nothing(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    before = digest(run)
+    train = str(trained["scenes"] / "train.csv")
+    assert main(["-q", "train", "--resume", str(run), "--add-session", train, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    session_line = [line for line in out.splitlines() if line.strip().startswith("3 ")]
+    assert session_line and "2" in session_line[0].split()[1]
+    assert digest(run) == before
