@@ -101,7 +101,7 @@ def _resumed_trainer(
     from mlcil.engine.checkpoint import latest_checkpoint, restore_run
     from mlcil.engine.loop import Trainer
     from mlcil.experiment import load_config
-    from mlcil.safety import check_resume_overrides
+    from mlcil.safety import check_resume_config
 
     for flag, value in (("--config", args.config), ("--run-dir", args.run_dir)):
         if value:
@@ -110,11 +110,12 @@ def _resumed_trainer(
         raise MlcilError("--overwrite cannot be combined with --resume")
     if args.test_manifest and not args.add_session:
         raise MlcilError("--test-manifest goes with --add-session TRAIN_MANIFEST")
-    check_resume_overrides(overrides)
     run_dir = Path(args.resume)
-    if not (run_dir / "config.yaml").is_file():
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
         raise MlcilError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
-    config = load_config([run_dir / "config.yaml"], overrides)
+    config = load_config([saved], overrides)
+    check_resume_config(load_config([saved]), config, saved)
     if not args.add_session:
         experiment = run_experiment(run_dir, config)
         if args.dry_run:

@@ -1,6 +1,6 @@
 """Checks that run before any file is written, so that bad input never costs earlier work.
 
-- ``check_resume_overrides``: ``--resume`` accepts only overrides that cannot change the results
+- ``check_resume_config``: ``--resume`` accepts only overrides that cannot change the results
   (where and how fast the run computes), else metrics.json would contradict config.yaml.
 - ``check_fresh_run_dir``: a new run never writes into a folder holding another run's files,
   even when its checkpoint pointer dangles or its checkpoints are gone.
@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlcil.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mlcil.config import RunConfig
 
 # Overrides that change where or how fast a run computes, never what it computes.
 RESUME_SAFE_KEYS = frozenset(
@@ -25,6 +28,9 @@ RESUME_SAFE_KEYS = frozenset(
         "train.tensorboard",
         "train.eval_batch_size",
         "data.num_workers",
+        # Where the same images live: a moved dataset must not strand its runs (the exemplar
+        # memory is checked against the images found there on restore).
+        "data.root",
     }
 )
 
@@ -40,15 +46,26 @@ RUN_FILES = (
 )
 
 
-def check_resume_overrides(overrides: Sequence[str]) -> None:
-    """Refuse ``key=value`` overrides that could change a resumed run's results."""
-    for text in overrides:
-        key = text.split("=", 1)[0].strip()
+def check_resume_config(saved: RunConfig, resumed: RunConfig, where: str | Path) -> None:
+    """Refuse ``--resume`` overrides that could change the run's results.
+
+    The run's ``config.yaml`` (``saved``) is compared with the config after the overrides
+    (``resumed``), so short keys (``device=cpu``) and overrides that repeat the saved value are
+    judged by what they change.
+    """
+    from mlcil.config import flatten
+
+    before, after = flatten(saved.to_dict()), flatten(resumed.to_dict())
+    changed = sorted(
+        key for key in before.keys() | after.keys() if before.get(key) != after.get(key)
+    )
+    for key in changed:
         if key not in RESUME_SAFE_KEYS:
             allowed = ", ".join(sorted(RESUME_SAFE_KEYS))
             raise ConfigError(
-                f"--resume: override {text!r} would change the run's results (key {key!r}); "
-                f"a resumed run keeps its config.yaml and accepts only {allowed}"
+                f"--resume: the override of {key!r} ({before.get(key)!r} in {where}, "
+                f"{after.get(key)!r} given) would change the run's results; a resumed run keeps "
+                f"its config and accepts only {allowed}"
             )
 
 

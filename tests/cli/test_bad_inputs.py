@@ -253,6 +253,7 @@ CASES: dict[str, tuple[Setup, str]] = {
     "checkpoints_gone": (_checkpoints_gone, "config.yaml"),
     # --resume keeps the run's settings.
     "resume_protocol": (_resume_with("protocol=B0-C2"), "protocol"),
+    "resume_short_key": (_resume_with("epochs=3"), "train.epochs"),
     "resume_seed": (_resume_with("seed=1"), "seed"),
     "resume_memory": (_resume_with("memory.per_class=5"), "memory.per_class"),
     "resume_with_config": (_resume_with("--config", CONFIG), "--config"),
@@ -378,3 +379,16 @@ def test_debug_shows_the_traceback(finished: Path, capsys: pytest.CaptureFixture
 
 def test_at_least_25_cases() -> None:
     assert len(CASES) >= 25
+
+
+def test_resume_accepts_overrides_that_cannot_change_results(
+    finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = snapshot(run / "checkpoints")
+    # Short keys resolve as in any override; repeating a saved value changes nothing.
+    argv = ["train", "--resume", str(run), "device=cpu", "data.num_workers=0", "seed=0"]
+    assert main(["-q", *argv, "train.eval_batch_size=7", "progress=false"]) == 0
+    assert snapshot(run / "checkpoints") == before
+    assert "last mAP" in capsys.readouterr().out
