@@ -221,6 +221,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else None
     if output is not None and output.exists():
         raise MlcilError(f"--output {output} already exists; choose another file or delete it")
+    if output is not None and not output.parent.is_dir():
+        raise MlcilError(f"--output {output}: folder {output.parent} does not exist")
     model = load(args.run, device=args.device)
     predictions = model.predict(
         args.images,
@@ -430,21 +432,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {_describe(error)}", file=sys.stderr)
+        print(f"error: {_describe(error, args.command == 'train')}", file=sys.stderr)
         return 2 if isinstance(error, MlcilError | OSError) else 1
 
 
-def _describe(error: Exception) -> str:
+def _describe(error: Exception, training: bool) -> str:
     """One line naming what went wrong (and, for a file error, the file)."""
     if isinstance(error, MlcilError):
         return _one_line(error)
     if isinstance(error, OSError):
         where = f"{error.filename}: " if error.filename else ""
-        reason = error.strerror or _one_line(error)
-        return (
-            f"{where}{reason} (errno {error.errno}); the run's latest finished checkpoint is "
-            "kept, so it can be resumed once the problem is fixed"
-        )
+        reason = f"{where}{error.strerror or _one_line(error)} (errno {error.errno})"
+        if training:
+            reason += (
+                "; the run's latest finished checkpoint is kept, so it can be resumed once the "
+                "problem is fixed"
+            )
+        return reason
     return (
         f"internal error {type(error).__name__}: {_one_line(error)} (run with --debug for the "
         "traceback)"

@@ -328,6 +328,10 @@ CASES: dict[str, tuple[Setup, str]] = {
         "1.5",
     ),
     "predict_without_checkpoint": (_no_checkpoint, "no checkpoint"),
+    "predict_output_folder_missing": (
+        _const("predict", "--run", "RUN", "--output", "TMP/no/preds.csv", "TMP"),
+        "no/preds.csv",
+    ),
     "predict_nothing_readable": (_const("predict", "--run", "RUN", "TMP/none.png"), "none.png"),
     # compare checks every run before the first one starts.
     "compare_bad_protocol": (_compare(["B0-C5", "B0-C3"]), "B0-C3"),
