@@ -147,6 +147,21 @@ def test_add_session_learns_the_new_labels(
     # A second add needs labels the run does not know yet.
     assert main([*args]) == 2
     assert "brings no label the run has not learned" in capsys.readouterr().err
+    # A class the original data does not name: its images count as negatives for it.
+    rows = list(csv.DictReader((scenes / "train.csv").open()))
+    kayak = tmp_path / "kayak.csv"
+    lines = [f"{scenes / r['image']},kayak;{r['labels']}" for r in rows[:12]]
+    kayak.write_text("image,labels\n" + "\n".join(lines) + "\n")
+    kayak_test = tmp_path / "kayak_test.csv"
+    lines = [f"{scenes / r['image']},kayak" for r in rows[12:18]]
+    kayak_test.write_text("image,labels\n" + "\n".join(lines) + "\n")
+    add = ["-q", "train", "--resume", str(run), "--add-session", str(kayak)]
+    assert main([*add, "--test-manifest", str(kayak_test)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [s["classes"] for s in metrics["sessions"]][-2:] == [new, ["kayak"]]
+    assert metrics["sessions"][-1]["train_images"] == 12
+    assert len(metrics["added_sessions"]) == 2
+    assert mlcil.load(run).classes[-1] == "kayak"
 
 
 def test_add_session_dry_run_shows_the_plan_and_writes_nothing(
