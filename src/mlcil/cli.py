@@ -1,17 +1,22 @@
-"""Command line: ``mlcil train | eval | list | compare | report``."""
+"""Command line: ``mlcil train | eval | predict | data | list | compare | report``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from mlcil.errors import MlcilError
+from mlcil.safety import finite_non_negative, positive_int, unit_interval
 
 if TYPE_CHECKING:
+    from mlcil.engine.loop import Trainer
     from mlcil.experiment import Experiment
 
 logger = logging.getLogger("mlcil.cli")
@@ -25,8 +30,6 @@ def _split_overrides(values: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mlcil.engine.loop import Trainer
-    from mlcil.experiment import load_config
     from mlcil.report import session_table
 
     extra_paths, overrides = _split_overrides(args.overrides)
@@ -35,28 +38,104 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"unexpected argument {extra_paths[0]!r}: overrides are key=value, configs go "
             "after --config"
         )
+    guard: contextlib.AbstractContextManager = contextlib.nullcontext()
+    trainer: Trainer | None
     if args.resume:
-        run_dir = Path(args.resume)
-        config = load_config([run_dir / "config.yaml"], overrides)
-        trainer = Trainer(config, run_dir=run_dir, resume=True)
+        trainer, guard = _resumed_trainer(args, overrides)
     else:
-        if not args.config:
-            raise MlcilError("mlcil train needs --config FILE (or --resume RUN_DIR)")
-        config = load_config(args.config, overrides)
-        trainer = Trainer(config, run_dir=args.run_dir)
-        if args.overwrite and not args.dry_run:
-            trainer.clear_run_dir()
-    if args.dry_run:
-        print(dry_run_summary(trainer.experiment, trainer.run_dir))
+        trainer = _new_trainer(args, overrides)
+    if trainer is None:
         return 0
-    metrics = trainer.run(max_sessions=args.max_sessions)
+    with guard:
+        metrics = trainer.run(max_sessions=args.max_sessions)
     if metrics is None:
         print(f"stopped after session {trainer.next_session - 1}; continue with:")
         print(f"  mlcil train --resume {trainer.run_dir}")
         return 0
+    if args.resume:
+        from mlcil.added_sessions import annotate_metrics
+
+        annotate_metrics(trainer.run_dir, metrics)
     print(session_table(metrics))
     print(f"results: {trainer.run_dir}/metrics.json  plot: {trainer.run_dir}/map_per_session.png")
     return 0
+
+
+def _new_trainer(args: argparse.Namespace, overrides: list[str]) -> Trainer | None:
+    """A trainer for a new run; None after a dry run. Nothing is deleted before the run is
+    known to start: config, data, sessions and weights are all checked first."""
+    from mlcil.engine.loop import Trainer
+    from mlcil.experiment import load_config
+    from mlcil.safety import check_fresh_run_dir
+
+    if args.add_session or args.test_manifest:
+        raise MlcilError("--add-session and --test-manifest extend a finished run: use --resume")
+    if not args.config:
+        raise MlcilError("mlcil train needs --config FILE (or --resume RUN_DIR)")
+    config = load_config(args.config, overrides)
+    trainer = Trainer(config, run_dir=args.run_dir)
+    if args.dry_run:
+        print(dry_run_summary(trainer.experiment, trainer.run_dir))
+        return None
+    if args.overwrite:
+        trainer.experiment.build_method()  # a missing or damaged weights file stops us here
+        trainer.clear_run_dir()
+        (trainer.run_dir / "added_sessions.json").unlink(missing_ok=True)
+    else:
+        check_fresh_run_dir(trainer.run_dir)
+    return trainer
+
+
+def _resumed_trainer(
+    args: argparse.Namespace, overrides: list[str]
+) -> tuple[Trainer | None, contextlib.AbstractContextManager]:
+    """A trainer that continues ``--resume RUN``, with one more session with ``--add-session``,
+    and the context to train it in (it records the added session, and forgets it on failure).
+    With ``--dry-run``, prints the plan (the added session included) and returns no trainer."""
+    from mlcil.added_sessions import (
+        learned_sessions,
+        plan_added_session,
+        recorded_until_learned,
+        run_experiment,
+    )
+    from mlcil.engine.checkpoint import latest_checkpoint, restore_run
+    from mlcil.engine.loop import Trainer
+    from mlcil.experiment import load_config
+    from mlcil.safety import check_resume_config
+
+    for flag, value in (("--config", args.config), ("--run-dir", args.run_dir)):
+        if value:
+            raise MlcilError(f"{flag} cannot be combined with --resume (the run keeps its own)")
+    if args.overwrite:
+        raise MlcilError("--overwrite cannot be combined with --resume")
+    if args.test_manifest and not args.add_session:
+        raise MlcilError("--test-manifest goes with --add-session TRAIN_MANIFEST")
+    run_dir = Path(args.resume)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise MlcilError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
+    config = load_config([saved], overrides)
+    check_resume_config(load_config([saved]), config, saved)
+    if not args.add_session:
+        experiment = run_experiment(run_dir, config)
+        if args.dry_run:
+            print(dry_run_summary(experiment, run_dir))
+            return None, contextlib.nullcontext()
+        return Trainer(experiment, run_dir=run_dir, resume=True), contextlib.nullcontext()
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        raise MlcilError(f"--add-session: {run_dir} has no checkpoint to continue from")
+    learned = learned_sessions(folder)
+    experiment, added = plan_added_session(
+        run_dir, config, learned, args.add_session, args.test_manifest
+    )
+    restore_run(experiment, folder)  # the checkpoint must fit before anything is written
+    if args.dry_run:
+        print(dry_run_summary(experiment, run_dir))
+        return None, contextlib.nullcontext()
+    logger.info("adding session %d with classes %s", added[-1].index, ", ".join(added[-1].classes))
+    trainer = Trainer(experiment, run_dir=run_dir, resume=True)
+    return trainer, recorded_until_learned(run_dir, added)
 
 
 def dry_run_summary(experiment: Experiment, run_dir: Path) -> str:
@@ -110,7 +189,12 @@ def dry_run_summary(experiment: Experiment, run_dir: Path) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from mlcil.engine.evaluate import evaluate_run
+    from mlcil.experiment import load_run
+    from mlcil.report import validate_metrics
 
+    _, metrics = load_run(args.run)
+    if metrics:
+        validate_metrics(metrics, Path(args.run) / "metrics.json")
     result = evaluate_run(args.run)
     recorded = result["recorded_last_map"]
     print(
@@ -122,10 +206,63 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     difference = abs(result["seen_map"] - recorded)
     print(f"recorded last_map {recorded:.4f}: difference {difference:.2e}")
-    if difference > args.tolerance:
+    if not difference <= args.tolerance:
         print(f"NOT reproduced (tolerance {args.tolerance})")
         return 1
     print("reproduced")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mlcil.api import load
+    from mlcil.fileio import write_text_atomic
+    from mlcil.predict import write_csv, write_jsonl, write_table
+
+    output = Path(args.output) if args.output else None
+    if output is not None and output.exists():
+        raise MlcilError(f"--output {output} already exists; choose another file or delete it")
+    if output is not None and not output.parent.is_dir():
+        raise MlcilError(f"--output {output}: folder {output.parent} does not exist")
+    model = load(args.run, device=args.device)
+    predictions = model.predict(
+        args.images,
+        threshold=args.threshold,
+        thresholds_file=args.thresholds,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    for path, reason in model.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if not predictions:
+        first = f": {model.skipped[0][0]}: {model.skipped[0][1]}" if model.skipped else ""
+        raise MlcilError(
+            f"no image could be predicted{first} ({len(model.skipped)} inputs skipped)"
+        )
+    if output is not None:
+        buffer = io.StringIO()
+        write_csv(predictions, buffer, model.classes)
+        write_text_atomic(output, buffer.getvalue())
+    if args.json:
+        write_jsonl(predictions, sys.stdout)
+    elif output is None:
+        write_table(predictions, sys.stdout)
+    done = f"{len(predictions)} images predicted"
+    if output is not None:
+        done += f", written to {output}"
+    if model.skipped:
+        done += f"; {len(model.skipped)} skipped (unreadable or missing)"
+    print(done, file=sys.stderr)
+    return 0
+
+
+def cmd_export_digits(args: argparse.Namespace) -> int:
+    from mlcil.data.export import export_digit_scenes
+
+    written = export_digit_scenes(
+        args.output, classes=args.classes or (), train=args.train, test=args.test, seed=args.seed
+    )
+    for split, path in written.items():
+        print(f"{split}: {path}")
     return 0
 
 
@@ -193,13 +330,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mlcil", description="Multi-label class-incremental learning (KRT and baselines)."
-    )
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
-    commands = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``error: ...`` line (exit code 2)."""
 
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _train_parser(commands: Any) -> None:
     train = commands.add_parser("train", help="run a protocol from a config")
     train.add_argument(
         "--config", action="append", help="YAML config; repeat to stack (later wins)"
@@ -212,14 +350,68 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an existing run in the output folder"
     )
     train.add_argument(
-        "--max-sessions", type=int, help="stop after this many sessions (resume later)"
+        "--max-sessions",
+        type=positive_int,
+        help="stop after this many sessions (resume later)",
+    )
+    train.add_argument(
+        "--add-session",
+        metavar="TRAIN_MANIFEST",
+        help="with --resume: learn one more session, whose classes are the manifest's labels "
+        "the run has not seen",
+    )
+    train.add_argument(
+        "--test-manifest", help="with --add-session: test images of the added session"
     )
     train.set_defaults(func=cmd_train)
 
+
+def _predict_parser(commands: Any) -> None:
+    predict = commands.add_parser("predict", help="label images with a trained run")
+    predict.add_argument("--run", required=True, help="run folder, e.g. runs/<name>")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="images, folders")
+    predict.add_argument(
+        "--threshold", type=unit_interval, help="decision threshold (default train.f1_threshold)"
+    )
+    predict.add_argument("--thresholds", metavar="FILE", help="per-class thresholds, CSV/JSON")
+    predict.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    predict.add_argument("--output", help="write the predictions to this CSV file")
+    predict.add_argument("--batch-size", type=positive_int, default=32, help="images per batch")
+    predict.add_argument("--device", help="cpu, cuda, cuda:1... (default: the run's)")
+    predict.set_defaults(func=cmd_predict)
+
+
+def _data_parser(commands: Any) -> None:
+    data = commands.add_parser("data", help="data helpers")
+    actions = data.add_subparsers(dest="action", required=True)
+    export = actions.add_parser(
+        "export-digits", help="new digit scenes as PNG files plus train/test manifests"
+    )
+    export.add_argument("--output", required=True, help="new (or empty) folder")
+    export.add_argument("--classes", type=int, nargs="+", help="every scene shows one of these")
+    export.add_argument("--train", type=int, default=200, help="training scenes (0: none)")
+    export.add_argument("--test", type=int, default=100, help="test scenes (0: none)")
+    export.add_argument("--seed", type=int, default=1, help="random seed of the scenes")
+    export.set_defaults(func=cmd_export_digits)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="mlcil", description="Multi-label class-incremental learning (KRT and baselines)."
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _train_parser(commands)
+
     evaluate = commands.add_parser("eval", help="re-evaluate a run's final checkpoint")
     evaluate.add_argument("--run", required=True, help="run folder, e.g. runs/<name>")
-    evaluate.add_argument("--tolerance", type=float, default=1e-3, help="allowed mAP difference")
+    evaluate.add_argument(
+        "--tolerance", type=finite_non_negative, default=1e-3, help="allowed mAP difference"
+    )
     evaluate.set_defaults(func=cmd_eval)
+    _predict_parser(commands)
+    _data_parser(commands)
 
     listing = commands.add_parser("list", help="methods, datasets and protocols")
     listing.set_defaults(func=cmd_list)
@@ -254,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -262,13 +458,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        return args.func(args)
-    except MlcilError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return int(args.func(args))
     except KeyboardInterrupt:
         print("interrupted: the last finished session's checkpoint is kept", file=sys.stderr)
         return 130
+    except Exception as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {_describe(error, args.command == 'train')}", file=sys.stderr)
+        return 2 if isinstance(error, MlcilError | OSError) else 1
+
+
+def _describe(error: Exception, training: bool) -> str:
+    """One line naming what went wrong (and, for a file error, the file)."""
+    if isinstance(error, MlcilError):
+        return _one_line(error)
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        reason = f"{where}{error.strerror or _one_line(error)} (errno {error.errno})"
+        if training:
+            reason += (
+                "; the run's latest finished checkpoint is kept, so it can be resumed once the "
+                "problem is fixed"
+            )
+        return reason
+    return (
+        f"internal error {type(error).__name__}: {_one_line(error)} (run with --debug for the "
+        "traceback)"
+    )
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ import torch
 from mlcil.config import RunConfig, flatten
 from mlcil.engine.checkpoint import latest_checkpoint
 from mlcil.engine.loop import Trainer
-from mlcil.errors import ConfigError
-from mlcil.experiment import build_config, load_config
+from mlcil.errors import ConfigError, MlcilError
+from mlcil.experiment import Experiment, build_config, load_config
 from mlcil.report import write_report
+from mlcil.safety import check_fresh_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +50,8 @@ def run_comparison(
                     extra.append(f"protocol={protocol}")
                 config = load_config(files, [*overrides, *extra])  # validate all up front
                 plans.append((spec, config))
+    _check_plans(plans, output_dir)  # every problem is found before any training starts
     run_dirs = [output_dir / "runs" / config.run_name for _, config in plans]
-    for run_dir, (_, config) in zip(run_dirs, plans, strict=True):
-        if (run_dir / "config.yaml").is_file():
-            _check_same_config(run_dir, config)  # every conflict is found before any training
     todo = []
     for position, (run_dir, (spec, config)) in enumerate(zip(run_dirs, plans, strict=True), 1):
         if (run_dir / "metrics.json").is_file():
@@ -95,6 +94,36 @@ def _execute(todo: Sequence[tuple[dict, str, bool]], jobs: int) -> None:
         futures = [pool.submit(_run_one, *job) for job in todo]
         for future in concurrent.futures.as_completed(futures):
             future.result()  # re-raise the first failure here
+
+
+def _check_plans(
+    plans: Sequence[tuple[str, RunConfig]], output_dir: Path
+) -> list[Experiment | None]:
+    """Check every run of the grid before the first one starts: its data, protocol and sessions
+    (by building its experiment), and any earlier run in its folder (same settings, or a
+    complete run to resume). Returns the experiments (None for runs already finished)."""
+    experiments: list[Experiment | None] = []
+    seen: dict[Path, str] = {}
+    for spec, config in plans:
+        run_dir = output_dir / "runs" / config.run_name
+        if run_dir in seen:
+            raise ConfigError(
+                f"{spec} and {seen[run_dir]} both write {run_dir}: give them different "
+                "'name' or 'label' settings"
+            )
+        seen[run_dir] = spec
+        if (run_dir / "config.yaml").is_file():
+            _check_same_config(run_dir, config)
+            if (run_dir / "metrics.json").is_file():
+                experiments.append(None)
+                continue
+        elif latest_checkpoint(run_dir) is None:
+            check_fresh_run_dir(run_dir)
+        try:
+            experiments.append(Experiment(config))
+        except MlcilError as error:
+            raise type(error)(f"{spec} (seed {config.seed}, {config.protocol}): {error}") from None
+    return experiments
 
 
 def _check_same_config(run_dir: Path, config: RunConfig) -> None:

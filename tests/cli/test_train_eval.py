@@ -266,10 +266,11 @@ def test_a_diverging_loss_stops_with_a_clear_error_and_keeps_checkpoints(
 ) -> None:
     root, _ = coco_fixture
     run_dir = tmp_path / "run"
+    # An absurd learning rate in the second session makes the loss overflow to inf/NaN (set
+    # from the start: --resume refuses overrides that change results).
     args = [f"root={root}", "protocol=B40-C20", "train.tensorboard=false"]
-    train("coco_b40_c10.yaml", run_dir, *args, "--max-sessions", "1")
-    # An absurd learning rate in the second session makes the loss overflow to inf/NaN.
-    code = main(["-q", "train", "--resume", str(run_dir), "train.incremental_lr=1e30"])
+    train("coco_b40_c10.yaml", run_dir, *args, "train.incremental_lr=1e30", "--max-sessions", "1")
+    code = main(["-q", "train", "--resume", str(run_dir)])
     assert code == 2
     error = capsys.readouterr().err
     assert "session 1" in error and "lower train.lr or train.incremental_lr" in error

