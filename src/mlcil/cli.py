@@ -168,7 +168,9 @@ def dry_run_summary(experiment: Experiment, run_dir: Path) -> str:
     else:
         lines.append("exemplar memory: off")
     pretrained = config.model.pretrained
-    if pretrained:
+    if pretrained and pretrained.startswith("pretrain:"):
+        lines.append(f"pretrained weights: {pretrained} [made on first use, then cached]")
+    elif pretrained:
         status = "found" if Path(pretrained).is_file() else "MISSING (training would stop here)"
         lines.append(f"pretrained weights: {pretrained} [{status}]")
     else:
