@@ -78,7 +78,7 @@ def _new_trainer(args: argparse.Namespace, overrides: list[str]) -> Trainer | No
         print(dry_run_summary(trainer.experiment, trainer.run_dir))
         return None
     if args.overwrite:
-        trainer.experiment.build_method()  # a missing or damaged weights file stops us here
+        trainer.build_fresh_method()  # a missing or damaged weights file stops us here
         trainer.clear_run_dir()
         (trainer.run_dir / "added_sessions.json").unlink(missing_ok=True)
     else:

@@ -34,6 +34,7 @@ from mlcil.engine.observers import (
 from mlcil.errors import ConfigError
 from mlcil.experiment import Experiment
 from mlcil.fileio import write_text_atomic
+from mlcil.methods.base import Method
 from mlcil.pretrain import resolve_pretrained
 from mlcil.protocol import Session
 from mlcil.results import run_header, summarize, write_results
@@ -113,6 +114,13 @@ class Trainer:
             observers.append(TensorBoardObserver(self.run_dir / "tensorboard"))
         return Observers([*observers, *self.extra_observers])
 
+    def build_fresh_method(self) -> Method:
+        """The method with its network's starting weights (``pretrain:`` names resolved, and
+        made on first use)."""
+        model, provenance = resolve_pretrained(self.config.model, self.config.data.image_size)
+        self.weights_provenance = provenance
+        return self.experiment.build_method(model=model)
+
     def _begin(self) -> RunState:
         """A fresh run state, or the one restored from the latest checkpoint."""
         folder = latest_checkpoint(self.run_dir)
@@ -129,10 +137,7 @@ class Trainer:
                 f"{self.run_dir} already holds a run: resume it with --resume, or choose another "
                 "name/output_dir"
             )
-        model, provenance = resolve_pretrained(self.config.model, self.config.data.image_size)
-        self.weights_provenance = provenance
-        method = self.experiment.build_method(model=model)
-        self.state = RunState(method, self.experiment.new_memory())
+        self.state = RunState(self.build_fresh_method(), self.experiment.new_memory())
         if self.experiment.runtime.is_main:
             write_text_atomic(self.run_dir / "config.yaml", self.config.to_yaml())
         return self.state

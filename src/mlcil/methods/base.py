@@ -116,10 +116,14 @@ class Method:
         keeps_old_network: keep a frozen copy of the network after each session.
         single_session: learn every class at once (joint training) instead of the protocol.
         needs_memory: refuse to run without exemplar memory.
+        loss_parts: the parts of the loss ``training_step`` reports from the second session on.
     """
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[Params]] = Params
+    # The named parts ``training_step`` reports once there is old knowledge (the registry
+    # smoke test checks them, so a method states its own loss wiring in its own file).
+    loss_parts: ClassVar[frozenset[str]] = frozenset({"asl"})
     keeps_old_network: ClassVar[bool] = False
     single_session: ClassVar[bool] = False
     needs_memory: ClassVar[bool] = False

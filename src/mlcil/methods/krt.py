@@ -55,6 +55,7 @@ class KRT(Method):
     name = "krt"
     Params = KRTParams
     keeps_old_network = True
+    loss_parts = frozenset({"asl", "pseudo_pos", "token"})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

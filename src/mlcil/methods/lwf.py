@@ -22,6 +22,7 @@ class LwF(Method):
     name = "lwf"
     Params = LwFParams
     keeps_old_network = True
+    loss_parts = frozenset({"asl", "kd"})
 
     def training_step(self, batch: Batch) -> StepOutput:
         logits = self.network(batch.images).logits  # (B, seen)

@@ -23,6 +23,7 @@ class PODNet(Method):
     name = "podnet"
     Params = PODNetParams
     keeps_old_network = True
+    loss_parts = frozenset({"asl", "pod_spatial", "pod_flat"})
     needs_memory = True
 
     def distilled_stages(self) -> list[int]:
