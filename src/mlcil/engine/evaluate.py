@@ -40,7 +40,9 @@ def predict_scores(
             targets.append(target[:, :num_classes])
     finally:
         network.train(was_training)
-    return torch.cat(scores).numpy(), torch.cat(targets).numpy()
+    # Each process scored its shard: gathered in dataset order, as one process would score.
+    gather = runtime.gather_loader_rows
+    return gather(loader, torch.cat(scores).numpy()), gather(loader, torch.cat(targets).numpy())
 
 
 @torch.no_grad()
@@ -57,7 +59,7 @@ def pooled_features(method: Method, loader: DataLoader, runtime: Runtime) -> tor
             chunks.append(features.float().cpu())
     finally:
         network.train(was_training)
-    return torch.cat(chunks)
+    return torch.from_numpy(runtime.gather_loader_rows(loader, torch.cat(chunks).numpy()))
 
 
 def evaluate_session(
@@ -100,7 +102,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     config, metrics = load_run(run_dir)
     experiment = Experiment(config)
-    folder = latest_checkpoint(run_dir)
+    folder = latest_checkpoint(run_dir, session_end=True)
     if folder is None:
         raise ConfigError(f"{run_dir}: no checkpoint to evaluate")
     state = restore_run(experiment, folder)

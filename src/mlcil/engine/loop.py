@@ -10,6 +10,7 @@ rebuilds it from the latest checkpoint, and because every session and epoch re-s
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -20,9 +21,15 @@ from typing import Any
 import numpy as np
 
 from mlcil.config.schema import RunConfig
-from mlcil.engine.checkpoint import RunState, latest_checkpoint, restore_run, save_checkpoint
+from mlcil.engine.checkpoint import (
+    RunState,
+    latest_checkpoint,
+    restore_run,
+    save_checkpoint,
+    save_progress_checkpoint,
+)
 from mlcil.engine.evaluate import evaluate_session, pooled_features, session_result
-from mlcil.engine.fit import NonFiniteLossError, fit_session
+from mlcil.engine.fit import FitProgress, NonFiniteLossError, TrainingStoppedError, fit_session
 from mlcil.engine.observers import (
     LogObserver,
     Observer,
@@ -33,6 +40,7 @@ from mlcil.engine.observers import (
 from mlcil.errors import ConfigError
 from mlcil.experiment import Experiment
 from mlcil.fileio import write_text_atomic
+from mlcil.memory import ExemplarMemory
 from mlcil.methods.base import SessionContext
 from mlcil.protocol import Session
 from mlcil.results import run_header, summarize, write_results
@@ -70,6 +78,7 @@ class Trainer:
         self.resume = resume
         self.extra_observers = list(observers)
         self.state: RunState | None = None
+        self.stopped: str | None = None  # why run() stopped early (SIGTERM), after a checkpoint
         self._final_scores: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -95,7 +104,12 @@ class Trainer:
             state = self._begin()
             remaining = self.experiment.sessions[state.next_session :]
             for session in remaining[:max_sessions] if max_sessions is not None else remaining:
-                self._run_session(state, session, observer)
+                try:
+                    self._run_session(state, session, observer)
+                except TrainingStoppedError as stop:
+                    self.stopped = str(stop)
+                    logger.warning("%s: checkpoint written, resume with --resume", stop)
+                    return None
             if state.next_session < len(self.experiment.sessions):
                 return None
             return self._finish(state)
@@ -104,7 +118,7 @@ class Trainer:
 
     def _observers(self) -> Observers:
         train, is_main = self.config.train, self.experiment.runtime.is_main
-        observers: list[Observer] = [LogObserver(self.run_dir / "train.log")]
+        observers: list[Observer] = [LogObserver(self.run_dir / "train.log")] if is_main else []
         if train.progress and is_main:
             observers.append(ProgressObserver())
         if train.tensorboard and is_main:
@@ -142,20 +156,21 @@ class Trainer:
         observer.session_started(
             session, f"classes {names}, {own_images} training images + {exemplars} exemplars"
         )
+        runtime, batch = experiment.runtime, self.config.train.batch_size  # per process below
         context = SessionContext(
-            session=session,
-            sessions=experiment.sessions,
-            train_set=train_set,
-            train_source=experiment.train_source,
-            runtime=experiment.runtime,
-            seed=self.config.seed,
-            batch_size=self.config.train.batch_size,
-        )
-        seed_everything(derive_seed(self.config.seed, session.index, _GROWTH_PHASE))
-        method.begin_session(context)
-        method.network.to(experiment.runtime.device)
+            session, experiment.sessions, train_set, experiment.train_source, runtime,
+            self.config.seed, max(batch // runtime.world_size, 1),
+        )  # fmt: skip
+        resume, state.resume = state.resume, None
+        if resume is None:  # else the network is grown, loaded and the method state restored
+            seed_everything(derive_seed(self.config.seed, session.index, _GROWTH_PHASE))
+            method.begin_session(context)
+            method.network.to(experiment.runtime.device)
+            experiment.runtime.synchronize_parameters(method.network)  # new head and tokens
+        save = functools.partial(self._save_progress, state)
+        interim = self._interim_map(session)
         try:
-            fit_session(method, context, self.config.train, observer, self._interim_map(session))
+            fit_session(method, context, self.config.train, observer, interim, resume, save)
         except NonFiniteLossError as error:
             # The previous session's checkpoint stays the latest, so the run can resume.
             raise NonFiniteLossError(f"{error}; then resume {self.run_dir}") from None
@@ -199,17 +214,26 @@ class Trainer:
         experiment = self.experiment
         loader = experiment.eval_loader(experiment.plain_images(own))
         features = pooled_features(state.method, loader, experiment.runtime)
-        source = experiment.train_source
-        state.memory.update(session, own, features, source.labels, source.image_refs)
+        source, runtime = experiment.train_source, experiment.runtime
+        if runtime.is_main:  # selected once, then shared with every process as plain data
+            state.memory.update(session, own, features, source.labels, source.image_refs)
+        if runtime.world_size > 1:
+            state.memory = ExemplarMemory.from_dict(runtime.broadcast(state.memory.to_dict()))
 
     def _save(self, state: RunState, session: Session) -> None:
-        if not self.experiment.runtime.is_main:
-            return
-        payload = state.to_json(
-            self.config.run_name, self.config.method.name, len(self.experiment.sessions)
-        )
-        network = state.method.network
-        save_checkpoint(self.run_dir, session.index, network, payload, state.memory.to_dict())
+        if self.experiment.runtime.is_main:
+            network, memory = state.method.network, state.memory.to_dict()
+            save_checkpoint(self.run_dir, session.index, network, self._payload(state), memory)
+        self.experiment.runtime.barrier()
+
+    def _payload(self, state: RunState) -> dict[str, Any]:
+        config = self.config
+        return state.to_json(config.run_name, config.method.name, len(self.experiment.sessions))
+
+    def _save_progress(self, state: RunState, progress: FitProgress) -> None:
+        if self.experiment.runtime.is_main:
+            save_progress_checkpoint(self.run_dir, state, self._payload(state), progress)
+        self.experiment.runtime.barrier()
 
     def _finish(self, state: RunState) -> dict[str, Any]:
         if self._final_scores is None:  # resumed after the last session: score again

@@ -68,11 +68,14 @@ class KRT(Method):
 
     def _choose_threshold(self, context: SessionContext) -> float:
         assert self.old_network is not None
-        chunks = []
+        teacher = self.old_network
+
+        def old_class_scores(batch: Batch) -> torch.Tensor:
+            return teacher(batch.images).logits.float().sigmoid()
+
+        # Every process scores its shard; the threshold comes from all of them, so all agree.
         with torch.no_grad(), context.autocast():
-            for batch in context.batches(THRESHOLD_PASS_PHASE):
-                chunks.append(self.old_network(batch.images).logits.float().sigmoid().cpu())
-        old_scores = torch.cat(chunks)  # (N, old classes)
+            old_scores = context.score_pass(THRESHOLD_PASS_PHASE, old_class_scores)
         target = target_positives_per_image(self.label_density(context), self.num_old)
         if self.params.threshold_search == "exact":
             threshold = dpl_threshold(old_scores, target)
