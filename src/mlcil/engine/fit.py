@@ -259,9 +259,9 @@ def train_step(
     """One optimiser step over this process's micro-batches; returns the loss and its parts
     (image-weighted means over the micro-batches) as floats.
 
-    Each micro-batch's loss is scaled by ``world_size / global batch`` per image
-    (:func:`mlcil.distributed.loss_scale`); gradients add up over micro-batches (synchronised
-    across processes only on the last one) and DDP averages them over processes.
+    Each micro-batch's per-image-mean loss is scaled by ``its images x world_size / global
+    batch`` (:func:`mlcil.distributed.loss_scale` per image); gradients add up over micro-batches
+    (synchronised across processes only on the last one) and DDP averages them over processes.
 
     Raises:
         NonFiniteLossError: before a NaN or infinite loss reaches the weights.
@@ -282,7 +282,10 @@ def train_step(
                 output = method.training_step(batch)
             if runtime.any_rank(not bool(torch.isfinite(output.loss))):
                 raise NonFiniteLossError(_non_finite_message(method, output.loss, output.parts))
-            scale = loss_scale(len(batch.images), global_images, runtime.world_size)
+            # The method's loss is a per-image mean: times the micro-batch's images, it is the
+            # sum that loss_scale weighs.
+            images = len(batch.images)
+            scale = images * loss_scale(images, global_images, runtime.world_size)
             scaler.scale(output.loss * scale).backward()
         weight = len(batch.images) / local_images
         values = {"loss": output.loss, **output.parts}
