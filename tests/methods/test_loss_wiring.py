@@ -39,7 +39,9 @@ def second_session_method(name: str, params: dict[str, Any], network: str = "lin
         model = ModelConfig(backbone="resnet18", feature_stage=2, network="ica", params=ica)
     method_class = METHODS[name]
     method = method_class(
-        method_class.Params(**params), build_network(model, 32), LossConfig(gamma_neg=2.0, reference_images=R)
+        method_class.Params(**params),
+        build_network(model, 32),
+        LossConfig(gamma_neg=2.0, reference_images=R),
     )
     labels = np.ones((8, 6), dtype=np.uint8)
     first = in_memory_context(PROTOCOL[0], PROTOCOL, labels)

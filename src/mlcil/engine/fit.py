@@ -234,7 +234,9 @@ class _SessionRun:
         for step, micro_batches in steps:
             batches = [Batch(images, targets) for images, targets in micro_batches]
             try:
-                parts = train_step(self.method, batches, self.optimization, self.scaler, context)
+                parts = train_step(
+                    self.method, batches, self.optimization, self.scaler, context, layout.global_batch
+                )
             except NonFiniteLossError as error:
                 where = f"session {session.index} epoch {epoch + 1} step {step}"
                 raise NonFiniteLossError(f"{where}: {error}") from None
@@ -255,9 +257,16 @@ def train_step(
     optimization: Optimization,
     scaler: torch.amp.GradScaler,
     context: SessionContext,
+    global_batch: int | None = None,
 ) -> dict[str, float]:
     """One optimiser step over this process's micro-batches; returns the loss and its parts
     (image-weighted means over the micro-batches) as floats.
+
+    ``global_batch`` is the configured ``train.batch_size``; None: the images the step holds.
+    The objective of a step is ``(1 / global_batch) x`` the sum of its images' losses, so a
+    partial last step (fewer images) is a proportionally smaller step: on it the ASL term keeps
+    the release's sum semantics (``R x ASL_sum / global batch``; with ``R`` = the batch, exactly
+    mlcil's former ``ASL_sum``) while the other terms shrink with the step.
 
     Each micro-batch's per-image-mean loss is scaled by ``its images x world_size / global
     batch`` (:func:`mlcil.distributed.loss_scale` per image); gradients add up over micro-batches
@@ -268,7 +277,8 @@ def train_step(
     """
     runtime = context.runtime
     local_images = sum(len(batch.images) for batch in micro_batches)
-    global_images = local_images * runtime.world_size  # every rank reads as many (padding)
+    if global_batch is None:
+        global_batch = local_images * runtime.world_size  # every rank reads as many (padding)
     optimizer = optimization.optimizer
     optimizer.zero_grad(set_to_none=True)
     logged: dict[str, float] = {}
@@ -285,7 +295,7 @@ def train_step(
             # The method's loss is a per-image mean: times the micro-batch's images, it is the
             # sum that loss_scale weighs.
             images = len(batch.images)
-            scale = images * loss_scale(images, global_images, runtime.world_size)
+            scale = images * loss_scale(images, global_batch, runtime.world_size)
             scaler.scale(output.loss * scale).backward()
         weight = len(batch.images) / local_images
         values = {"loss": output.loss, **output.parts}
