@@ -234,8 +234,9 @@ class _SessionRun:
         for step, micro_batches in steps:
             batches = [Batch(images, targets) for images, targets in micro_batches]
             try:
+                optimization, scaler = self.optimization, self.scaler
                 parts = train_step(
-                    self.method, batches, self.optimization, self.scaler, context, layout.global_batch
+                    self.method, batches, optimization, scaler, context, layout.global_batch
                 )
             except NonFiniteLossError as error:
                 where = f"session {session.index} epoch {epoch + 1} step {step}"
