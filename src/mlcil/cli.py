@@ -51,7 +51,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     metrics = trainer.run(max_sessions=args.max_sessions)
     if metrics is None:
-        print(f"stopped after session {trainer.next_session - 1}; continue with:")
+        where = trainer.stopped or f"after session {trainer.next_session - 1}"
+        print(f"stopped {where}; continue with:")
         print(f"  mlcil train --resume {trainer.run_dir}")
         return 0
     print(session_table(metrics))

@@ -186,7 +186,8 @@ def fit_session(
                     progress.rng = runtime.gather_objects(rng_state())
                     checkpoint(progress)
                 raise TrainingStoppedError(
-                    f"SIGTERM during session {session.index} epoch {epoch + 1} step {done}"
+                    f"on SIGTERM in session {session.index}, epoch {epoch + 1}, after step {done} "
+                    "(checkpoint written)"
                 )
             if interim_map is not None and train.eval_every_epoch and epoch < epochs - 1:
                 # Logged for curiosity only: the reported model is always the last epoch's.

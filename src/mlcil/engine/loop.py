@@ -108,7 +108,7 @@ class Trainer:
                     self._run_session(state, session, observer)
                 except TrainingStoppedError as stop:
                     self.stopped = str(stop)
-                    logger.warning("%s: checkpoint written, resume with --resume", stop)
+                    logger.warning("stopped %s; resume with --resume", stop)
                     return None
             if state.next_session < len(self.experiment.sessions):
                 return None
