@@ -101,7 +101,9 @@ class Experiment:
         )
         self.check_sessions()
         data = config.data
-        self.train_transform = build_transform(data.image_size, True, data.augment)
+        self.train_transform = build_transform(
+            data.image_size, True, data.augment, data.randaugment
+        )
         self.eval_transform = build_transform(data.image_size, False)
 
     def check_sessions(self) -> None:

@@ -49,6 +49,9 @@ class DataConfig(Section):
     image_size: PositiveInt = 224
     overlap: Literal["all", "disjoint"] = "all"  # "all": the published protocol
     augment: list[Augmentation] = Field(default_factory=lambda: _DEFAULT_AUGMENT.copy())
+    # RandAugment's implementation: torchvision's, or "released", the PyPI package randaugment
+    # 1.0.2 the KRT release uses (pip install 'mlcil[released]').
+    randaugment: Literal["torchvision", "released"] = "torchvision"
     num_workers: Annotated[int, Field(ge=0)] = 4
 
     @field_validator("dataset")
