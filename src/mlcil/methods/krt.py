@@ -44,6 +44,9 @@ THRESHOLD_PASS_PHASE = 1_000_002
 class KRTParams(Params):
     pseudo_labels: bool = True  # dynamic pseudo-labels (knowledge restore)
     threshold_search: Literal["exact", "iterative"] = "exact"  # iterative: the released search
+    # Iterative search only: start each session from the previous session's threshold (0.8 in
+    # the first incremental session), as the release does; False restarts at 0.8 every time.
+    threshold_warm_start: bool = False
     token_loss_weight: Annotated[float, Field(ge=0)] = 100.0  # 100 COCO B0-C10, 300 B40, 80 VOC
     # DPL prior rho, labels per image per class; None: the dataset's published value (COCO
     # 2.9/80, VOC 1.4/20), else the training split's own label density.
@@ -62,11 +65,11 @@ class KRT(Method):
 
     def begin_session(self, context: SessionContext) -> None:
         super().begin_session(context)
-        self.pseudo_label_threshold = None
+        previous, self.pseudo_label_threshold = self.pseudo_label_threshold, None
         if self.old_network is not None and self.params.pseudo_labels:
-            self.pseudo_label_threshold = self._choose_threshold(context)
+            self.pseudo_label_threshold = self._choose_threshold(context, previous)
 
-    def _choose_threshold(self, context: SessionContext) -> float:
+    def _choose_threshold(self, context: SessionContext, previous: float | None = None) -> float:
         assert self.old_network is not None
         teacher = self.old_network
 
@@ -80,7 +83,9 @@ class KRT(Method):
         if self.params.threshold_search == "exact":
             threshold = dpl_threshold(old_scores, target)
         else:
-            threshold = iterative_dpl_threshold(old_scores, target)
+            warm = self.params.threshold_warm_start and previous is not None
+            start = previous if warm and previous is not None else 0.8
+            threshold = iterative_dpl_threshold(old_scores, target, start=start)
         achieved = (old_scores > threshold).sum().item() / max(len(old_scores), 1)
         logger.info(
             "session %d: pseudo-label threshold %.4f gives %.3f old positives per image "
