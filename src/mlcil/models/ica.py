@@ -194,7 +194,9 @@ class ICANetwork(IncrementalNetwork):
             # The first head exists when the released code re-initialises the network; later
             # heads keep PyTorch's default Linear initialisation (KRT-SPEC section 4).
             # Only the weight is redrawn: the head's bias keeps PyTorch's default.
-            nn.init.normal_(head[1].weight, std=INIT_STD)
+            linear = head[1]
+            assert isinstance(linear, nn.Linear)
+            nn.init.normal_(linear.weight, std=INIT_STD)
         return head
 
     def _freeze_session_parameters(self) -> None:
