@@ -50,6 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dry_run_summary(trainer.experiment, trainer.run_dir))
         return 0
     metrics = trainer.run(max_sessions=args.max_sessions)
+    if not trainer.experiment.runtime.is_main:  # under torchrun, rank 0 reports
+        return 0
     if metrics is None:
         where = trainer.stopped or f"after session {trainer.next_session - 1}"
         print(f"stopped {where}; continue with:")

@@ -222,6 +222,11 @@ class Runtime:
         return contextlib.nullcontext()
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module itself when ``module`` is a data-parallel wrapper."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
 class DataParallelModule(DistributedDataParallel):
     """DDP that forwards unknown attributes to the wrapped module, so a method can keep calling
     ``self.network.retained_embedding(...)`` while its ``self.network`` is the wrapper."""

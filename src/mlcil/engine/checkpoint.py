@@ -43,6 +43,7 @@ from mlcil.fileio import write_text_atomic
 from mlcil.memory import ExemplarMemory
 from mlcil.methods.base import Method
 from mlcil.protocol import Session
+from mlcil.runtime import unwrap
 
 if TYPE_CHECKING:
     from mlcil.experiment import Experiment
@@ -151,11 +152,13 @@ def save_progress_checkpoint(
         "scheduler": progress.optimization.scheduler.state_dict(),
         "scaler": progress.scaler.state_dict(),
         "rng": progress.rng,
+        "layout": progress.layout,
     }
     index = state.next_session
     name = f"session_{index:02d}_epoch_{position.epoch:03d}_step_{position.step:06d}"
     memory = state.memory.to_dict()
-    return save_checkpoint(run_dir, index, method.network, payload, memory, extra, name)
+    network = unwrap(method.network)  # written inside the fit, where it may be DDP-wrapped
+    return save_checkpoint(run_dir, index, network, payload, memory, extra, name)
 
 
 def flatten_optimizer(
@@ -302,4 +305,5 @@ def _restore_in_session(
         scheduler, scaler = dict(in_session["scheduler"]), dict(in_session["scaler"])
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as error:
         raise WeightsError(f"{folder}: malformed mid-session checkpoint: {error!r}") from error
-    return FitResume(position, optimizer, scheduler, scaler, in_session.get("rng"))
+    rng, layout = in_session.get("rng"), in_session.get("layout")
+    return FitResume(position, optimizer, scheduler, scaler, rng, layout)

@@ -54,6 +54,7 @@ class FitProgress:
     optimization: Optimization
     scaler: torch.amp.GradScaler
     rng: list[dict[str, Any]] | None = None  # every rank's random states (mid-epoch only)
+    layout: list[int] | None = None  # [processes, accumulation, global batch]
 
 
 @dataclasses.dataclass
@@ -65,6 +66,7 @@ class FitResume:
     scheduler: dict[str, Any]
     scaler: dict[str, Any]
     rng: list[dict[str, Any]] | None = None
+    layout: list[int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +172,7 @@ def fit_session(
     scaler = runtime.grad_scaler()
     position = FitPosition()
     if resume is not None:
+        _check_resume_layout(resume, layout)
         optimization.optimizer.load_state_dict(resume.optimizer)
         optimization.scheduler.load_state_dict(resume.scheduler)
         scaler.load_state_dict(resume.scaler)
@@ -184,6 +187,7 @@ def fit_session(
                 if checkpoint is not None:
                     progress = FitProgress(FitPosition(epoch, done), optimization, scaler)
                     progress.rng = runtime.gather_objects(rng_state())
+                    progress.layout = list(dataclasses.astuple(layout))
                     checkpoint(progress)
                 raise TrainingStoppedError(
                     f"on SIGTERM in session {session.index}, epoch {epoch + 1}, after step {done} "
@@ -196,6 +200,20 @@ def fit_session(
             due = every is not None and (epoch + 1) % every == 0 and epoch + 1 < epochs
             if checkpoint is not None and due:  # the session's last epoch ends in a checkpoint
                 checkpoint(FitProgress(FitPosition(epoch + 1, 0), optimization, scaler))
+
+
+def _check_resume_layout(resume: FitResume, layout: BatchLayout) -> None:
+    """A checkpoint taken inside an epoch resumes only on the layout that wrote it (the sampler
+    position and the random states are per process); epoch boundaries resume on any layout."""
+    if resume.position.step == 0 or resume.layout is None:
+        return
+    if list(dataclasses.astuple(layout)) != list(resume.layout):
+        processes, accumulation, batch = resume.layout
+        raise ConfigError(
+            f"this checkpoint was written inside an epoch by {processes} process(es) with "
+            f"train.grad_accumulation={accumulation} and train.batch_size={batch}: resume it "
+            "with the same layout"
+        )
 
 
 @dataclasses.dataclass

@@ -87,10 +87,11 @@ class Trainer:
 
     def clear_run_dir(self) -> None:
         """Delete the result files and checkpoints of an earlier run in ``run_dir``."""
-        for name in ("checkpoints", "tensorboard"):
+        for name in ("checkpoints", "tensorboard") if self.experiment.runtime.is_main else ():
             shutil.rmtree(self.run_dir / name, ignore_errors=True)
-        for name in RESULT_FILES:
+        for name in RESULT_FILES if self.experiment.runtime.is_main else ():
             (self.run_dir / name).unlink(missing_ok=True)
+        self.experiment.runtime.barrier()
 
     def run(self, max_sessions: int | None = None) -> dict[str, Any] | None:
         """Learn the remaining sessions (at most ``max_sessions`` of them).
