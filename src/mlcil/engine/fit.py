@@ -172,7 +172,7 @@ def fit_session(
     scaler = runtime.grad_scaler()
     position = FitPosition()
     if resume is not None:
-        _check_resume_layout(resume, layout)
+        check_resume_layout(resume, layout)
         optimization.optimizer.load_state_dict(resume.optimizer)
         optimization.scheduler.load_state_dict(resume.scheduler)
         scaler.load_state_dict(resume.scaler)
@@ -202,7 +202,7 @@ def fit_session(
                 checkpoint(FitProgress(FitPosition(epoch + 1, 0), optimization, scaler))
 
 
-def _check_resume_layout(resume: FitResume, layout: BatchLayout) -> None:
+def check_resume_layout(resume: FitResume, layout: BatchLayout) -> None:
     """A checkpoint taken inside an epoch resumes only on the layout that wrote it (the sampler
     position and the random states are per process); epoch boundaries resume on any layout."""
     if resume.position.step == 0 or resume.layout is None:
