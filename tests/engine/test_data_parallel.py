@@ -17,6 +17,7 @@ import copy
 import datetime
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -32,10 +33,17 @@ from mlcil.config.schema import RunConfig
 from mlcil.data.base import ArrayImageSource, ImageSource
 from mlcil.data.catalog import DATASETS, DatasetSpec
 from mlcil.distributed import DistributedContext
-from mlcil.engine.fit import BatchLayout, optimizer_steps, train_step, training_network
+from mlcil.engine.checkpoint import latest_checkpoint, restore_run
+from mlcil.engine.fit import (
+    BatchLayout,
+    FitPosition,
+    optimizer_steps,
+    train_step,
+    training_network,
+)
 from mlcil.engine.loop import Trainer
 from mlcil.engine.observers import Observer
-from mlcil.experiment import load_config
+from mlcil.experiment import Experiment, load_config
 from mlcil.methods.base import Batch, SessionContext
 from mlcil.protocol import Session
 
@@ -76,7 +84,8 @@ def run_config(run_dir: Path) -> RunConfig:
             "method.token_loss_weight=3",
             "memory.per_class=2",
             "loss.reference_images=16",
-            "train.epochs=1",
+            "train.epochs=2",
+            "train.checkpoint_every_epochs=1",
             "train.batch_size=16",
             "train.lr=1e-20",
             "train.incremental_lr=1e-20",
@@ -90,14 +99,20 @@ def run_config(run_dir: Path) -> RunConfig:
 
 
 class FrozenBatchNorm(Observer):
-    """Puts every batch norm of the trained network in eval mode at each epoch's start."""
+    """Puts every batch norm of the trained network in eval mode at each epoch's start, and
+    keeps a copy of session 1's mid-session checkpoint (written inside the DDP-wrapped fit)."""
 
     def __init__(self) -> None:
         self.trainer: Trainer | None = None
 
     def epoch_started(self, session: Session, epoch: int, epochs: int, steps: int) -> None:
-        assert self.trainer is not None and self.trainer.state is not None
-        freeze_batch_norm(self.trainer.state.method.network)
+        trainer = self.trainer
+        assert trainer is not None and trainer.state is not None
+        freeze_batch_norm(trainer.state.method.network)
+        if session.index == 1 and epoch == 1 and trainer.experiment.runtime.is_main:
+            folder = latest_checkpoint(trainer.run_dir)
+            assert folder is not None and folder.name == "session_01_epoch_001_step_000000"
+            shutil.copytree(folder, trainer.run_dir.parent / f"mid_{trainer.run_dir.name}")
 
 
 def freeze_batch_norm(network: nn.Module) -> None:
@@ -260,6 +275,12 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
         )
     ]
     assert differing == [], differing
+
+    # A mid-session checkpoint written by the 2 processes restores into a plain network.
+    restored = restore_run(Experiment(run_config(tmp_path / "two")), tmp_path / "two" / "mid_run")
+    assert restored.resume is not None and restored.resume.position == FitPosition(1, 0)
+    assert restored.next_session == 1 and restored.method.old_network is not None
+    assert restored.resume.layout == [2, 1, 16]
 
     # Files are written by rank 0 only: one checkpoint per session, one log, one config.
     checkpoints = sorted(p.name for p in (tmp_path / "two" / "run" / "checkpoints").iterdir())

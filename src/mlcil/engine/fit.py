@@ -87,6 +87,10 @@ class BatchLayout:
             )
         return layout
 
+    def as_list(self) -> list[int]:
+        """``[processes, accumulation, global batch]``, as checkpoints record it."""
+        return [self.world_size, self.accumulation, self.global_batch]
+
     @property
     def micro_batch(self) -> int:
         """Images per forward pass on one process."""
@@ -187,7 +191,7 @@ def fit_session(
                 if checkpoint is not None:
                     progress = FitProgress(FitPosition(epoch, done), optimization, scaler)
                     progress.rng = runtime.gather_objects(rng_state())
-                    progress.layout = list(dataclasses.astuple(layout))
+                    progress.layout = layout.as_list()
                     checkpoint(progress)
                 raise TrainingStoppedError(
                     f"on SIGTERM in session {session.index}, epoch {epoch + 1}, after step {done} "
@@ -199,7 +203,8 @@ def fit_session(
             every = train.checkpoint_every_epochs
             due = every is not None and (epoch + 1) % every == 0 and epoch + 1 < epochs
             if checkpoint is not None and due:  # the session's last epoch ends in a checkpoint
-                checkpoint(FitProgress(FitPosition(epoch + 1, 0), optimization, scaler))
+                position = FitPosition(epoch + 1, 0)
+                checkpoint(FitProgress(position, optimization, scaler, None, layout.as_list()))
 
 
 def check_resume_layout(resume: FitResume, layout: BatchLayout) -> None:
@@ -207,7 +212,7 @@ def check_resume_layout(resume: FitResume, layout: BatchLayout) -> None:
     position and the random states are per process); epoch boundaries resume on any layout."""
     if resume.position.step == 0 or resume.layout is None:
         return
-    if list(dataclasses.astuple(layout)) != list(resume.layout):
+    if layout.as_list() != list(resume.layout):
         processes, accumulation, batch = resume.layout
         raise ConfigError(
             f"this checkpoint was written inside an epoch by {processes} process(es) with "

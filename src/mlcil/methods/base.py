@@ -77,7 +77,7 @@ class SessionContext:
         train_source: the whole training split (for dataset-level statistics).
         runtime: device, precision and data loaders.
         seed: the run's seed.
-        batch_size: the training batch size.
+        batch_size: images per forward pass of a method's own passes, per process.
     """
 
     session: Session
