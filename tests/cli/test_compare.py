@@ -43,7 +43,8 @@ def test_compare_then_report(
     summary_rows = [row for row in method_rows if "±" in row]
     breakdown_rows = [row for row in method_rows if "±" not in row]
     assert len(summary_rows) == 2 and all(" | 2 | " in row for row in summary_rows)  # two seeds
-    assert len(breakdown_rows) == 2 and all(row.count(" / ") == 2 for row in breakdown_rows)
+    # Two breakdowns: base/new over the whole seen test set, then on their own subsets.
+    assert len(breakdown_rows) == 4 and all(row.count(" / ") == 2 for row in breakdown_rows)
     runs = sorted(p.name for p in (tmp_path / "cmp" / "runs").iterdir())
     assert runs == [
         "coco_B40-C40_finetune_s0",
