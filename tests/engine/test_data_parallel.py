@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -285,3 +286,32 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     # Files are written by rank 0 only: one checkpoint per session, one log, one config.
     checkpoints = sorted(p.name for p in (tmp_path / "two" / "run" / "checkpoints").iterdir())
     assert checkpoints == ["latest", "session_00", "session_01"]
+
+
+class SigtermAtLastStep(Observer):
+    """Sends this process SIGTERM during the last step of session 0's last epoch."""
+
+    def step_finished(
+        self, session: Session, epoch: int, step: int, parts: dict[str, float], steps: int
+    ) -> None:
+        if session.index == 0 and epoch == 1 and step == steps - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_at_a_sessions_last_step_resumes_without_losing_it(tmp_path: Path) -> None:
+    config = run_config(tmp_path / "straight")
+    straight = Trainer(config)
+    straight.run(max_sessions=2)
+    stopped = Trainer(run_config(tmp_path / "stopped"), observers=[SigtermAtLastStep()])
+    assert stopped.run(max_sessions=2) is None
+    assert stopped.stopped is not None and "SIGTERM in session 0, epoch 2" in stopped.stopped
+    folder = latest_checkpoint(stopped.run_dir)
+    assert folder is not None and folder.name == "session_00_epoch_002_step_000000"
+    resumed = Trainer(run_config(tmp_path / "stopped"), resume=True)
+    resumed.run(max_sessions=2)
+    assert straight.state is not None and resumed.state is not None
+
+    def untimed(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if k != "train_time_s"} for r in results]
+
+    assert untimed(resumed.state.results) == untimed(straight.state.results)

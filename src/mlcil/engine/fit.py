@@ -186,12 +186,14 @@ def fit_session(
         for epoch in range(position.epoch, epochs):
             first = position.step if epoch == position.epoch else 0
             rng = resume.rng if resume is not None and first > 0 else None
-            done = run.epoch(epoch, epochs, first, rng, stop)
-            if done < steps:  # SIGTERM: save where we are and stop
-                if checkpoint is not None:
-                    progress = FitProgress(FitPosition(epoch, done), optimization, scaler)
+            done, stopped = run.epoch(epoch, epochs, first, rng, stop)
+            if stopped:  # SIGTERM: save where we are and stop
+                mid_epoch = done < steps
+                position = FitPosition(epoch, done) if mid_epoch else FitPosition(epoch + 1, 0)
+                progress = FitProgress(position, optimization, scaler, None, layout.as_list())
+                if mid_epoch:
                     progress.rng = runtime.gather_objects(rng_state())
-                    progress.layout = layout.as_list()
+                if checkpoint is not None:
                     checkpoint(progress)
                 raise TrainingStoppedError(
                     f"on SIGTERM in session {session.index}, epoch {epoch + 1}, after step {done} "
@@ -238,9 +240,9 @@ class _SessionRun:
         first_step: int,
         rng: list[dict[str, Any]] | None,
         stop: _StopSignal,
-    ) -> int:
-        """Run the epoch's steps from ``first_step``; returns the steps done (fewer than
-        ``self.steps`` when SIGTERM stopped it)."""
+    ) -> tuple[int, bool]:
+        """Run the epoch's steps from ``first_step``; returns the steps done and whether SIGTERM
+        (on any rank) stopped the epoch after them."""
         context, runtime, session = self.context, self.context.runtime, self.context.session
         epoch_seed = derive_seed(context.seed, session.index, epoch)
         runtime.seed_process(epoch_seed)
@@ -254,6 +256,7 @@ class _SessionRun:
         if rng is not None:
             set_rng_state(rng[runtime.rank] if len(rng) == runtime.world_size else rng[0])
         totals: dict[str, float] = {}
+        stopped = False
         steps = enumerate(optimizer_steps(loader, layout.accumulation), first_step)
         for step, micro_batches in steps:
             batches = [Batch(images, targets) for images, targets in micro_batches]
@@ -268,12 +271,13 @@ class _SessionRun:
             for name, value in parts.items():
                 totals[name] = totals.get(name, 0.0) + value
             self.observer.step_finished(session, epoch, step, parts, self.steps)
-            if runtime.any_rank(stop.received) and step + 1 < self.steps:
-                return step + 1
+            stopped = runtime.any_rank(stop.received)  # every rank stops at the same step
+            if stopped and step + 1 < self.steps:
+                return step + 1, True
         done = max(self.steps - first_step, 1)
         means = {k: v / done for k, v in totals.items()}
         self.observer.epoch_finished(session, epoch, epochs, means)
-        return self.steps
+        return self.steps, stopped
 
 
 def train_step(
