@@ -46,6 +46,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer(config, run_dir=args.run_dir)
         if args.overwrite and not args.dry_run:
             trainer.clear_run_dir()
+    if not trainer.experiment.runtime.is_main:  # under torchrun, rank 0 logs progress
+        logging.getLogger().setLevel(logging.WARNING)
     if args.dry_run:
         print(dry_run_summary(trainer.experiment, trainer.run_dir))
         return 0

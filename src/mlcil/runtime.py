@@ -203,8 +203,12 @@ class Runtime:
         return gathered
 
     def barrier(self) -> None:
+        """Wait for every process (e.g. until rank 0 has written a checkpoint)."""
         if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            if self.device.type == "cuda":  # naming the device spares NCCL a guess
+                torch.distributed.barrier(device_ids=[self.device.index or 0])
+            else:
+                torch.distributed.barrier()
 
     def data_parallel(self, module: nn.Module) -> nn.Module:
         """``module`` wrapped for synchronised gradients (DDP), or itself with one process."""
