@@ -46,10 +46,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = _new_trainer(args, overrides)
     if trainer is None:
         return 0
+    if not trainer.experiment.runtime.is_main:  # under torchrun, rank 0 logs progress
+        logging.getLogger().setLevel(logging.WARNING)
     with guard:
         metrics = trainer.run(max_sessions=args.max_sessions)
+    if not trainer.experiment.runtime.is_main:  # under torchrun, rank 0 reports
+        return 0
     if metrics is None:
-        print(f"stopped after session {trainer.next_session - 1}; continue with:")
+        where = trainer.stopped or f"after session {trainer.next_session - 1}"
+        print(f"stopped {where}; continue with:")
         print(f"  mlcil train --resume {trainer.run_dir}")
         return 0
     if args.resume:

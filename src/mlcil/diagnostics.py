@@ -16,11 +16,13 @@ dataset and every manifest: the protocol hides labels from the learner, not from
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from mlcil.engine.checkpoint import restore_run
 from mlcil.experiment import Experiment
 from mlcil.methods.base import Method
 from mlcil.metrics.diagnostics import embedding_drift, logit_drift, pseudo_label_quality
@@ -60,9 +62,20 @@ class SessionDiagnostics:
             network.train(was_training)
         return torch.cat(logits), torch.cat(embeddings)
 
-    def before(self, method: Method) -> None:
-        """Keep the probe outputs of the network as the session starts (if it has learned)."""
+    def before(
+        self, method: Method, run_dir: Path | None = None, session: Session | None = None
+    ) -> None:
+        """Keep the probe outputs of the network as the session starts (if it has learned).
+
+        A run resumed inside ``session`` passes its ``run_dir``: the network as the session
+        started is then rebuilt from the previous session's checkpoint.
+        """
         self.earlier = None
+        if run_dir is not None and session is not None:
+            if session.index == 0:
+                return
+            folder = run_dir / "checkpoints" / f"session_{session.index - 1:02d}"
+            method = restore_run(self.experiment, folder).method
         if method.network.num_sessions == 0:
             return
         self.earlier = self._probe_outputs(method)

@@ -113,7 +113,9 @@ class Experiment:
         )
         self.check_sessions()
         data = config.data
-        self.train_transform = build_transform(data.image_size, True, data.augment)
+        self.train_transform = build_transform(
+            data.image_size, True, data.augment, data.randaugment
+        )
         self.eval_transform = build_transform(data.image_size, False)
 
     def check_sessions(self) -> None:
@@ -197,7 +199,8 @@ class Experiment:
             train_source=self.train_source,
             runtime=self.runtime,
             seed=self.config.seed,
-            batch_size=self.config.train.batch_size,
+            # Each process loads its share of the global batch (train.batch_size).
+            batch_size=max(self.config.train.batch_size // self.runtime.world_size, 1),
         )
 
     @property

@@ -329,18 +329,28 @@ def _mean_of(values: Sequence[float | None]) -> str:
     return "-" if mean is None else f"{mean:.1f}"
 
 
-def session_breakdown_markdown(runs: Sequence[dict[str, Any]]) -> str:
+SUBSET_KEYS = ("seen_map", "base_map_subset", "new_map_subset")
+SUBSET_TITLE = "seen / base / new mAP, base and new each on its own test subset (the release's)"
+
+
+def session_breakdown_markdown(
+    runs: Sequence[dict[str, Any]],
+    keys: Sequence[str] = ("seen_map", "base_map", "new_map"),
+    title: str = "seen / base / new mAP after each session",
+) -> str:
     """Per (dataset, protocol), a table of seen / base / new mAP after every session.
 
     Cells are means over seeds. Base is the first session's classes, new the session's own; the
     first session's three values coincide, so it shows one. Rows follow ``comparison_markdown``.
+    ``keys`` picks the three session fields (``SUBSET_KEYS``: the release's base/new definition;
+    a run without them shows "-").
     """
     sections = []
     for (dataset, protocol), label_runs in group_runs(runs).items():
         num_sessions = max(len(r["sessions"]) for group in label_runs.values() for r in group)
         header = "| method | " + " | ".join(f"session {i}" for i in range(num_sessions)) + " |"
         lines = [
-            f"### {dataset} {protocol}: seen / base / new mAP after each session",
+            f"### {dataset} {protocol}: {title}",
             "",
             header,
             "|---|" + "---|" * num_sessions,
@@ -360,10 +370,7 @@ def session_breakdown_markdown(runs: Sequence[dict[str, Any]]) -> str:
                     cells.append(_mean_of([e["seen_map"] for e in entries]))
                 else:
                     cells.append(
-                        " / ".join(
-                            _mean_of([e.get(key) for e in entries])
-                            for key in ("seen_map", "base_map", "new_map")
-                        )
+                        " / ".join(_mean_of([e.get(key) for e in entries]) for key in keys)
                     )
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))
@@ -426,6 +433,7 @@ def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path) -> dict
             for row in comparison_rows(label_runs)
         ]
     markdown += "\n" + session_breakdown_markdown(runs)
+    markdown += "\n" + session_breakdown_markdown(runs, SUBSET_KEYS, SUBSET_TITLE)
     diagnostics = diagnostics_markdown(runs)
     if diagnostics:
         markdown += "\n" + diagnostics

@@ -25,6 +25,8 @@ CSV_COLUMNS = (
     "seen_map",
     "base_map",
     "new_map",
+    "base_map_subset",
+    "new_map_subset",
     "train_images",
     "memory_images",
     "test_images",
@@ -101,6 +103,7 @@ def write_results(run_dir: Path, metrics: dict[str, Any]) -> None:
                 "session": entry["index"],
                 "classes": " ".join(entry["classes"]),
                 **{k: _fmt(entry.get(k)) for k in ("seen_map", "base_map", "new_map")},
+                **{k: _fmt(entry.get(k)) for k in ("base_map_subset", "new_map_subset")},
             }
         )
     write_text_atomic(run_dir / "metrics.csv", buffer.getvalue())

@@ -10,12 +10,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from typing import Any, cast
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from mlcil import distributed
 from mlcil.config.schema import TrainConfig
 from mlcil.errors import ConfigError
 
@@ -35,6 +40,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict[str, Any]:
+    """The random states of python, numpy and torch (CPU and CUDA) as plain JSON data."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = cast(tuple, np.random.get_state(legacy=True))
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
 @dataclasses.dataclass
 class Runtime:
     """Device, precision and process layout of a run."""
@@ -44,6 +74,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     num_workers: int = 0
+    local_rank: int = 0
 
     @classmethod
     def from_config(cls, train: TrainConfig, num_workers: int) -> Runtime:
@@ -56,12 +87,22 @@ class Runtime:
                 raise ConfigError(f"train.device: {train.device!r} is not a device") from error
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise ConfigError(f"train.device={train.device} but CUDA is not available")
+        context = distributed.DistributedContext.from_environment(device.type)
+        if device.type == "cuda" and context.is_distributed:
+            device = torch.device("cuda", context.local_rank)  # one process per GPU (torchrun)
         precision = train.precision
         if precision == "auto":
             precision = "fp16" if device.type == "cuda" else "fp32"
         if precision == "fp16" and device.type != "cuda":
             raise ConfigError("train.precision=fp16 needs a CUDA device; use fp32 or bf16")
-        return cls(device=device, precision=precision, num_workers=num_workers)
+        return cls(
+            device=device,
+            precision=precision,
+            rank=context.rank,
+            world_size=context.world_size,
+            num_workers=num_workers,
+            local_rank=context.local_rank,
+        )
 
     @property
     def is_main(self) -> bool:
@@ -84,22 +125,132 @@ class Runtime:
         batch_size: int,
         shuffle: bool,
         seed: int | None = None,
+        start_index: int = 0,
     ) -> DataLoader:
-        """A data loader whose shuffle order depends only on ``seed``."""
+        """A loader over this process's shard whose order depends only on ``seed``.
+
+        With one process the order is exactly ``DataLoader(shuffle=shuffle,
+        generator=Generator().manual_seed(seed))``'s; with several, every rank reads its
+        :class:`~mlcil.distributed.ShardSampler` share of the same global order.
+        ``start_index`` skips this rank's first positions (a mid-epoch resume).
+        """
         generator = None
         if seed is not None:
+            # The loader draws its workers' base seed from this generator, not the global RNG.
             generator = torch.Generator()
             generator.manual_seed(seed)
+        sampler = distributed.ShardSampler(
+            len(dataset),  # type: ignore[arg-type]
+            self.rank,
+            self.world_size,
+            shuffle=shuffle,
+            seed=seed or 0,
+            start_index=start_index,
+        )
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             generator=generator,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
             worker_init_fn=_seed_worker if self.num_workers else None,
         )
+
+    # --- data parallelism: every call is a no-op with one process ----------------------------
+
+    def seed_process(self, seed: int) -> None:
+        """Seed python, numpy and torch for a phase: ``seed`` itself on rank 0 (a single-process
+        run is unchanged), a value derived from it and the rank elsewhere, so ranks draw
+        different augmentations."""
+        seed_everything(seed if self.rank == 0 else derive_seed(seed, self.rank))
+
+    def gather_rows(self, rows: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Every rank's rows concatenated in rank order (e.g. a method's scores of one pass)."""
+        return distributed.all_gather_rows(rows)
+
+    def gather_loader_rows(self, loader: DataLoader, rows: np.ndarray) -> np.ndarray:
+        """Rows computed over an unshuffled :meth:`loader`, gathered from every rank into
+        dataset order (the sampler's padding dropped): what one process would have computed."""
+        if self.world_size == 1:
+            return rows
+        sampler = loader.sampler
+        assert isinstance(sampler, distributed.ShardSampler)
+        return distributed.gather_in_order(rows, sampler.positions(), sampler.num_items)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's plain-data ``obj`` on every rank."""
+        return distributed.broadcast_object(obj)
+
+    def synchronize_parameters(self, module: nn.Module) -> None:
+        """Copy rank 0's parameters and buffers into every rank's ``module``."""
+        distributed.broadcast_parameters(module)
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on at least one rank."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0])
+        return bool(distributed.all_reduce_mean(value).item() > 0)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's plain-data ``obj``, in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+
+    def barrier(self) -> None:
+        """Wait for every process (e.g. until rank 0 has written a checkpoint)."""
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            if self.device.type == "cuda":  # naming the device spares NCCL a guess
+                torch.distributed.barrier(device_ids=[self.device.index or 0])
+            else:
+                torch.distributed.barrier()
+
+    def data_parallel(self, module: nn.Module) -> nn.Module:
+        """``module`` wrapped for synchronised gradients (DDP), or itself with one process."""
+        if self.world_size == 1:
+            return module
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DataParallelModule(module, device_ids=device_ids)
+
+    @staticmethod
+    def no_sync(module: nn.Module) -> AbstractContextManager:
+        """Skip gradient synchronisation in a backward pass (all but the last accumulation
+        micro-batch)."""
+        if isinstance(module, DistributedDataParallel):
+            return module.no_sync()
+        return contextlib.nullcontext()
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module itself when ``module`` is a data-parallel wrapper."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+class DataParallelModule(DistributedDataParallel):
+    """DDP that forwards unknown attributes to the wrapped module, so a method can keep calling
+    ``self.network.retained_embedding(...)`` while its ``self.network`` is the wrapper."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+@contextlib.contextmanager
+def swapped_attribute(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """Temporarily set ``owner.<name> = value``."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 
 def _seed_worker(worker_id: int) -> None:

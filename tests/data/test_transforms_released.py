@@ -132,3 +132,25 @@ def test_released_option_without_the_package_is_a_config_error(
 def test_unknown_randaugment_value_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="data.randaugment: 'timm' is not one of"):
         build_transform(16, train=True, randaugment="timm")
+
+
+def test_the_config_key_selects_the_released_policy_for_training(
+    fake_package: type[_RecordingPolicy],
+) -> None:
+    from mlcil.experiment import Experiment, load_config
+
+    config = load_config(
+        None,
+        [
+            "data.dataset=digits",
+            "data.image_size=16",
+            "data.randaugment=released",
+            "protocol=B0-C2",
+            "model.pretrained=null",
+        ],
+    )
+    experiment = Experiment(config)
+    experiment.train_transform(_image())
+    experiment.eval_transform(_image())
+    assert len(fake_package.calls) == 1  # training only
+    assert load_config(None, []).data.randaugment == "torchvision"  # the default

@@ -1,5 +1,8 @@
 """Each method's loss is the composition its docstring states, recomputed here from the pure
-functions of ``mlcil.losses`` on the same batch (second session, so every term is active)."""
+functions of ``mlcil.losses`` on the same batch (second session, so every term is active).
+
+Sum-reduced terms (the ASL, LwF's distillation) enter as ``R x`` their per-image mean, R being
+``loss.reference_images``; every other term is a per-image mean."""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from mlcil.pseudo_labels import apply_pseudo_labels
 from tiny import in_memory_context
 
 PROTOCOL = sessions(6, 2, 2)  # sessions of 2, 2, 2 classes
+R = 3  # loss.reference_images
 
 
 def second_session_method(name: str, params: dict[str, Any], network: str = "linear") -> Method:
@@ -35,7 +39,9 @@ def second_session_method(name: str, params: dict[str, Any], network: str = "lin
         model = ModelConfig(backbone="resnet18", feature_stage=2, network="ica", params=ica)
     method_class = METHODS[name]
     method = method_class(
-        method_class.Params(**params), build_network(model, 32), LossConfig(gamma_neg=2.0)
+        method_class.Params(**params),
+        build_network(model, 32),
+        LossConfig(gamma_neg=2.0, reference_images=R),
     )
     labels = np.ones((8, 6), dtype=np.uint8)
     first = in_memory_context(PROTOCOL[0], PROTOCOL, labels)
@@ -56,7 +62,9 @@ def batch() -> Batch:
 
 
 def asl(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return asymmetric_loss(logits, targets, gamma_neg=2.0, gamma_pos=0.0, clip=0.05)
+    """R x the per-image mean of the summed ASL."""
+    summed = asymmetric_loss(logits, targets, gamma_neg=2.0, gamma_pos=0.0, clip=0.05)
+    return R * summed / len(logits)
 
 
 @pytest.mark.parametrize("name", ["finetune", "replay"])
@@ -71,9 +79,8 @@ def test_lwf_is_asl_on_new_classes_plus_weighted_sigmoid_distillation_on_old() -
     assert method.old_network is not None
     logits = method.network(data.images).logits
     old_logits = method.old_network(data.images).logits
-    expected = asl(logits[:, 2:], data.targets[:, 2:4]) + 2.5 * sigmoid_distillation(
-        logits[:, :2], old_logits
-    )
+    distillation = R * sigmoid_distillation(logits[:, :2], old_logits) / len(logits)
+    expected = asl(logits[:, 2:], data.targets[:, 2:4]) + 2.5 * distillation
     output = method.training_step(data)
     torch.testing.assert_close(output.loss, expected)
     assert set(output.parts) == {"asl", "kd"}

@@ -63,10 +63,16 @@ def test_shapes_initialisation_and_patch_count() -> None:
     assert network.pos_embed.shape == (1, 16, 32)
     output = network(torch.rand(2, 3, 32, 32))
     assert output.logits.shape == (2, 5) and output.pooled.shape == (2, 128)
-    # Released initialisation: block Linear weights N(0, 0.01), biases zero; first head too.
+    # Released initialisation: block Linear weights N(0, 0.01), biases zero; the first head's
+    # weight too, its bias PyTorch's default (uniform +-1/sqrt(D), non-zero); the projection
+    # Kaiming-normal with fan_out = D and leaky_relu's gain: std sqrt(2 / (1 + 0.01^2) / 32).
     assert abs(network.block.q.weight.std().item() - 0.01) < 0.003
     assert network.block.proj.bias.abs().max() == 0
     assert abs(network.heads[0][1].weight.std().item() - 0.01) < 0.005
+    head_bias = network.heads[0][1].bias
+    assert head_bias.abs().max() > 0 and head_bias.abs().max() <= 32**-0.5
+    expected_std = (2 / (1 + 0.01**2) / 32) ** 0.5
+    assert abs(network.projection.weight.std().item() - expected_std) < 0.1 * expected_std
     # Later heads keep PyTorch's default (uniform +-1/sqrt(D): std 1/sqrt(3 D) ~ 0.1).
     assert network.heads[1][1].weight.std().item() > 0.05
     with pytest.raises(ValueError, match="positional embedding"):

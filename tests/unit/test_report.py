@@ -217,3 +217,37 @@ def test_diagnostics_tables_average_each_session_over_seeds() -> None:
     assert "| krt | 0.200 |" in markdown  # embedding drift averaged
     assert "scores on the probe images" not in markdown  # no run measured logit drift
     assert "### digits B0-C2@1-0-3-2:" in markdown
+
+
+def test_the_report_also_shows_the_release_base_new_subset_maps(tmp_path: Path) -> None:
+    from mlcil.report import SUBSET_KEYS, write_report
+
+    dirs = [fake_run(tmp_path, "krt", "B0-C2", 0, [90.0, 70.0])]
+    runs = load_runs(dirs)
+    runs[0]["sessions"][1].update(base_map=80.0, new_map=60.0)
+    runs[0]["sessions"][1].update(base_map_subset=85.0, new_map_subset=65.0)
+    markdown = session_breakdown_markdown(runs, SUBSET_KEYS, "subset")
+    assert "| krt | 90.0 | 70.0 / 85.0 / 65.0 |" in markdown.splitlines()
+    # Runs written before the subset maps existed show "-" there.
+    report = write_report(dirs, tmp_path / "report")["markdown"].read_text()
+    assert "each on its own test subset" in report and "70.0 / - / -" in report
+
+
+def test_session_results_carry_both_base_new_definitions() -> None:
+    import numpy as np
+
+    from mlcil.engine.evaluate import session_result
+    from mlcil.metrics.multilabel import subset_maps
+    from mlcil.protocol import sessions
+
+    plan = sessions(4, 2, 2)
+    rng = np.random.default_rng(0)
+    scores = rng.random((12, 4))
+    targets = (rng.random((12, 4)) < 0.4).astype(np.float32)
+    targets[:4, :] = 0  # images without any class of a group: the two definitions differ
+    targets[4:8, 0] = targets[8:, 2] = 1
+    result = session_result(scores, targets, plan[1], plan[0], ["a", "b", "c", "d"])
+    expected = subset_maps(scores, targets, [0, 1], [2, 3])
+    assert result["base_map_subset"] == expected["base_map_subset"]
+    assert result["new_map_subset"] == expected["new_map_subset"]
+    assert result["base_map_subset"] != result["base_map"]

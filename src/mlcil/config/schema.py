@@ -53,6 +53,9 @@ class DataConfig(Section):
     image_size: PositiveInt = 224
     overlap: Literal["all", "disjoint"] = "all"  # "all": the published protocol
     augment: list[Augmentation] = Field(default_factory=lambda: _DEFAULT_AUGMENT.copy())
+    # RandAugment's implementation: torchvision's, or "released", the PyPI package randaugment
+    # 1.0.2 the KRT release uses (pip install 'mlcil[released]').
+    randaugment: Literal["torchvision", "released"] = "torchvision"
     num_workers: Annotated[int, Field(ge=0)] = 4
 
     @field_validator("dataset")
@@ -110,6 +113,11 @@ class LossConfig(Section):
     gamma_neg: Annotated[float, Field(ge=0)] = 4.0
     gamma_pos: Annotated[float, Field(ge=0)] = 0.0
     clip: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    # R: the classification term is R x (ASL summed over a step's images) / (images in the global
+    # optimiser step), i.e. R x the per-image mean, so lambda and weight decay mean the same at any
+    # batch size, accumulation or process count. 64 with a global batch of 128 is exactly the
+    # release's ASL_sum(128) / 2 (64 images per GPU on 2 GPUs, KRT-SPEC 8b).
+    reference_images: PositiveInt = 64
 
 
 class MemoryConfig(Section):
@@ -129,7 +137,8 @@ class TrainConfig(Section):
 
     epochs: PositiveInt = 20
     base_epochs: PositiveInt | None = None  # epochs of the first session; None: same as epochs
-    batch_size: PositiveInt = 64
+    batch_size: PositiveInt = 64  # the global batch: all processes and accumulation steps
+    grad_accumulation: PositiveInt = 1  # micro-batches per optimiser step and process
     lr: PositiveFloat = 4e-5  # first session
     incremental_lr: PositiveFloat = 1e-4  # every later session
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
@@ -143,6 +152,9 @@ class TrainConfig(Section):
     progress: bool = True
     tensorboard: bool = True
     diagnostics: bool = True  # restore quality and old-knowledge drift per session (metrics.json)
+    # Write a mid-session checkpoint every N epochs (and always on SIGTERM); None: only at the
+    # end of each session.
+    checkpoint_every_epochs: PositiveInt | None = None
 
     def epochs_for(self, session_index: int) -> int:
         if session_index == 0 and self.base_epochs is not None:

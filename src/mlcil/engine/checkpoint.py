@@ -6,6 +6,12 @@ One folder per finished session under ``<run>/checkpoints/``::
         model.safetensors   network weights (safetensors: plain tensors, no code)
         state.json          session index, network growth, method state, results so far
         memory.json         the exemplar memory (image references + labels)
+    session_01_epoch_002_step_000000/   a mid-session checkpoint (train.checkpoint_every_epochs,
+        model.safetensors                 or SIGTERM): also the teacher's weights, the optimiser's
+        teacher.safetensors               tensors, and in state.json["in_session"] the position,
+        optimizer.safetensors             optimiser/schedule/scaler settings and random states
+        state.json
+        memory.json
     latest                  name of the newest complete folder
 
 A folder is written under a temporary name and renamed into place, and ``latest`` is replaced
@@ -20,19 +26,24 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mlcil.engine.fit import FitPosition, FitProgress, FitResume
 from mlcil.errors import WeightsError
 from mlcil.fileio import write_text_atomic
 from mlcil.memory import ExemplarMemory
 from mlcil.methods.base import Method
+from mlcil.protocol import Session
+from mlcil.runtime import unwrap
 
 if TYPE_CHECKING:
     from mlcil.experiment import Experiment
@@ -60,6 +71,7 @@ class RunState:
     results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     next_session: int = 0
     elapsed_s: float = 0.0
+    resume: FitResume | None = None  # set when restored from a mid-session checkpoint
 
     def to_json(self, run_name: str, method_name: str, num_sessions: int) -> dict[str, Any]:
         return {
@@ -80,16 +92,22 @@ def save_checkpoint(
     network: nn.Module,
     state: dict[str, Any],
     memory: dict[str, Any],
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    name: str | None = None,
 ) -> Path:
-    """Write ``<run>/checkpoints/session_XX`` atomically and point ``latest`` at it."""
+    """Write ``<run>/checkpoints/<name>`` (default ``session_XX``) atomically and point
+    ``latest`` at it. ``extra_tensors`` maps file stems (``teacher``, ``optimizer``) to tensors
+    saved next to the model. Older mid-session folders are removed once the new one is in place.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    name = f"session_{session_index:02d}"
+    name = name or f"session_{session_index:02d}"
     final = root / name
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-        save_file(tensors, str(staging / "model.safetensors"))
+        save_file(_plain_tensors(network.state_dict()), str(staging / "model.safetensors"))
+        for stem, tensors in (extra_tensors or {}).items():
+            save_file(_plain_tensors(tensors), str(staging / f"{stem}.safetensors"))
         payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
         (staging / "state.json").write_text(json.dumps(payload, indent=1))
         (staging / "memory.json").write_text(json.dumps(memory, indent=1))
@@ -100,12 +118,89 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     write_text_atomic(root / "latest", name + "\n")
+    for folder in root.iterdir():
+        if folder.name != name and _MID_SESSION.fullmatch(folder.name):
+            shutil.rmtree(folder, ignore_errors=True)
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None."""
-    pointer = Path(run_dir) / "checkpoints" / "latest"
+_MID_SESSION = re.compile(r"session_\d+_epoch_\d+_step_\d+")
+_SESSION_END = re.compile(r"session_(\d+)")
+
+
+def _plain_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def save_progress_checkpoint(
+    run_dir: Path, state: RunState, payload: dict[str, Any], progress: FitProgress
+) -> Path:
+    """A mid-session checkpoint: the run state plus the training position, the teacher, the
+    optimiser (tensors in safetensors, the rest JSON), schedule, scaler and random states."""
+    method, position = state.method, progress.position
+    tensors, optimizer_json = flatten_optimizer(progress.optimization.optimizer.state_dict())
+    extra = {"optimizer": tensors}
+    teacher = method.old_network
+    if teacher is not None:
+        extra["teacher"] = teacher.state_dict()
+    payload = dict(payload)
+    payload["in_session"] = {
+        "epoch": position.epoch,
+        "step": position.step,
+        "teacher_sizes": list(teacher.session_sizes) if teacher is not None else None,
+        "optimizer": optimizer_json,
+        "scheduler": progress.optimization.scheduler.state_dict(),
+        "scaler": progress.scaler.state_dict(),
+        "rng": progress.rng,
+        "layout": progress.layout,
+    }
+    index = state.next_session
+    name = f"session_{index:02d}_epoch_{position.epoch:03d}_step_{position.step:06d}"
+    memory = state.memory.to_dict()
+    network = unwrap(method.network)  # written inside the fit, where it may be DDP-wrapped
+    return save_checkpoint(run_dir, index, network, payload, memory, extra, name)
+
+
+def flatten_optimizer(
+    state_dict: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimiser's ``state_dict`` as safetensors-ready tensors plus JSON-ready rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for index, entry in state_dict["state"].items():
+        plain[str(index)] = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value
+            else:
+                plain[str(index)][key] = value
+    return tensors, {"state": plain, "param_groups": state_dict["param_groups"]}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`flatten_optimizer`."""
+    state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in plain["state"].items()}
+    for name, tensor in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = tensor
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def latest_checkpoint(run_dir: Path, session_end: bool = False) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None.
+
+    With ``session_end`` only checkpoints written at the end of a session count (``eval`` and
+    ``predict`` score a finished session, never a half-trained one).
+    """
+    root = Path(run_dir) / "checkpoints"
+    if session_end:
+        ends = [
+            (int(match.group(1)), folder)
+            for folder in (root.iterdir() if root.is_dir() else [])
+            if (match := _SESSION_END.fullmatch(folder.name)) and (folder / "state.json").is_file()
+        ]
+        return max(ends, key=lambda item: item[0])[1] if ends else None
+    pointer = root / "latest"
     if not pointer.is_file():
         return None
     folder = pointer.parent / pointer.read_text().strip()
@@ -125,9 +220,9 @@ def read_state(folder: Path) -> dict[str, Any]:
     return state
 
 
-def load_network_weights(folder: Path, network: nn.Module) -> None:
-    """Load ``model.safetensors`` into a network rebuilt with the same growth."""
-    path = Path(folder) / "model.safetensors"
+def load_network_weights(folder: Path, network: nn.Module, file: str = "model.safetensors") -> None:
+    """Load ``model.safetensors`` (or ``file``) into a network rebuilt with the same growth."""
+    path = Path(folder) / file
     if not path.is_file():
         raise WeightsError(f"checkpoint weights not found: {path}")
     try:
@@ -177,7 +272,9 @@ def restore_run(experiment: Experiment, folder: Path) -> RunState:
         raise WeightsError(
             f"{folder / 'state.json'}: malformed checkpoint state: {error!r}"
         ) from error
-    if not 0 < next_session <= len(experiment.sessions):
+    in_session = state.get("in_session")
+    low = 0 if in_session is not None else 1  # a mid-session checkpoint's session is unfinished
+    if not low <= next_session <= len(experiment.sessions) - 1 + low:
         raise WeightsError(
             f"{folder / 'state.json'}: next_session {next_session} does not fit the run's "
             f"{len(experiment.sessions)} sessions"
@@ -188,8 +285,42 @@ def restore_run(experiment: Experiment, folder: Path) -> RunState:
     method.network.to(experiment.runtime.device)
     load_network_weights(folder, method.network)
     method.load_state_dict(state.get("method_state") or {})
-    method.restore(experiment.sessions[next_session - 1])
+    resume = None
+    if in_session is None:
+        method.restore(experiment.sessions[next_session - 1])
+    else:
+        session = experiment.sessions[next_session]
+        resume = _restore_in_session(experiment, method, folder, in_session, session)
     memory_path = folder / "memory.json"
     memory = ExemplarMemory.load(memory_path)
     memory.check_against(experiment.train_source.image_refs, where=str(memory_path))
-    return RunState(method, memory, results, next_session, elapsed)
+    return RunState(method, memory, results, next_session, elapsed, resume)
+
+
+def _restore_in_session(
+    experiment: Experiment,
+    method: Method,
+    folder: Path,
+    in_session: dict[str, Any],
+    session: Session,
+) -> FitResume:
+    """Re-enter a session mid-training: the teacher, then what ``fit_session`` resumes from."""
+    teacher = None
+    if in_session.get("teacher_sizes") is not None:
+        teacher = experiment.build_method(load_weights=False).network
+        for size in in_session["teacher_sizes"]:
+            teacher.add_session(int(size))
+        teacher.to(experiment.runtime.device)
+        load_network_weights(folder, teacher, "teacher.safetensors")
+        teacher.eval()
+        teacher.requires_grad_(False)
+    method.resume_session(session, teacher)
+    try:
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+        optimizer = unflatten_optimizer(tensors, in_session["optimizer"])
+        position = FitPosition(int(in_session["epoch"]), int(in_session["step"]))
+        scheduler, scaler = dict(in_session["scheduler"]), dict(in_session["scaler"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as error:
+        raise WeightsError(f"{folder}: malformed mid-session checkpoint: {error!r}") from error
+    rng, layout = in_session.get("rng"), in_session.get("layout")
+    return FitResume(position, optimizer, scheduler, scaler, rng, layout)

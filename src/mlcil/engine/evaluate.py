@@ -14,8 +14,10 @@ from mlcil.added_sessions import run_experiment
 from mlcil.engine.checkpoint import latest_checkpoint, restore_run
 from mlcil.errors import ConfigError
 from mlcil.experiment import Experiment, load_run
+from mlcil.memory import ExemplarMemory
 from mlcil.methods.base import Method
 from mlcil.metrics import session_maps
+from mlcil.metrics.multilabel import subset_maps
 from mlcil.protocol import Session
 from mlcil.runtime import Runtime
 
@@ -41,7 +43,9 @@ def predict_scores(
             targets.append(target[:, :num_classes])
     finally:
         network.train(was_training)
-    return torch.cat(scores).numpy(), torch.cat(targets).numpy()
+    # Each process scored its shard: gathered in dataset order, as one process would score.
+    gather = runtime.gather_loader_rows
+    return gather(loader, torch.cat(scores).numpy()), gather(loader, torch.cat(targets).numpy())
 
 
 @torch.no_grad()
@@ -58,7 +62,27 @@ def pooled_features(method: Method, loader: DataLoader, runtime: Runtime) -> tor
             chunks.append(features.float().cpu())
     finally:
         network.train(was_training)
-    return torch.cat(chunks)
+    return torch.from_numpy(runtime.gather_loader_rows(loader, torch.cat(chunks).numpy()))
+
+
+def update_memory(
+    experiment: Experiment,
+    method: Method,
+    memory: ExemplarMemory,
+    session: Session,
+    own: np.ndarray,
+) -> ExemplarMemory:
+    """Herd exemplars of the session's classes from its own images (``own`` source positions) on
+    un-augmented pooled features: selected once, on the main process, then shared with every
+    process as plain data."""
+    loader = experiment.eval_loader(experiment.plain_images(own))
+    features = pooled_features(method, loader, experiment.runtime)
+    source, runtime = experiment.train_source, experiment.runtime
+    if runtime.is_main:
+        memory.update(session, own, features, source.labels, source.image_refs)
+    if runtime.world_size > 1:
+        memory = ExemplarMemory.from_dict(runtime.broadcast(memory.to_dict()))
+    return memory
 
 
 def evaluate_session(
@@ -76,8 +100,14 @@ def session_result(
     base_session: Session,
     class_names: Sequence[str],
 ) -> dict:
-    """The per-session entry of ``metrics.json`` (maps in percent, AP per class name)."""
+    """The per-session entry of ``metrics.json`` (maps in percent, AP per class name).
+
+    ``base_map`` / ``new_map`` rank the whole seen test set; ``base_map_subset`` /
+    ``new_map_subset`` are the release's definition (each on the images showing a base, resp. a
+    new class: :func:`mlcil.metrics.multilabel.subset_maps`), the one comparable with papers.
+    """
     maps = session_maps(scores, targets, base_session.new_classes, session.new_classes)
+    subsets = subset_maps(scores, targets, base_session.new_classes, session.new_classes)
     return {
         "index": session.index,
         "classes": [class_names[c] for c in session.new_classes],
@@ -85,6 +115,8 @@ def session_result(
         "seen_map": maps["seen_map"],
         "base_map": maps["base_map"],
         "new_map": maps["new_map"],
+        "base_map_subset": subsets["base_map_subset"],
+        "new_map_subset": subsets["new_map_subset"],
         "ap": {class_names[c]: 100.0 * ap for c, ap in enumerate(maps["ap"])},
         "classes_without_positives": [class_names[c] for c in maps["classes_without_positives"]],
         "test_images": len(scores),
@@ -101,7 +133,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     config, metrics = load_run(run_dir)
     experiment = run_experiment(run_dir, config)
-    folder = latest_checkpoint(run_dir)
+    folder = latest_checkpoint(run_dir, session_end=True)
     if folder is None:
         raise ConfigError(f"{run_dir}: no checkpoint to evaluate")
     state = restore_run(experiment, folder)

@@ -1,25 +1,147 @@
 """Fitting one session: the epochs of optimiser steps a method's loss drives.
 
 Every epoch re-seeds python, numpy and torch from ``(run seed, session, epoch)`` and shuffles with
-a loader seeded the same way, so each epoch is reproducible on its own: exact resume needs no
-random-state snapshot at session boundaries.
+a sampler seeded the same way, so each epoch is reproducible on its own: a resume at an epoch
+boundary needs no random-state snapshot; one inside an epoch (SIGTERM) restores the saved states.
+
+One optimiser step reads ``train.batch_size`` images in all: ``world_size`` processes each run
+``train.grad_accumulation`` micro-batches. Methods return per-image means; each micro-batch's loss
+is multiplied by :func:`mlcil.distributed.loss_scale` so that gradient accumulation and DDP's
+averaging give exactly the gradient of the mean over the global batch, whatever the layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import dataclasses
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any, cast
 
 import torch
 
 from mlcil.config.schema import TrainConfig
+from mlcil.distributed import loss_scale, shard_size
 from mlcil.engine.observers import Observer
-from mlcil.errors import TrainingError
+from mlcil.errors import ConfigError, TrainingError
 from mlcil.methods.base import Batch, Method, Optimization, SessionContext
-from mlcil.runtime import derive_seed, seed_everything
+from mlcil.runtime import Runtime, derive_seed, rng_state, set_rng_state, swapped_attribute
 
 
 class NonFiniteLossError(TrainingError):
     """A step produced a NaN or infinite loss; the weights were not updated with it."""
+
+
+class TrainingStoppedError(TrainingError):
+    """SIGTERM arrived; the step in flight finished and a checkpoint was written."""
+
+
+@dataclasses.dataclass
+class FitPosition:
+    """Where a session's training stands: the next optimiser step to run."""
+
+    epoch: int = 0
+    step: int = 0  # optimiser steps already done in ``epoch``
+
+
+@dataclasses.dataclass
+class FitProgress:
+    """What a mid-session checkpoint captures, besides the run state."""
+
+    position: FitPosition
+    optimization: Optimization
+    scaler: torch.amp.GradScaler
+    rng: list[dict[str, Any]] | None = None  # every rank's random states (mid-epoch only)
+    layout: list[int] | None = None  # [processes, accumulation, global batch]
+
+
+@dataclasses.dataclass
+class FitResume:
+    """The training state a mid-session checkpoint gives back to :func:`fit_session`."""
+
+    position: FitPosition
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any]
+    rng: list[dict[str, Any]] | None = None
+    layout: list[int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """How one global batch splits into processes and accumulation micro-batches."""
+
+    global_batch: int
+    world_size: int
+    accumulation: int
+
+    @classmethod
+    def of(cls, train: TrainConfig, world_size: int) -> BatchLayout:
+        layout = cls(train.batch_size, world_size, train.grad_accumulation)
+        if train.batch_size % (world_size * train.grad_accumulation):
+            raise ConfigError(
+                f"train.batch_size={train.batch_size} (the global batch) must be a multiple of "
+                f"{world_size} processes x train.grad_accumulation={train.grad_accumulation}"
+            )
+        return layout
+
+    def as_list(self) -> list[int]:
+        """``[processes, accumulation, global batch]``, as checkpoints record it."""
+        return [self.world_size, self.accumulation, self.global_batch]
+
+    @property
+    def micro_batch(self) -> int:
+        """Images per forward pass on one process."""
+        return self.global_batch // (self.world_size * self.accumulation)
+
+    def steps(self, num_images: int) -> int:
+        """Optimiser steps per epoch over ``num_images`` (the last step may be partial)."""
+        micro_batches = -(-shard_size(num_images, self.world_size) // self.micro_batch)
+        return -(-micro_batches // self.accumulation)
+
+
+def optimizer_steps(loader: Any, accumulation: int) -> Iterator[list[Any]]:
+    """Group a loader's micro-batches into optimiser steps of ``accumulation`` each."""
+    group: list[Any] = []
+    for item in loader:
+        group.append(item)
+        if len(group) == accumulation:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+@contextlib.contextmanager
+def training_network(method: Method, runtime: Runtime) -> Iterator[None]:
+    """``method.network`` is the data-parallel wrapper while this lasts (and the plain network
+    again afterwards); the method does not know. The teacher stays unwrapped."""
+    wrapped = runtime.data_parallel(method.network)
+    with swapped_attribute(method, "network", wrapped):
+        yield
+
+
+class _StopSignal:
+    """Records SIGTERM (the cluster's notice before pre-emption) instead of dying at once."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        self.received = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def fit_session(
@@ -28,65 +150,186 @@ def fit_session(
     train: TrainConfig,
     observer: Observer,
     interim_map: Callable[[], float] | None = None,
+    resume: FitResume | None = None,
+    checkpoint: Callable[[FitProgress], None] | None = None,
 ) -> None:
     """Train ``method`` on the session of ``context`` for the configured epochs.
 
     Args:
         method: the method, already past ``begin_session``.
         context: the session's training set, runtime and seed.
-        train: epochs, batch size, learning rates, evaluation settings.
+        train: epochs, batch layout, learning rates, evaluation and checkpoint settings.
         observer: notified of epochs and steps.
         interim_map: scores the test set (seen mAP) for the optional per-epoch evaluation.
+        resume: continue from a mid-session checkpoint instead of the session's start.
+        checkpoint: writes a mid-session checkpoint (every ``train.checkpoint_every_epochs``
+            epochs, and on SIGTERM); called on every rank.
+
+    Raises:
+        TrainingStoppedError: after SIGTERM, once the checkpoint is written.
     """
     session, runtime = context.session, context.runtime
+    layout = BatchLayout.of(train, runtime.world_size)
     epochs = train.epochs_for(session.index)
-    steps = len(runtime.loader(context.train_set, train.batch_size, shuffle=True, seed=0))
+    steps = layout.steps(len(context.train_set))
     optimization = method.configure_optimization(train, session, epochs * steps)
     scaler = runtime.grad_scaler()
-    for epoch in range(epochs):
+    position = FitPosition()
+    if resume is not None:
+        check_resume_layout(resume, layout)
+        optimization.optimizer.load_state_dict(resume.optimizer)
+        optimization.scheduler.load_state_dict(resume.scheduler)
+        scaler.load_state_dict(resume.scaler)
+        position = resume.position
+    run = _SessionRun(method, context, layout, optimization, scaler, observer, steps)
+    with training_network(method, runtime), _StopSignal() as stop:
+        for epoch in range(position.epoch, epochs):
+            first = position.step if epoch == position.epoch else 0
+            rng = resume.rng if resume is not None and first > 0 else None
+            done, stopped = run.epoch(epoch, epochs, first, rng, stop)
+            if stopped:  # SIGTERM: save where we are and stop
+                mid_epoch = done < steps
+                position = FitPosition(epoch, done) if mid_epoch else FitPosition(epoch + 1, 0)
+                progress = FitProgress(position, optimization, scaler, None, layout.as_list())
+                if mid_epoch:
+                    progress.rng = runtime.gather_objects(rng_state())
+                if checkpoint is not None:
+                    checkpoint(progress)
+                raise TrainingStoppedError(
+                    f"on SIGTERM in session {session.index}, epoch {epoch + 1}, after step {done} "
+                    "(checkpoint written)"
+                )
+            if interim_map is not None and train.eval_every_epoch and epoch < epochs - 1:
+                # Logged for curiosity only: the reported model is always the last epoch's.
+                observer.interim_evaluated(session, epoch, interim_map())
+            every = train.checkpoint_every_epochs
+            due = every is not None and (epoch + 1) % every == 0 and epoch + 1 < epochs
+            if checkpoint is not None and due:  # the session's last epoch ends in a checkpoint
+                position = FitPosition(epoch + 1, 0)
+                checkpoint(FitProgress(position, optimization, scaler, None, layout.as_list()))
+
+
+def check_resume_layout(resume: FitResume, layout: BatchLayout) -> None:
+    """A checkpoint taken inside an epoch resumes only on the layout that wrote it (the sampler
+    position and the random states are per process); epoch boundaries resume on any layout."""
+    if resume.position.step == 0 or resume.layout is None:
+        return
+    if layout.as_list() != list(resume.layout):
+        processes, accumulation, batch = resume.layout
+        raise ConfigError(
+            f"this checkpoint was written inside an epoch by {processes} process(es) with "
+            f"train.grad_accumulation={accumulation} and train.batch_size={batch}: resume it "
+            "with the same layout"
+        )
+
+
+@dataclasses.dataclass
+class _SessionRun:
+    method: Method
+    context: SessionContext
+    layout: BatchLayout
+    optimization: Optimization
+    scaler: torch.amp.GradScaler
+    observer: Observer
+    steps: int
+
+    def epoch(
+        self,
+        epoch: int,
+        epochs: int,
+        first_step: int,
+        rng: list[dict[str, Any]] | None,
+        stop: _StopSignal,
+    ) -> tuple[int, bool]:
+        """Run the epoch's steps from ``first_step``; returns the steps done and whether SIGTERM
+        (on any rank) stopped the epoch after them."""
+        context, runtime, session = self.context, self.context.runtime, self.context.session
         epoch_seed = derive_seed(context.seed, session.index, epoch)
-        seed_everything(epoch_seed)
-        method.network.train()
-        observer.epoch_started(session, epoch, epochs, steps)
-        loader = runtime.loader(context.train_set, train.batch_size, shuffle=True, seed=epoch_seed)
+        runtime.seed_process(epoch_seed)
+        self.method.network.train()
+        self.observer.epoch_started(session, epoch, epochs, self.steps)
+        layout = self.layout
+        start_index = first_step * layout.accumulation * layout.micro_batch
+        loader = runtime.loader(
+            context.train_set, layout.micro_batch, True, seed=epoch_seed, start_index=start_index
+        )
+        if rng is not None:
+            set_rng_state(rng[runtime.rank] if len(rng) == runtime.world_size else rng[0])
         totals: dict[str, float] = {}
-        for step, (images, targets) in enumerate(loader):
-            batch = Batch(images, targets).to(runtime.device)
+        stopped = False
+        steps = enumerate(optimizer_steps(loader, layout.accumulation), first_step)
+        for step, micro_batches in steps:
+            batches = [Batch(images, targets) for images, targets in micro_batches]
             try:
-                parts = train_step(method, batch, optimization, scaler, context)
+                optimization, scaler = self.optimization, self.scaler
+                parts = train_step(
+                    self.method, batches, optimization, scaler, context, layout.global_batch
+                )
             except NonFiniteLossError as error:
                 where = f"session {session.index} epoch {epoch + 1} step {step}"
                 raise NonFiniteLossError(f"{where}: {error}") from None
             for name, value in parts.items():
                 totals[name] = totals.get(name, 0.0) + value
-            observer.step_finished(session, epoch, step, parts, steps)
-        observer.epoch_finished(
-            session, epoch, epochs, {k: v / max(steps, 1) for k, v in totals.items()}
-        )
-        if interim_map is not None and train.eval_every_epoch and epoch < epochs - 1:
-            # Logged for curiosity only: the reported model is always the last epoch's.
-            observer.interim_evaluated(session, epoch, interim_map())
+            self.observer.step_finished(session, epoch, step, parts, self.steps)
+            stopped = runtime.any_rank(stop.received)  # every rank stops at the same step
+            if stopped and step + 1 < self.steps:
+                return step + 1, True
+        done = max(self.steps - first_step, 1)
+        means = {k: v / done for k, v in totals.items()}
+        self.observer.epoch_finished(session, epoch, epochs, means)
+        return self.steps, stopped
 
 
 def train_step(
     method: Method,
-    batch: Batch,
+    micro_batches: list[Batch],
     optimization: Optimization,
     scaler: torch.amp.GradScaler,
     context: SessionContext,
+    global_batch: int | None = None,
 ) -> dict[str, float]:
-    """One optimiser step; returns the loss and its parts as floats.
+    """One optimiser step over this process's micro-batches; returns the loss and its parts
+    (image-weighted means over the micro-batches) as floats.
+
+    ``global_batch`` is the configured ``train.batch_size``; None: the images the step holds.
+    The objective of a step is ``(1 / global_batch) x`` the sum of its images' losses, so a
+    partial last step (fewer images) is a proportionally smaller step: on it the ASL term keeps
+    the release's sum semantics (``R x ASL_sum / global batch``; with ``R`` = the batch, exactly
+    mlcil's former ``ASL_sum``) while the other terms shrink with the step.
+
+    Each micro-batch's per-image-mean loss is scaled by ``its images x world_size / global
+    batch`` (:func:`mlcil.distributed.loss_scale` per image); gradients add up over micro-batches
+    (synchronised across processes only on the last one) and DDP averages them over processes.
 
     Raises:
         NonFiniteLossError: before a NaN or infinite loss reaches the weights.
     """
-    with context.autocast():
-        output = method.training_step(batch)
-    if not torch.isfinite(output.loss):
-        raise NonFiniteLossError(_non_finite_message(method, output.loss, output.parts))
+    runtime = context.runtime
+    local_images = sum(len(batch.images) for batch in micro_batches)
+    if global_batch is None:
+        global_batch = local_images * runtime.world_size  # every rank reads as many (padding)
     optimizer = optimization.optimizer
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(output.loss).backward()
+    logged: dict[str, float] = {}
+    for index, batch in enumerate(micro_batches):
+        batch = batch.to(runtime.device)
+        last = index == len(micro_batches) - 1
+        with contextlib.ExitStack() as stack:
+            if not last:
+                stack.enter_context(runtime.no_sync(method.network))
+            with context.autocast():
+                output = method.training_step(batch)
+            if runtime.any_rank(not bool(torch.isfinite(output.loss))):
+                raise NonFiniteLossError(_non_finite_message(method, output.loss, output.parts))
+            # The method's loss is a per-image mean: times the micro-batch's images, it is the
+            # sum that loss_scale weighs.
+            images = len(batch.images)
+            scale = images * loss_scale(images, global_batch, runtime.world_size)
+            scaler.scale(output.loss * scale).backward()
+        weight = len(batch.images) / local_images
+        values = {"loss": output.loss, **output.parts}
+        for name, value in values.items():
+            logged[name] = logged.get(name, 0.0) + weight * float(value.detach())
     if optimization.grad_clip_norm is not None:
         scaler.unscale_(optimizer)
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
@@ -94,11 +337,12 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     optimization.scheduler.step()
-    return {"loss": float(output.loss.detach()), **{k: float(v) for k, v in output.parts.items()}}
+    return logged
 
 
 def _non_finite_message(method: Method, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> str:
-    broken = [name for name, p in method.network.named_parameters() if not p.isfinite().all()]
+    network = cast(torch.nn.Module, method.network)
+    broken = [name for name, p in network.named_parameters() if not p.isfinite().all()]
     detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
     if broken:
         # Weights that are already NaN (a corrupt weights file, an earlier blow-up) are not a

@@ -3,13 +3,13 @@
 ``Trainer`` only orchestrates. The experiment (data, sessions, transforms, runtime) comes from
 :class:`mlcil.experiment.Experiment`, fitting a session from :func:`mlcil.engine.fit.fit_session`,
 run state and checkpoints from :mod:`mlcil.engine.checkpoint`, logging, progress bars and
-TensorBoard from observers. After every session the state is checkpointed; ``resume=True``
-rebuilds it from the latest checkpoint, and because every session and epoch re-seeds from
-``(seed, session, epoch)`` a resumed run continues exactly as an uninterrupted one would.
+TensorBoard from observers. ``resume=True`` rebuilds the state from the newest checkpoint and
+continues exactly as an uninterrupted run (every session and epoch re-seeds from its indices).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -21,9 +21,15 @@ import numpy as np
 
 from mlcil.config.schema import RunConfig
 from mlcil.diagnostics import SessionDiagnostics
-from mlcil.engine.checkpoint import RunState, latest_checkpoint, restore_run, save_checkpoint
-from mlcil.engine.evaluate import evaluate_session, pooled_features, session_result
-from mlcil.engine.fit import NonFiniteLossError, fit_session
+from mlcil.engine.checkpoint import (
+    RunState,
+    latest_checkpoint,
+    restore_run,
+    save_checkpoint,
+    save_progress_checkpoint,
+)
+from mlcil.engine.evaluate import evaluate_session, session_result, update_memory
+from mlcil.engine.fit import FitProgress, NonFiniteLossError, TrainingStoppedError, fit_session
 from mlcil.engine.observers import (
     LogObserver,
     Observer,
@@ -72,6 +78,7 @@ class Trainer:
         self.resume = resume
         self.extra_observers = list(observers)
         self.state: RunState | None = None
+        self.stopped: str | None = None  # why run() stopped early (SIGTERM), after a checkpoint
         self.weights_provenance: dict[str, Any] | None = None  # of pretrain:<source> weights
         self._final_scores: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -81,10 +88,11 @@ class Trainer:
 
     def clear_run_dir(self) -> None:
         """Delete the result files and checkpoints of an earlier run in ``run_dir``."""
-        for name in ("checkpoints", "tensorboard"):
+        for name in ("checkpoints", "tensorboard") if self.experiment.runtime.is_main else ():
             shutil.rmtree(self.run_dir / name, ignore_errors=True)
-        for name in RESULT_FILES:
+        for name in RESULT_FILES if self.experiment.runtime.is_main else ():
             (self.run_dir / name).unlink(missing_ok=True)
+        self.experiment.runtime.barrier()
 
     def run(self, max_sessions: int | None = None) -> dict[str, Any] | None:
         """Learn the remaining sessions (at most ``max_sessions`` of them).
@@ -98,7 +106,12 @@ class Trainer:
             state = self._begin()
             remaining = self.experiment.sessions[state.next_session :]
             for session in remaining[:max_sessions] if max_sessions is not None else remaining:
-                self._run_session(state, session, observer)
+                try:
+                    self._run_session(state, session, observer)
+                except TrainingStoppedError as stop:
+                    self.stopped = str(stop)
+                    logger.warning("stopped %s; resume with --resume", stop)
+                    return None
             if state.next_session < len(self.experiment.sessions):
                 return None
             return self._finish(state)
@@ -107,7 +120,7 @@ class Trainer:
 
     def _observers(self) -> Observers:
         train, is_main = self.config.train, self.experiment.runtime.is_main
-        observers: list[Observer] = [LogObserver(self.run_dir / "train.log")]
+        observers: list[Observer] = [LogObserver(self.run_dir / "train.log")] if is_main else []
         if train.progress and is_main:
             observers.append(ProgressObserver())
         if train.tensorboard and is_main:
@@ -115,8 +128,8 @@ class Trainer:
         return Observers([*observers, *self.extra_observers])
 
     def build_fresh_method(self) -> Method:
-        """The method with its network's starting weights (``pretrain:`` names resolved, and
-        made on first use)."""
+        """The method with its starting weights (``pretrain:`` names resolved, made on first
+        use)."""
         model, provenance = resolve_pretrained(self.config.model, self.config.data.image_size)
         self.weights_provenance = provenance
         return self.experiment.build_method(model=model)
@@ -153,14 +166,19 @@ class Trainer:
             session, f"classes {names}, {own_images} training images + {exemplars} exemplars"
         )
         context = experiment.context(session, train_set)
+        resume, state.resume = state.resume, None
         diagnostics = SessionDiagnostics(experiment) if self.config.train.diagnostics else None
-        if diagnostics is not None:
-            diagnostics.before(method)
-        seed_everything(derive_seed(self.config.seed, session.index, _GROWTH_PHASE))
-        method.begin_session(context)
-        method.network.to(experiment.runtime.device)
+        if diagnostics is not None:  # resumed inside the session: the session start is on disk
+            diagnostics.before(method, self.run_dir if resume is not None else None, session)
+        if resume is None:  # else the network is grown, loaded and the method state restored
+            seed_everything(derive_seed(self.config.seed, session.index, _GROWTH_PHASE))
+            method.begin_session(context)
+            method.network.to(experiment.runtime.device)
+            experiment.runtime.synchronize_parameters(method.network)  # new head and tokens
+        save = functools.partial(self._save_progress, state)
+        interim = self._interim_map(session)
         try:
-            fit_session(method, context, self.config.train, observer, self._interim_map(session))
+            fit_session(method, context, self.config.train, observer, interim, resume, save)
         except NonFiniteLossError as error:
             # The previous session's checkpoint stays the latest, so the run can resume.
             raise NonFiniteLossError(f"{error}; then resume {self.run_dir}") from None
@@ -173,12 +191,11 @@ class Trainer:
             train_time_s=round(train_time, 3),
             method_state=method.state_dict(),
         )
+        own = train_set.indices[:own_images]
         if diagnostics is not None:
-            result["diagnostics"] = diagnostics.after(
-                method, session, train_set.indices[:own_images]
-            )
+            result["diagnostics"] = diagnostics.after(method, session, own)
         if state.memory.enabled:
-            self._update_memory(state, session, train_set.indices[:own_images])
+            state.memory = update_memory(experiment, method, state.memory, session, own)
         method.end_session(context)
         state.results.append(result)
         state.next_session = session.index + 1
@@ -203,22 +220,20 @@ class Trainer:
 
         return seen_map
 
-    def _update_memory(self, state: RunState, session: Session, own: np.ndarray) -> None:
-        """Herd exemplars of the session's classes on un-augmented pooled features."""
-        experiment = self.experiment
-        loader = experiment.eval_loader(experiment.plain_images(own))
-        features = pooled_features(state.method, loader, experiment.runtime)
-        source = experiment.train_source
-        state.memory.update(session, own, features, source.labels, source.image_refs)
-
     def _save(self, state: RunState, session: Session) -> None:
-        if not self.experiment.runtime.is_main:
-            return
-        payload = state.to_json(
-            self.config.run_name, self.config.method.name, len(self.experiment.sessions)
-        )
-        network = state.method.network
-        save_checkpoint(self.run_dir, session.index, network, payload, state.memory.to_dict())
+        if self.experiment.runtime.is_main:
+            network, memory = state.method.network, state.memory.to_dict()
+            save_checkpoint(self.run_dir, session.index, network, self._payload(state), memory)
+        self.experiment.runtime.barrier()
+
+    def _payload(self, state: RunState) -> dict[str, Any]:
+        config = self.config
+        return state.to_json(config.run_name, config.method.name, len(self.experiment.sessions))
+
+    def _save_progress(self, state: RunState, progress: FitProgress) -> None:
+        if self.experiment.runtime.is_main:
+            save_progress_checkpoint(self.run_dir, state, self._payload(state), progress)
+        self.experiment.runtime.barrier()
 
     def _finish(self, state: RunState) -> dict[str, Any]:
         if self._final_scores is None:  # resumed after the last session: score again

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from mlcil.config.schema import LossConfig, ModelConfig, Params, TrainConfig
 from mlcil.data.base import ImageSource
@@ -31,7 +32,7 @@ from mlcil.losses import asymmetric_loss, token_distillation_weight
 from mlcil.models import IncrementalNetwork, NetworkOutput, build_network
 from mlcil.optim import decay_groups, one_cycle
 from mlcil.protocol import Session
-from mlcil.runtime import Runtime, derive_seed, seed_everything
+from mlcil.runtime import Runtime, derive_seed
 
 
 @dataclasses.dataclass
@@ -76,7 +77,7 @@ class SessionContext:
         train_source: the whole training split (for dataset-level statistics).
         runtime: device, precision and data loaders.
         seed: the run's seed.
-        batch_size: the training batch size.
+        batch_size: images per forward pass of a method's own passes, per process.
     """
 
     session: Session
@@ -99,12 +100,31 @@ class SessionContext:
 
         Randomness is re-seeded from ``(run seed, session, phase)``, so a pass is reproducible on
         its own; a method picks a ``phase`` distinct from epoch numbers for each of its passes.
+        Under data parallelism each process reads its shard: combine what a pass computes with
+        ``runtime.gather_rows``.
         """
-        phase_seed = derive_seed(self.seed, self.session.index, phase)
-        seed_everything(phase_seed)
-        loader = self.runtime.loader(self.train_set, self.batch_size, shuffle=True, seed=phase_seed)
-        for images, targets in loader:
+        for images, targets in self._pass_loader(phase):
             yield Batch(images, targets).to(self.runtime.device)
+
+    def _pass_loader(self, phase: int) -> DataLoader:
+        phase_seed = derive_seed(self.seed, self.session.index, phase)
+        self.runtime.seed_process(phase_seed)
+        return self.runtime.loader(self.train_set, self.batch_size, shuffle=True, seed=phase_seed)
+
+    def score_pass(self, phase: int, score: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
+        """``score(batch)`` rows over one :meth:`batches` pass, from every process.
+
+        With one process the rows come in the pass's order; with several, every training image
+        once, in dataset order (the sampler's padding dropped), identical on every rank.
+        """
+        loader = self._pass_loader(phase)
+        chunks = [
+            score(Batch(images, targets).to(self.runtime.device)).detach().cpu()
+            for images, targets in loader
+        ]
+        if not chunks:
+            return torch.zeros(0)
+        return torch.from_numpy(self.runtime.gather_loader_rows(loader, torch.cat(chunks).numpy()))
 
 
 class Method:
@@ -195,6 +215,12 @@ class Method:
         if self.keeps_old_network:
             self.old_network = frozen_copy(self.network)
 
+    def resume_session(self, session: Session, teacher: IncrementalNetwork | None) -> None:
+        """Re-enter ``session`` mid-training (a mid-session checkpoint): the network is already
+        grown and loaded, ``teacher`` is the frozen previous network, the method state loaded."""
+        self.session = session
+        self.old_network = teacher if self.keeps_old_network else None
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The network's trainable parameters, split for weight decay."""
         return decay_groups(self.network.parameters())
@@ -216,15 +242,26 @@ class Method:
         return self.network.num_sessions - 1
 
     def classification_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The asymmetric loss with the run's settings (sum reduction)."""
+        """The asymmetric loss with the run's settings: ``R x`` its per-image mean.
+
+        ``R`` is ``loss.reference_images``. Every term a method returns is a per-image mean over
+        its micro-batch; the engine weighs each micro-batch by its share of the global step (see
+        :func:`mlcil.distributed.loss_scale`), so the optimised objective is
+        ``R x ASL_sum(global batch) / global batch + lambda x other_mean`` whatever the layout.
+        """
         config = self.loss_config
-        return asymmetric_loss(
+        total = asymmetric_loss(
             logits,
             targets,
             gamma_neg=config.gamma_neg,
             gamma_pos=config.gamma_pos,
             clip=config.clip,
         )
+        return self.per_reference_images(total, len(logits))
+
+    def per_reference_images(self, summed: torch.Tensor, images: int) -> torch.Tensor:
+        """A loss summed over ``images`` images, as ``R x`` its per-image mean."""
+        return summed * (self.loss_config.reference_images / max(images, 1))
 
     def teacher(
         self, images: torch.Tensor, stage_indices: Sequence[int] | None = None

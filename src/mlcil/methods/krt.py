@@ -44,6 +44,9 @@ THRESHOLD_PASS_PHASE = 1_000_002
 class KRTParams(Params):
     pseudo_labels: bool = True  # dynamic pseudo-labels (knowledge restore)
     threshold_search: Literal["exact", "iterative"] = "exact"  # iterative: the released search
+    # Iterative search only: start each session from the previous session's threshold (0.8 in
+    # the first incremental session), as the release does; False restarts at 0.8 every time.
+    threshold_warm_start: bool = False
     token_loss_weight: Annotated[float, Field(ge=0)] = 100.0  # 100 COCO B0-C10, 300 B40, 80 VOC
     # DPL prior rho, labels per image per class; None: the dataset's published value (COCO
     # 2.9/80, VOC 1.4/20), else the training split's own label density.
@@ -63,22 +66,27 @@ class KRT(Method):
 
     def begin_session(self, context: SessionContext) -> None:
         super().begin_session(context)
-        self.pseudo_label_threshold = None
+        previous, self.pseudo_label_threshold = self.pseudo_label_threshold, None
         if self.old_network is not None and self.params.pseudo_labels:
-            self.pseudo_label_threshold = self._choose_threshold(context)
+            self.pseudo_label_threshold = self._choose_threshold(context, previous)
 
-    def _choose_threshold(self, context: SessionContext) -> float:
+    def _choose_threshold(self, context: SessionContext, previous: float | None = None) -> float:
         assert self.old_network is not None
-        chunks = []
+        teacher = self.old_network
+
+        def old_class_scores(batch: Batch) -> torch.Tensor:
+            return teacher(batch.images).logits.float().sigmoid()
+
+        # Every process scores its shard; the threshold comes from all of them, so all agree.
         with torch.no_grad(), context.autocast():
-            for batch in context.batches(THRESHOLD_PASS_PHASE):
-                chunks.append(self.old_network(batch.images).logits.float().sigmoid().cpu())
-        old_scores = torch.cat(chunks)  # (N, old classes)
+            old_scores = context.score_pass(THRESHOLD_PASS_PHASE, old_class_scores)
         target = target_positives_per_image(self.label_density(context), self.num_old)
         if self.params.threshold_search == "exact":
             threshold = dpl_threshold(old_scores, target)
         else:
-            threshold = iterative_dpl_threshold(old_scores, target)
+            warm = self.params.threshold_warm_start and previous is not None
+            start = previous if warm and previous is not None else 0.8
+            threshold = iterative_dpl_threshold(old_scores, target, start=start)
         achieved = (old_scores > threshold).sum().item() / max(len(old_scores), 1)
         logger.info(
             "session %d: pseudo-label threshold %.4f gives %.3f old positives per image "

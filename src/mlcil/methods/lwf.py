@@ -2,7 +2,8 @@
 
 The asymmetric loss covers only the session's new classes (the only ones labelled); on the old
 classes the network instead matches the previous network's sigmoid outputs (binary
-cross-entropy with soft targets, summed like the ASL so the weight is scale-free).
+cross-entropy with soft targets, summed over classes and taken per image times
+``loss.reference_images`` like the ASL, so the weight is scale-free and batch-independent).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class LwF(Method):
         parts = {"asl": loss.detach()}
         teacher = self.teacher(batch.images)
         if teacher is not None:
-            distillation = sigmoid_distillation(logits[:, :old], teacher.logits)
+            summed = sigmoid_distillation(logits[:, :old], teacher.logits)
+            distillation = self.per_reference_images(summed, len(logits))
             loss = loss + self.params.distillation_weight * distillation
             parts["kd"] = distillation.detach()
         return StepOutput(loss, parts)

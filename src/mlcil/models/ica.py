@@ -114,7 +114,9 @@ class ICAParams(Params):
     embed_dim: Annotated[int, Field(gt=0)] = 384  # token width D: 384 COCO, 768 VOC
     num_heads: Annotated[int, Field(gt=0)] = 8
     mlp_ratio: Annotated[float, Field(gt=0)] = 4.0
-    # "released": every ICA Linear weight redrawn from N(0, 0.01) as the authors' code does;
+    # "released": as the authors' code: the block's Linear weights and the first head's weight
+    # redrawn from N(0, 0.01) (block biases zero, the first head's bias PyTorch's default) and
+    # the 1x1 projection Kaiming-normal (fan_out, leaky_relu) (KRT-SPEC 4, 8b);
     # "pytorch": PyTorch's default initialisation, which trains far faster when the backbone
     # itself starts from random weights (the embedded benchmark).
     ica_init: Literal["released", "pytorch"] = "released"
@@ -139,8 +141,10 @@ class ICANetwork(IncrementalNetwork):
         embed_dim: token width D (384 for COCO, 768 for VOC in the released configs).
         num_heads: attention heads (8).
         mlp_ratio: MLP hidden width over D (4).
-        released_init: redraw the block's and the first head's Linear weights from N(0, 0.01)
-            with zero biases, as the released code does; False keeps PyTorch's defaults.
+        released_init: initialise as the released code does: the block's Linear weights from
+            N(0, 0.01) with zero biases, the first head's weight from N(0, 0.01) (its bias keeps
+            PyTorch's default), the projection Kaiming-normal (fan_out, leaky_relu); False keeps
+            PyTorch's defaults.
     """
 
     name = "ica"
@@ -180,13 +184,19 @@ class ICANetwork(IncrementalNetwork):
         nn.init.trunc_normal_(self.kt_token, std=TOKEN_STD)
         if released_init:
             self.block.apply(_init_linear)
+            nn.init.kaiming_normal_(
+                self.projection.weight, mode="fan_out", nonlinearity="leaky_relu"
+            )
 
     def _make_head(self, num_classes: int) -> nn.Module:
         head = nn.Sequential(nn.LayerNorm(self.embed_dim), nn.Linear(self.embed_dim, num_classes))
         if not self.heads and self.released_init:
             # The first head exists when the released code re-initialises the network; later
             # heads keep PyTorch's default Linear initialisation (KRT-SPEC section 4).
-            head.apply(_init_linear)
+            # Only the weight is redrawn: the head's bias keeps PyTorch's default.
+            linear = head[1]
+            assert isinstance(linear, nn.Linear)
+            nn.init.normal_(linear.weight, std=INIT_STD)
         return head
 
     def _freeze_session_parameters(self) -> None:
