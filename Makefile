@@ -19,7 +19,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed
-	$(BIN)/mlcil train --config configs/digits_b0_c2.yaml --run-dir runs/demo --overwrite
+	$(BIN)/mlcil train --config configs/digits_pretrained_b0_c2.yaml --run-dir runs/demo --overwrite
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from mlcil.engine.checkpoint import restore_run
 from mlcil.experiment import Experiment
@@ -43,6 +44,12 @@ class SessionDiagnostics:
         self.probe = np.sort(order[:PROBE_IMAGES])
         self.earlier: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def _loader(self, dataset: Dataset) -> DataLoader:
+        # Every image on every process (no sharding): the diagnostics are cheap, and each rank
+        # then holds the same values.
+        batch, workers = self.experiment.eval_batch_size, self.experiment.runtime.num_workers
+        return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers)
+
     def _probe_outputs(self, method: Method) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits, embeddings)`` of the probe images, un-augmented, in eval mode."""
         experiment = self.experiment
@@ -53,7 +60,7 @@ class SessionDiagnostics:
         logits, embeddings = [], []
         try:
             with torch.no_grad():
-                for images, _ in experiment.eval_loader(dataset):
+                for images, _ in self._loader(dataset):
                     with experiment.runtime.autocast():
                         output = network(images.to(experiment.runtime.device))
                     logits.append(output.logits.float().cpu())
@@ -104,7 +111,7 @@ class SessionDiagnostics:
         sample = np.sort(rng.permutation(own)[:RESTORE_IMAGES])
         restored = []
         experiment = self.experiment
-        for images, _ in experiment.eval_loader(experiment.plain_images(sample)):
+        for images, _ in self._loader(experiment.plain_images(sample)):
             with torch.no_grad(), experiment.runtime.autocast():
                 targets = method.restored_targets(images.to(experiment.runtime.device))
             if targets is None:
