@@ -109,17 +109,12 @@ def test_voc_difficult_only_image_is_in_no_training_or_test_set(
     assert any(mixed in session_train_indices(train.labels, s, protocol) for s in protocol)
 
 
-def test_session_split_of_a_coco_sized_matrix_is_fast() -> None:
-    # 82,783 x 80 labels (full COCO train2014's shape): all 8 sessions must split quickly,
-    # which the vectorised selection guarantees (a per-image Python loop would not).
+def test_session_split_of_a_coco_sized_matrix() -> None:
+    # 82,783 x 80 labels (full COCO train2014's shape); its speed is in benchmarks/speed.py.
     rng = np.random.default_rng(0)
     labels = (rng.random((82_783, 80)) < 2.9 / 80).astype(np.uint8)
     protocol = protocol_sessions("B0-C10", 80)
-    import time
-
-    started = time.perf_counter()
     sizes = [len(session_train_indices(labels, s, protocol)) for s in protocol]
-    assert time.perf_counter() - started < 5.0
     expected = [int(labels[:, s.new_classes].any(axis=1).sum()) for s in protocol]
     assert sizes == expected
 

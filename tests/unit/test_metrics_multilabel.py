@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 import pytest
@@ -116,16 +115,12 @@ def test_ap_invariant_to_image_order(decimals: int | None) -> None:
         )
 
 
-def test_ap_large_input_is_fast_and_correct() -> None:
-    # Guards against an accidental per-image Python loop; 40k x 80 is the COCO test-set size.
-    # The bound is loose on purpose (the machine is shared); vectorised code takes well under 1 s.
+def test_ap_on_a_coco_sized_input_is_correct() -> None:
+    # 40k x 80 is the COCO test-set size (its speed is measured in benchmarks/speed.py).
     rng = np.random.default_rng(7)
     targets = rng.random((40_000, 80)) < 0.05
     scores = np.round(rng.random((40_000, 80)) + targets, 3)
-    start = time.perf_counter()
     ap = average_precision(scores, targets)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 3.0
     for c in (0, 41, 79):
         assert ap[c] == pytest.approx(average_precision_score(targets[:, c], scores[:, c]))
 
