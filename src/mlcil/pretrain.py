@@ -80,6 +80,8 @@ def _training_overrides(model: ModelConfig, image_size: int, recipe: PretrainRec
         f"train.epochs={recipe.epochs}",
         f"train.batch_size={recipe.batch_size}",
         f"train.lr={recipe.lr}",
+        # The classification loss summed over each batch (R = the batch), as the recipe was set.
+        f"loss.reference_images={recipe.batch_size}",
         "train.tensorboard=false",
     ]
 
