@@ -141,6 +141,16 @@ def pretrain_backbone(
     return path
 
 
+def cached_provenance(model: ModelConfig, image_size: int) -> dict[str, Any] | None:
+    """The provenance of the cached file a ``pretrain:<source>`` name resolves to (None for
+    other weights, or when no such file is cached); never trains."""
+    name = model.pretrained
+    if name is None or not name.startswith(SCHEME) or name[len(SCHEME) :] not in SOURCES:
+        return None
+    path = find_cached(provenance(model, image_size, PretrainRecipe()))
+    return read_provenance(path) if path is not None else None
+
+
 def resolve_pretrained(model: ModelConfig, image_size: int) -> tuple[ModelConfig, dict | None]:
     """``model`` with a ``pretrain:<source>`` weights name replaced by the cached file (made on
     first use), and that file's provenance; other models are returned unchanged with None."""

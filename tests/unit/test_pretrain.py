@@ -74,3 +74,18 @@ def test_pretrain_names_resolve_to_the_cached_file() -> None:
         pretrain.resolve_pretrained(
             MODEL.model_copy(update={"pretrained": "pretrain:imagenet"}), 48
         )
+
+
+def test_the_provenance_of_cached_weights_is_read_without_training(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("cached_provenance must never train")
+
+    monkeypatch.setattr(pretrain, "fit_session", no_training)
+    assert pretrain.cached_provenance(MODEL, 48) is None  # nothing cached yet
+    assert pretrain.cached_provenance(ModelConfig(backbone="resnet18"), 48) is None
+    trunk = Backbone("resnet18", feature_stage=2).body.state_dict()
+    store(trunk, {**pretrain.provenance(MODEL, 48, pretrain.PretrainRecipe()), "command": "t"})
+    found = pretrain.cached_provenance(MODEL, 48)
+    assert found is not None and found["command"] == "t" and found["image_size"] == 48

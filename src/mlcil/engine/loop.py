@@ -41,7 +41,7 @@ from mlcil.errors import ConfigError
 from mlcil.experiment import Experiment
 from mlcil.fileio import write_text_atomic
 from mlcil.methods.base import Method
-from mlcil.pretrain import resolve_pretrained
+from mlcil.pretrain import cached_provenance, resolve_pretrained
 from mlcil.protocol import Session
 from mlcil.results import run_header, summarize, write_results
 from mlcil.runtime import derive_seed, seed_everything
@@ -79,7 +79,6 @@ class Trainer:
         self.extra_observers = list(observers)
         self.state: RunState | None = None
         self.stopped: str | None = None  # why run() stopped early (SIGTERM), after a checkpoint
-        self.weights_provenance: dict[str, Any] | None = None  # of pretrain:<source> weights
         self._final_scores: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -130,8 +129,7 @@ class Trainer:
     def build_fresh_method(self) -> Method:
         """The method with its starting weights (``pretrain:`` names resolved, made on first
         use)."""
-        model, provenance = resolve_pretrained(self.config.model, self.config.data.image_size)
-        self.weights_provenance = provenance
+        model, _ = resolve_pretrained(self.config.model, self.config.data.image_size)
         return self.experiment.build_method(model=model)
 
     def _begin(self) -> RunState:
@@ -241,6 +239,7 @@ class Trainer:
             self._final_scores = evaluate_session(self.experiment, state.method, last)
         scores, targets = self._final_scores
         header = run_header(self.config, self.experiment.runtime.device)
+        header["pretrained"] = cached_provenance(self.config.model, self.config.data.image_size)
         threshold = self.config.train.f1_threshold
         metrics = summarize(state.results, scores, targets, threshold, header, state.elapsed_s)
         if self.experiment.runtime.is_main:
