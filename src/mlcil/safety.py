@@ -91,12 +91,16 @@ def positive_int(text: str) -> int:
     return value
 
 
-def finite_non_negative(text: str) -> float:
-    """argparse type: a finite number of at least 0 (NaN and inf are refused)."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def finite_non_negative(text: str) -> float:
+    """argparse type: a finite number of at least 0 (NaN and inf are refused)."""
+    value = _number(text)
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
     return value
@@ -104,10 +108,7 @@ def finite_non_negative(text: str) -> float:
 
 def unit_interval(text: str) -> float:
     """argparse type: a number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not (math.isfinite(value) and 0 < value < 1):
         raise argparse.ArgumentTypeError(f"{text!r} must be strictly between 0 and 1")
     return value

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from mlcil.engine.observers import Observer
 from mlcil.experiment import Experiment, load_config
 from mlcil.methods.base import Batch, SessionContext
 from mlcil.protocol import Session
+from spawn import free_port, join_as_torchrun
 
 NUM_CLASSES = 6
 _WORLD = 2
@@ -178,21 +178,8 @@ def run_two_sessions(run_dir: Path) -> tuple[Trainer, dict[str, Any]]:
     return trainer, summary
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _process_main(rank: int, port: int, run_dir: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(_WORLD),
-    )
+    join_as_torchrun(rank, _WORLD, port)
     context = DistributedContext.from_environment("cpu", datetime.timedelta(seconds=60))
     try:
         trainer, summary = run_two_sessions(Path(run_dir))
@@ -208,7 +195,7 @@ def _process_main(rank: int, port: int, run_dir: str, out_dir: str) -> None:
 def _run_two_processes(run_dir: Path, out_dir: Path) -> None:
     processes = mp.start_processes(
         _process_main,
-        args=(_free_port(), str(run_dir), str(out_dir)),
+        args=(free_port(), str(run_dir), str(out_dir)),
         nprocs=_WORLD,
         join=False,
         start_method="spawn",

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +24,7 @@ from torch.utils.data import DataLoader
 from mlcil import distributed as D
 from mlcil.errors import ConfigError, MlcilError
 from mlcil.losses import asymmetric_loss, token_distillation
+from spawn import free_port, join_as_torchrun
 
 # ----------------------------------------------------------------------------------------------
 # Pure: shard_indices / ShardSampler
@@ -207,22 +206,9 @@ _WORLD = 2
 _SPAWN_DEADLINE_S = 180.0  # generous: importing torch twice on a loaded 2-core machine
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _process_main(rank: int, scenario: Callable, port: int, out_dir: str) -> None:
     """Entry point of a spawned process: join the group as torchrun would, run the scenario."""
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(_WORLD),
-    )
+    join_as_torchrun(rank, _WORLD, port)
     context = D.DistributedContext.from_environment("cpu", datetime.timedelta(seconds=60))
     try:
         assert (context.rank, context.world_size, context.backend) == (rank, _WORLD, "gloo")
@@ -236,7 +222,7 @@ def _run_processes(scenario: Callable, out_dir: Path) -> None:
     """Run ``scenario(context, out_dir)`` on 2 spawned ranks; fail (not hang) past the deadline."""
     processes = mp.start_processes(
         _process_main,
-        args=(scenario, _free_port(), str(out_dir)),
+        args=(scenario, free_port(), str(out_dir)),
         nprocs=_WORLD,
         join=False,
         start_method="spawn",
