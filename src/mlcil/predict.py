@@ -5,8 +5,10 @@ in batches while skipping unreadable files (``iter_image_batches`` / ``load_imag
 network's sigmoid scores into per-image labels (``make_predictions``, with one threshold or one
 per class from ``read_thresholds``) and writes them as a table, JSON lines or CSV.
 
-Bad files never stop a prediction run: a path that does not exist, a folder without images or a
-file that does not decode is reported as ``(path, reason)`` and the other images are predicted.
+Bad files never stop a prediction run: a path that does not exist, a folder without images, a
+path that is not a regular file (a FIFO named ``x.png`` is never opened: reading it would block
+forever) or a file that does not decode is reported as ``(path, reason)`` and the other images are
+predicted. Images decode through ``mlcil.data.base.decode_image_file``, exactly as in training.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mlcil.data.base import decode_image_file, file_problem
 from mlcil.errors import ConfigError, DataError, MlcilError
 
 logger = logging.getLogger(__name__)
@@ -58,14 +61,17 @@ def gather_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Proble
     (case-insensitive), sorted by path components; links to folders are not followed, so a link
     cycle cannot loop. A file given by name is taken whatever its extension (the user chose it; a
     file that is not an image is reported when decoding). An image reached twice (a file and its
-    folder) is listed once, where it is first reached.
+    folder) is listed once, where it is first reached. Only regular files are taken: a FIFO,
+    socket or device (given, or named like an image inside a folder) is reported, never opened,
+    as reading it could block forever.
 
     Args:
         inputs: files and folders, in the order the user gave them.
 
     Returns:
         The image paths (as given or below the folder given, not resolved), and the problems:
-        ``(input, reason)`` for an input that does not exist or a folder with no image.
+        ``(input, reason)`` for an input that does not exist, a folder with no image, or a path
+        that is not a regular file (a broken link included).
     """
     images: list[Path] = []
     problems: list[Problem] = []
@@ -73,15 +79,19 @@ def gather_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Proble
     for given in inputs:
         path = Path(given)
         if path.is_dir():
-            found = _images_below(path)
-            if not found:
+            found, below = _images_below(path)
+            problems.extend(below)
+            if not found and not below:
                 extensions = " ".join(sorted(IMAGE_EXTENSIONS))
                 problems.append((str(given), f"folder holds no image file ({extensions})"))
-        elif path.exists():
-            found = [path]
-        else:
+        elif not path.exists():
             problems.append((str(given), "no such file or folder"))
             continue
+        elif (problem := file_problem(path)) is not None:
+            problems.append((str(given), problem))
+            continue
+        else:
+            found = [path]
         for image in found:
             # realpath identifies a file reached through two spellings or a link.
             key = os.path.realpath(image)
@@ -91,20 +101,22 @@ def gather_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Proble
     return images, problems
 
 
-def _images_below(folder: Path) -> list[Path]:
+def _images_below(folder: Path) -> tuple[list[Path], list[Problem]]:
+    """The regular files with an image extension below ``folder``, and the other files so named
+    (FIFOs, devices, broken links) as problems, both sorted."""
     found: list[Path] = []
+    problems: list[Problem] = []
     for directory, _, names in os.walk(folder):
-        found.extend(
-            Path(directory, name)
-            for name in names
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-        )
-    return sorted(found)
-
-
-def _decode(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+        for name in names:
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = Path(directory, name)
+            problem = file_problem(path)
+            if problem is None:
+                found.append(path)
+            else:
+                problems.append((str(path), f"not read: {problem}"))
+    return sorted(found), sorted(problems, key=lambda item: Path(item[0]))
 
 
 def iter_image_batches(
@@ -137,12 +149,15 @@ def iter_image_batches(
     for given in paths:
         path = Path(given)
         try:
-            image = _decode(path)
+            image = decode_image_file(path)
         # Decoders of many formats raise many types (OSError, SyntaxError, ValueError,
         # DecompressionBombError, struct.error...) on hostile or damaged files: any of them
         # means "skip this file", never "stop the run".
         except Exception as error:
-            reason = f"cannot read image: {type(error).__name__}: {error}"
+            detail = (
+                str(error) if isinstance(error, DataError) else f"{type(error).__name__}: {error}"
+            )
+            reason = f"cannot read image: {detail}"
             logger.warning("predict: skipping %s: %s", path, reason)
             if failures is not None:
                 failures.append((str(path), reason))

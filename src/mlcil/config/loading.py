@@ -9,6 +9,21 @@ file); mappings merge recursively and later files win. A registered section that
 Overrides use dotted keys (``train.epochs=2``); a bare key that names a field of exactly one
 section is accepted too (``root=...`` means ``data.root``). Which parameters a method or network
 takes is answered by a ``ParamsLookup`` the caller passes in, so this module imports no method.
+
+YAML is read by PyYAML's safe loader with these changes, in files and override values alike:
+
+* Integers are read as Python writes them: ``10``, ``-3``, ``1_000`` (1000), ``0x10`` (16),
+  ``0o10`` (8), ``0b101`` (5). A decimal with a leading zero such as ``010`` is an error naming
+  the key and value (YAML 1.1 reads it as octal 8, YAML 1.2 and people as 10; quote it for text),
+  and so are misplaced underscores (``1__0``, ``1_``).
+* Sexagesimal numbers (``1:00``, which YAML 1.1 reads as 60) stay strings, so a numeric field
+  reports them as "not a valid integer" naming the key.
+* Floats may be written with an exponent and no dot (``1e-4``), which YAML 1.1 reads as a string.
+* A key written twice in one mapping is an error naming it and both lines (PyYAML keeps the
+  last silently). Keys brought in by a merge (``<<: *defaults``) may be overridden, as YAML says.
+* Aliases may expand to at most ``MAX_ALIAS_NODES`` nodes in all, and an alias may not refer to
+  a collection that contains it: a "billion laughs" document of a few hundred bytes is refused at
+  once instead of expanding to a billion values. Nesting is limited to ``MAX_DEPTH`` levels.
 """
 
 from __future__ import annotations
@@ -52,23 +67,200 @@ _SECTIONS: dict[str, type[BaseModel]] = {
 }
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, which reads ``1e-4`` as a string; accept it as a float."""
+MAX_ALIAS_NODES = 100_000
+"""Nodes that aliases may add to one YAML document (an alias adds the size of what it names)."""
 
+MAX_DEPTH = 100
+"""Deepest nesting of mappings and lists in a YAML document."""
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$|"
-        r"^[-+]?(?:[0-9][0-9_]*)\.[0-9_]*$|^[-+]?\.[0-9_]+$|^[-+]?\.(?:inf|Inf|INF)$|"
-        r"^\.(?:nan|NaN|NAN)$"
-    ),
-    list("-+0123456789."),
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+_MERGE = "tag:yaml.org,2002:merge"
+_STANDARD_TAG = "tag:yaml.org,2002:"
+
+# Everything YAML 1.1 takes for an integer except sexagesimal ("1:00"), plus Python's 0o prefix.
+# Which candidates are valid is decided by Python's int(text, 0), so "010" and "1__0" are errors.
+_INT_CANDIDATE = re.compile(r"^[-+]?(?:0b[01_]+|0o[0-7_]+|0x[0-9a-fA-F_]+|[0-9][0-9_]*)$")
+_LEADING_ZERO = re.compile(r"^[-+]?0[0-9_]*[1-9]")
+# Python's float syntax (an exponent needs no dot, unlike in YAML 1.1) and YAML's inf and nan;
+# no sexagesimal form.
+_FLOAT_FORM = re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$"
+    r"|^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"
+    r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
 )
 
 
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with the changes the module docstring lists.
+
+    Composition (text -> node graph) is where aliases are still cheap, so the checks happen there:
+    every node counts once, an alias counts the size its anchor had when composed.
+    """
+
+    def __init__(self, text: str, source: str, show_lines: bool) -> None:
+        super().__init__(text)
+        self.name = source  # PyYAML's own error messages name it
+        self._source = source
+        self._show_lines = show_lines
+        self._path: list[tuple[yaml.Node | None, Any]] = []
+        self._open_anchors: set[str] = set()
+        self._composed = 0
+        self._from_aliases = 0
+        self._sizes: dict[str, int] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            return self._compose_alias(event, parent, index)
+        if len(self._path) >= MAX_DEPTH:
+            raise self._error(event.start_mark, f"nested more than {MAX_DEPTH} levels deep")
+        anchor = event.anchor
+        if anchor is not None:
+            self._open_anchors.add(anchor)
+        start = self._composed
+        self._composed += 1
+        self._path.append((parent, index))
+        try:
+            node = super().compose_node(parent, index)
+            self._check_node(node)
+        finally:
+            self._path.pop()
+        if anchor is not None:
+            self._open_anchors.discard(anchor)
+            self._sizes[anchor] = self._composed - start
+        return node
+
+    def _compose_alias(self, event: Any, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if event.anchor in self._open_anchors:
+            raise self._error(
+                event.start_mark,
+                f"alias *{event.anchor} refers to a collection that contains it; recursive "
+                "structures are not allowed in a config",
+            )
+        node = super().compose_node(parent, index)  # refuses an undefined alias
+        size = self._sizes.get(event.anchor, 1)
+        self._composed += size
+        self._from_aliases += size
+        if self._from_aliases > MAX_ALIAS_NODES:
+            # The expanded value is never built or shown: only its size is known here.
+            raise self._error(
+                event.start_mark,
+                f"aliases expand to more than {MAX_ALIAS_NODES} values (alias *{event.anchor} "
+                f"alone stands for {size}); nested aliases like this are refused (a 'billion "
+                "laughs' document?)",
+            )
+        return node
+
+    def _check_node(self, node: yaml.Node | None) -> None:
+        if isinstance(node, yaml.ScalarNode) and node.tag == _INT:
+            problem = _int_problem(node.value)
+            if problem is not None:
+                raise self._error(node.start_mark, f"{self._describe(self._key_path())}{problem}")
+        elif isinstance(node, yaml.MappingNode):
+            self._check_unique_keys(node)
+
+    def _check_unique_keys(self, node: yaml.MappingNode) -> None:
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            # Keys from a merge ("<<") may be overridden; that is what merging means.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE:
+                continue
+            if not key_node.tag.startswith(_STANDARD_TAG):
+                continue
+            key = self.construct_object(key_node)
+            try:
+                earlier = first.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the constructor reports it
+                continue
+            if earlier is not key_node:
+                path = self._key_path()
+                name = f"{path}.{key}" if path else str(key)
+                lines = (
+                    f", on lines {earlier.start_mark.line + 1} and {key_node.start_mark.line + 1}"
+                    if self._show_lines
+                    else ""
+                )
+                raise self._error(
+                    key_node.start_mark,
+                    f"key {name!r} is written twice in one mapping{lines}; YAML readers silently "
+                    "keep the last one, so remove one of them",
+                )
+
+    def _key_path(self) -> str:
+        """Where the node being composed sits, as ``train.epochs`` or ``data.class_order[2]``."""
+        path = ""
+        for _, index in self._path:
+            if isinstance(index, yaml.ScalarNode):
+                path += f".{index.value}" if path else str(index.value)
+            elif isinstance(index, int):
+                path += f"[{index}]"
+        return path
+
+    @staticmethod
+    def _describe(path: str) -> str:
+        return f"key {path!r}: " if path else ""
+
+    def _error(self, mark: Any, message: str) -> ConfigError:
+        where = f"{self._source}, line {mark.line + 1}" if self._show_lines else self._source
+        return ConfigError(f"{where}: {message}")
+
+
+def _int_problem(text: str) -> str | None:
+    """Why ``text`` (an integer candidate) is refused, or None when Python reads it."""
+    try:
+        int(text, 0)
+    except ValueError:
+        pass
+    else:
+        return None
+    if _LEADING_ZERO.match(text):
+        sign = text[0] if text[0] in "+-" else ""
+        digits = text.lstrip("+-").replace("_", "").lstrip("0")
+        octal = f", {sign}0o{digits} for octal" if set(digits) <= set("01234567") else ""
+        return (
+            f"{text} is ambiguous: YAML 1.1 reads a leading zero as octal, YAML 1.2 as decimal; "
+            f"write {sign}{digits} for the decimal number{octal}, or quote it ('{text}') for text"
+        )
+    return (
+        f"{text} is not a valid integer (underscores go only between digits, as in 1_000); "
+        f"fix it, or quote it ('{text}') for text"
+    )
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    # Every candidate int() refuses was refused while composing, so this cannot fail.
+    return int(str(loader.construct_scalar(node)), 0)
+
+
+# Rebuild the implicit-type table without YAML 1.1's int and float forms, then add ours.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_FLOAT, _FLOAT_FORM, list("-+0123456789."))
+_Loader.add_implicit_resolver(_INT, _INT_CANDIDATE, list("-+0123456789"))
+_Loader.add_constructor(_INT, _construct_int)
+
+
+def parse_yaml(text: str, source: str = "<string>", show_lines: bool = True) -> Any:
+    """Read one YAML document with the module's rules.
+
+    Args:
+        text: the YAML text.
+        source: what errors name (a file path, or an override as written).
+        show_lines: whether errors add the line number (not useful for a one-line override).
+
+    Raises:
+        ConfigError: for an ambiguous integer, a duplicate key, an alias bomb or a recursive
+            alias, naming ``source``.
+        yaml.YAMLError: for text that is not YAML (the caller names the file).
+    """
+    loader = _Loader(text, source, show_lines)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -81,7 +273,7 @@ def read_yaml(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict[str, Any]
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        content = parse_yaml(path.read_text(encoding="utf-8"))
+        content = parse_yaml(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not a UTF-8 text file ({error.reason})") from error
     except yaml.YAMLError as error:
@@ -141,7 +333,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = parse_yaml(raw) if raw.strip() else ""
+        value = parse_yaml(raw, f"override {text!r}", show_lines=False) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value

@@ -22,8 +22,17 @@ must not reach files next to its data). Absolute paths are kept as written, wher
 the user named that file on purpose. The check is on the path as written, normalised without
 following symbolic links, so a data folder made of links into a shared store still works. Each image
 may be listed once; a second row for the same file (``a.jpg`` and ``./a.jpg`` count as the same) is
-an error naming both lines. The class list comes from a class file (one name per line, in the order
-the classes arrive in the incremental protocol) or, failing that, from ``infer_class_names``.
+an error naming both lines. An image that is not a regular file (a FIFO, a device) is an error
+too, found without opening it. The class list comes from a class file (one name per line, in the
+order the classes arrive in the incremental protocol) or, failing that, from ``infer_class_names``.
+
+A JSON line that writes a key twice (``{"image": "a.png", "image": "b.png", ...}``) is an error:
+JSON readers silently keep the last value. Label names are compared exactly, so two spellings of
+one name that differ only by letter case, surrounding whitespace or invisible zero-width characters
+(U+200B, U+200C, U+200D, U+2060, U+FEFF) would become two classes; such pairs are errors naming
+both spellings and where each occurs: within a manifest, across the manifests ``infer_class_names``
+reads, in a class file, and between a new session's manifest and the classes a run already knows
+(``new_labels_in_order``).
 """
 
 from __future__ import annotations
@@ -36,15 +45,19 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from mlcil.data.base import FileImageSource
+from mlcil.data.base import FileImageSource, file_problem
 from mlcil.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 _LABEL_SEPARATOR = ";"
+
+# Characters that print as nothing: "cat\u200b" looks exactly like "cat" on screen.
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,47 @@ class ManifestRow:
     labels: tuple[str, ...]
 
 
+def spelling_key(name: str) -> str:
+    """What two spellings of a label that people read as one name have in common: the name
+    without zero-width characters and surrounding whitespace, case-folded."""
+    return name.translate(_INVISIBLE).strip().casefold()
+
+
+def _difference(first: str, second: str) -> str:
+    """How two spellings with the same ``spelling_key`` differ, in words."""
+    kinds = []
+    visible = first.translate(_INVISIBLE), second.translate(_INVISIBLE)
+    if visible != (first, second):
+        kinds.append("invisible zero-width characters")
+    stripped = visible[0].strip(), visible[1].strip()
+    if stripped != visible:
+        kinds.append("surrounding whitespace")
+    if stripped[0] != stripped[1]:
+        kinds.append("letter case")
+    return " and ".join(kinds)
+
+
+class _Spellings:
+    """The first spelling of each label name and where it occurs, to refuse a second spelling."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, tuple[str, str]] = {}
+
+    def know(self, name: str, where: str) -> None:
+        """Record a name that is not checked itself (e.g. a finished run's classes)."""
+        self._first.setdefault(spelling_key(name), (name, where))
+
+    def add(self, name: str, where: str, what: str = "label") -> None:
+        """Record ``name`` found at ``where``; another spelling of it seen before is an error."""
+        earlier, earlier_where = self._first.setdefault(spelling_key(name), (name, where))
+        if earlier != name:
+            raise DataError(
+                f"manifest: {where}: {what} {name!r} differs from {earlier!r} ({earlier_where}) "
+                f"only by {_difference(name, earlier)}; they would become two classes, so "
+                f"spell the name the same way everywhere (e.g. {earlier!r})"
+            )
+
+
 def read_class_file(path: str | Path) -> list[str]:
     """Read a class file: one class name per line, in class-index order.
 
@@ -76,11 +130,14 @@ def read_class_file(path: str | Path) -> list[str]:
         The class names; position ``i`` holds the name of class ``i``.
 
     Raises:
-        DataError: when the file is missing, lists a name twice (naming both lines) or lists none.
+        DataError: when the file is missing, lists a name twice (naming both lines), lists two
+            names that differ only by case, surrounding whitespace or zero-width characters
+            (naming both lines), or lists none.
     """
     path = Path(path)
     names: list[str] = []
     first_line: dict[str, int] = {}
+    spellings = _Spellings()
     for line_no, line in enumerate(_read_text(path, "class file").splitlines(), start=1):
         name = line.strip()
         if not name or name.startswith("#"):
@@ -90,6 +147,7 @@ def read_class_file(path: str | Path) -> list[str]:
                 f"manifest: {path}, line {line_no}: duplicate class name {name!r} (first listed "
                 f"on line {first_line[name]})"
             )
+        spellings.add(name, f"{path}, line {line_no}", "class name")
         first_line[name] = line_no
         names.append(name)
     if not names:
@@ -107,7 +165,9 @@ def infer_class_names(manifest_paths: Iterable[str | Path] | str | Path) -> list
         The union of all label names, sorted by code point (so ``"Zebra"`` precedes ``"apple"``).
 
     Raises:
-        DataError: when a manifest cannot be read or none of them uses any label.
+        DataError: when a manifest cannot be read, none of them uses any label, or two label
+            names differ only by case, surrounding whitespace or zero-width characters (naming
+            both spellings with their file and line).
     """
     if isinstance(manifest_paths, (str, Path)):
         manifest_paths = [manifest_paths]
@@ -115,9 +175,13 @@ def infer_class_names(manifest_paths: Iterable[str | Path] | str | Path) -> list
     if not paths:
         raise DataError("manifest: infer_class_names needs at least one manifest file")
     found: set[str] = set()
+    spellings = _Spellings()
     for path in paths:
         for row in _read_rows(path):
-            found.update(row.labels)
+            for label in row.labels:
+                if label not in found:
+                    spellings.add(label, f"{path}, line {row.line}")
+                    found.add(label)
     if not found:
         raise DataError(
             "manifest: no label name in " + ", ".join(str(path) for path in paths) + "; "
@@ -159,13 +223,20 @@ def new_labels_in_order(path: str | Path, known_classes: Sequence[str]) -> list[
         introduces no class (the caller decides whether that is an error).
 
     Raises:
-        DataError: when the manifest cannot be read or parsed (see ``read_manifest_rows``).
+        DataError: when the manifest cannot be read or parsed (see ``read_manifest_rows``), or
+            one of its labels differs from a known class only by case, surrounding whitespace or
+            zero-width characters (``Cat`` or ``cat\\u200b`` when the run knows ``cat``): that
+            is a misspelling, not a new class.
     """
     known = set(known_classes)
+    spellings = _Spellings()
+    for name in known_classes:
+        spellings.know(name, "the run's class list")
     new: dict[str, None] = {}
     for row in _read_rows(Path(path)):
         for label in row.labels:
-            if label not in known:
+            if label not in known and label not in new:
+                spellings.add(label, f"{path}, line {row.line}")
                 new.setdefault(label)
     return list(new)
 
@@ -193,8 +264,9 @@ def load_manifest(
     Raises:
         DataError: naming the file and line of the first problem: a missing column or key, a
             malformed JSON line, an empty image path, a label outside ``class_names``, a relative
-            image path that leaves the root, an image file that does not exist (with the count of
-            missing files), or an image listed on two rows (naming both lines).
+            image path that leaves the root, an image file that does not exist or is not a
+            regular file such as a FIFO (with the count of such files; none is opened), or an
+            image listed on two rows (naming both lines).
     """
     path = Path(path)
     if split not in ("train", "test"):
@@ -218,7 +290,8 @@ def load_manifest(
             if column is None:
                 raise DataError(
                     f"manifest: {path}, line {row.line}: label {label!r} is not in the class "
-                    f"list ({len(names)} classes); add it to the class file or fix the label"
+                    f"list ({len(names)} classes){_near_miss(label, names)}; add it to the class "
+                    "file or fix the label"
                 )
             labels[row_index, column] = 1
 
@@ -243,6 +316,15 @@ def load_manifest(
         labels=labels,
         label_density=None,
     )
+
+
+def _near_miss(label: str, names: Sequence[str]) -> str:
+    """A note naming the class ``label`` is another spelling of, or nothing."""
+    key = spelling_key(label)
+    for name in names:
+        if spelling_key(name) == key:
+            return f"; it differs from the class {name!r} only by {_difference(label, name)}"
+    return ""
 
 
 def _image_files(rows: Sequence[ManifestRow], path: Path, base: Path) -> list[str]:
@@ -271,14 +353,26 @@ def _image_files(rows: Sequence[ManifestRow], path: Path, base: Path) -> list[st
 def _check_image_files_exist(rows: Sequence[ManifestRow], path: Path, base: Path) -> None:
     # The path as written, not the normalised one: "gone/../a.jpg" fails to open when "gone" is
     # missing, and that is what the data loader will open. os.path.join keeps absolute paths.
-    missing = [row for row in rows if not os.path.isfile(os.path.join(base, row.image))]
-    if missing:
-        first = missing[0]
-        raise DataError(
-            f"manifest: {path}, line {first.line}: image file not found: "
-            f"{os.path.join(base, first.image)} ({len(missing)} of {len(rows)} images missing; "
-            f"relative paths resolve against {base})"
-        )
+    # Only metadata is read: a FIFO named like an image is refused without being opened.
+    bad = []
+    for row in rows:
+        problem = file_problem(os.path.join(base, row.image))
+        if problem is not None:
+            bad.append((row, problem))
+    if not bad:
+        return
+    first, problem = bad[0]
+    file = os.path.join(base, first.image)
+    if problem == "no such file":
+        detail = f"image file not found: {file}"
+    elif problem.startswith("it is a folder"):  # no file of that name
+        detail = f"image file not found: {file} ({problem})"
+    else:
+        detail = f"image {file} cannot be read: {problem}"
+    raise DataError(
+        f"manifest: {path}, line {first.line}: {detail} ({len(bad)} of {len(rows)} images "
+        f"missing or not regular files; relative paths resolve against {base})"
+    )
 
 
 def _check_no_duplicate_images(
@@ -327,7 +421,15 @@ def _read_rows(path: Path) -> list[ManifestRow]:
     if suffix not in (".csv", ".jsonl"):
         raise DataError(f"manifest: {path} has extension {path.suffix!r}; expected .csv or .jsonl")
     text = _read_text(path, "manifest file")
-    return _parse_csv(text, path) if suffix == ".csv" else _parse_jsonl(text, path)
+    rows = _parse_csv(text, path) if suffix == ".csv" else _parse_jsonl(text, path)
+    spellings = _Spellings()
+    seen: set[str] = set()
+    for row in rows:
+        for label in row.labels:
+            if label not in seen:
+                spellings.add(label, f"{path}, line {row.line}")
+                seen.add(label)
+    return rows
 
 
 def _unique_labels(values: Iterable[str]) -> tuple[str, ...]:
@@ -344,10 +446,11 @@ def _parse_csv(text: str, path: Path) -> list[ManifestRow]:
             raise DataError(f"manifest: {path} is empty; expected a header with image,labels")
         columns = [column.strip() for column in header]
         for required in ("image", "labels"):
-            if required not in columns:
+            if columns.count(required) != 1:
+                problem = "no" if required not in columns else "more than one"
                 raise DataError(
-                    f"manifest: {path}, line {reader.line_num}: the header has no {required!r} "
-                    f"column (found {columns})"
+                    f"manifest: {path}, line {reader.line_num}: the header has {problem} "
+                    f"{required!r} column (found {columns})"
                 )
         image_column, labels_column = columns.index("image"), columns.index("labels")
         needed = max(image_column, labels_column) + 1
@@ -376,28 +479,51 @@ def _parse_jsonl(text: str, path: Path) -> list[ManifestRow]:
     # read_text turned every line end into \n. Split on it only: str.splitlines would also split
     # at characters such as U+2028 that JSON allows unescaped inside a string.
     for line_no, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"manifest: {path}, line {line_no}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"{where}: malformed JSON ({error.msg} at column {error.colno})"
-            ) from error
-        if not isinstance(entry, dict):
-            raise DataError(f"{where}: expected a JSON object with keys 'image' and 'labels'")
-        if "image" not in entry:
-            raise DataError(f"{where}: missing key 'image'")
-        image = entry["image"]
-        if not isinstance(image, str):
-            raise DataError(f"{where}: 'image' must be a string, got {image!r}")
-        if not image.strip():
-            raise DataError(f"{where}: empty image path")
-        if "labels" not in entry:
-            raise DataError(f"{where}: missing key 'labels' (use [] for an image with no label)")
-        labels = entry["labels"]
-        if not isinstance(labels, list) or not all(isinstance(name, str) for name in labels):
-            raise DataError(f"{where}: 'labels' must be a list of strings, got {labels!r}")
-        rows.append(ManifestRow(line_no, image.strip(), _unique_labels(labels)))
+        if line.strip():
+            rows.append(_parse_json_line(line, f"manifest: {path}, line {line_no}", line_no))
     return rows
+
+
+class _RepeatedKeyError(Exception):
+    """A JSON object writes ``key`` twice (raised from the decoder, turned into a DataError)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` that refuses a repeated key, which ``json`` would silently drop."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _RepeatedKeyError(key)
+        result[key] = value
+    return result
+
+
+def _parse_json_line(line: str, where: str, line_no: int) -> ManifestRow:
+    try:
+        entry = json.loads(line, object_pairs_hook=_object_without_repeats)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from error
+    except _RepeatedKeyError as error:
+        raise DataError(
+            f"{where}: key {error.key!r} appears twice in one JSON object (JSON readers keep only "
+            "the last value, so the other would be dropped silently); remove one"
+        ) from None
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: expected a JSON object with keys 'image' and 'labels'")
+    if "image" not in entry:
+        raise DataError(f"{where}: missing key 'image'")
+    image = entry["image"]
+    if not isinstance(image, str):
+        raise DataError(f"{where}: 'image' must be a string, got {image!r}")
+    if not image.strip():
+        raise DataError(f"{where}: empty image path")
+    if "labels" not in entry:
+        raise DataError(f"{where}: missing key 'labels' (use [] for an image with no label)")
+    labels = entry["labels"]
+    if not isinstance(labels, list) or not all(isinstance(name, str) for name in labels):
+        raise DataError(f"{where}: 'labels' must be a list of strings, got {labels!r}")
+    return ManifestRow(line_no, image.strip(), _unique_labels(labels))
