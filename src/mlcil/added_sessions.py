@@ -9,8 +9,9 @@ are those labels in order of first appearance. Each added session is recorded in
      "sessions": [{"index": 4, "classes": ["8", "9"],
                    "train_manifest": "/abs/train.csv", "test_manifest": "/abs/test.csv"}]}
 
-and ``run_experiment`` rebuilds the run's :class:`~mlcil.experiment.Experiment` with them, so that
-resume, ``eval`` and ``predict`` all see the same classes, data and sessions:
+and ``run_plan`` gives the run's :class:`~mlcil.experiment.RunPlan` with them (built once, never
+changed afterwards), so that resume, ``eval`` and ``predict`` all see the same classes, data and
+sessions:
 
 - The sessions are the protocol's first ``sessions[0].index`` sessions (the ones the run had
   learned when the first session was added; a run stopped early with ``--max-sessions`` drops
@@ -45,14 +46,15 @@ from mlcil.data.base import ImageSource
 from mlcil.data.manifest import load_manifest, new_labels_in_order
 from mlcil.engine.checkpoint import latest_checkpoint, read_state
 from mlcil.errors import ConfigError, DataError, WeightsError
-from mlcil.experiment import Experiment, load_run
+from mlcil.experiment import RunPlan
 from mlcil.fileio import write_text_atomic
 from mlcil.protocol import Session
 from mlcil.results import write_results
+from mlcil.rundir import ADDED_SESSIONS
 
 logger = logging.getLogger(__name__)
 
-ADDED_FILE = "added_sessions.json"
+ADDED_FILE = ADDED_SESSIONS
 _FORMAT = "mlcil-added-sessions"
 _VERSION = 1
 
@@ -176,18 +178,18 @@ def remap_labels(source: ImageSource, class_names: Sequence[str]) -> np.ndarray:
     return labels
 
 
-def extend_experiment(experiment: Experiment, added: Sequence[AddedSession]) -> None:
-    """Give ``experiment`` the added sessions, their classes and their data (in place)."""
+def extended_plan(plan: RunPlan, added: Sequence[AddedSession]) -> RunPlan:
+    """``plan`` with the added sessions, their classes and their data (a new plan)."""
     if not added:
-        return
+        return plan
     first = added[0].index
-    if not 0 < first <= len(experiment.sessions):
+    if not 0 < first <= len(plan.sessions):
         raise ConfigError(
             f"{ADDED_FILE}: the first added session has index {first}, but the run's protocol "
-            f"has {len(experiment.sessions)} sessions"
+            f"has {len(plan.sessions)} sessions"
         )
-    sessions = list(experiment.sessions[:first])
-    names = [experiment.class_names[c] for c in sessions[-1].seen_classes]
+    sessions = list(plan.sessions[:first])
+    names = [plan.class_names[c] for c in sessions[-1].seen_classes]
     for item in added:
         if item.index != len(sessions):
             raise ConfigError(
@@ -199,17 +201,18 @@ def extend_experiment(experiment: Experiment, added: Sequence[AddedSession]) -> 
         new = list(range(len(names), len(names) + len(item.classes)))
         names.extend(item.classes)
         sessions.append(Session(item.index, new, list(range(len(names)))))
-    train_parts = [experiment.train_source]
-    test_parts = [experiment.test_source]
+    train_parts = [plan.train_source]
+    test_parts = [plan.test_source]
     for item in added:
         train_parts.append(load_manifest(item.train_manifest, "train", names))
         if item.test_manifest is not None:
             test_parts.append(load_manifest(item.test_manifest, "test", names))
-    experiment.train_source = ConcatImageSource(train_parts, names, "train")
-    experiment.test_source = ConcatImageSource(test_parts, names, "test")
-    experiment.class_names = names
-    experiment.sessions = sessions
-    experiment.check_sessions()
+    return RunPlan(
+        ConcatImageSource(train_parts, names, "train"),
+        ConcatImageSource(test_parts, names, "test"),
+        tuple(names),
+        tuple(sessions),
+    )
 
 
 def annotate_metrics(run_dir: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -223,18 +226,13 @@ def annotate_metrics(run_dir: str | Path, metrics: dict[str, Any]) -> dict[str, 
     return metrics
 
 
-def run_experiment(run_dir: str | Path, config: RunConfig | None = None) -> Experiment:
-    """The experiment of an existing run folder, its added sessions included.
-
-    Args:
-        run_dir: the run folder.
-        config: the run's config (with run-time overrides); default: its ``config.yaml``.
-    """
-    if config is None:
-        config, _ = load_run(run_dir)
-    experiment = Experiment(config)
-    extend_experiment(experiment, read_added_sessions(run_dir))
-    return experiment
+def run_plan(
+    run_dir: str | Path, config: RunConfig, added: Sequence[AddedSession] | None = None
+) -> RunPlan:
+    """The plan of an existing run folder: its config's, extended by its added sessions
+    (``added``, default those recorded in the folder)."""
+    added = read_added_sessions(run_dir) if added is None else added
+    return extended_plan(RunPlan.from_config(config), added)
 
 
 def learned_sessions(folder: Path) -> int:
@@ -254,7 +252,7 @@ def plan_added_session(
     learned_sessions: int,
     train_manifest: str | Path,
     test_manifest: str | Path | None,
-) -> tuple[Experiment, list[AddedSession]]:
+) -> tuple[RunPlan, list[AddedSession]]:
     """Check a session to add after the run's first ``learned_sessions`` sessions.
 
     Added sessions the run has not learned yet (an earlier ``--add-session`` that failed) are
@@ -262,7 +260,7 @@ def plan_added_session(
     written.
 
     Returns:
-        The extended experiment and the full list of added sessions to record.
+        The extended plan and the full list of added sessions to record.
 
     Raises:
         DataError: naming the manifest when it is missing, malformed, brings no new label, or
@@ -272,18 +270,18 @@ def plan_added_session(
         if path is not None and not Path(path).is_file():
             raise DataError(f"--add-session: manifest {path} does not exist")
     kept = [item for item in read_added_sessions(run_dir) if item.index < learned_sessions]
-    experiment = Experiment(config)
-    extend_experiment(experiment, kept)
-    if learned_sessions < len(experiment.sessions):
+    base = RunPlan.from_config(config)
+    kept_plan = extended_plan(base, kept)
+    if learned_sessions < len(kept_plan.sessions):
         logger.warning(
             "%s learned %d of its %d sessions; the remaining sessions are dropped and the run "
             "continues with the added one",
             run_dir,
             learned_sessions,
-            len(experiment.sessions),
+            len(kept_plan.sessions),
         )
-    seen = experiment.sessions[learned_sessions - 1].seen_classes
-    known = [experiment.class_names[c] for c in seen]
+    seen = kept_plan.sessions[learned_sessions - 1].seen_classes
+    known = [kept_plan.class_names[c] for c in seen]
     new = new_labels_in_order(train_manifest, known)
     if not new:
         raise DataError(
@@ -297,6 +295,4 @@ def plan_added_session(
         test_manifest=None if test_manifest is None else os.path.abspath(test_manifest),
     )
     added = [*kept, item]
-    experiment = Experiment(config)
-    extend_experiment(experiment, added)
-    return experiment, added
+    return extended_plan(base, added), added

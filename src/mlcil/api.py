@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -26,10 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mlcil.added_sessions import run_experiment
-from mlcil.engine.checkpoint import RunState, latest_checkpoint, restore_run
+from mlcil.engine.checkpoint import RunState
 from mlcil.errors import ConfigError
-from mlcil.experiment import Experiment, load_config
+from mlcil.experiment import Experiment
+from mlcil.inference import infer
 from mlcil.predict import (
     Prediction,
     Problem,
@@ -38,8 +39,10 @@ from mlcil.predict import (
     make_predictions,
     read_thresholds,
 )
+from mlcil.runs import open_run
 
 ImageInput = str | Path | Image.Image
+logger = logging.getLogger(__name__)
 
 
 class TrainedModel:
@@ -51,12 +54,17 @@ class TrainedModel:
         state: the restored run state (method, memory, results).
         classes: the classes the model has seen, in arrival order (its score columns).
         skipped: ``(path or input, reason)`` of what the last ``predict`` call skipped.
+        checkpoint: the checkpoint folder the weights come from (``session_03``: the run's last
+            finished session).
     """
 
-    def __init__(self, run_dir: Path, experiment: Experiment, state: RunState) -> None:
+    def __init__(
+        self, run_dir: Path, experiment: Experiment, state: RunState, checkpoint: str = ""
+    ) -> None:
         self.run_dir = run_dir
         self.experiment = experiment
         self.state = state
+        self.checkpoint = checkpoint
         session = experiment.sessions[state.next_session - 1]
         self.classes = [experiment.class_names[c] for c in session.seen_classes]
         self.skipped: list[Problem] = []
@@ -64,7 +72,8 @@ class TrainedModel:
     def __repr__(self) -> str:
         return (
             f"TrainedModel({str(self.run_dir)!r}, {len(self.classes)} classes, "
-            f"{self.state.next_session} sessions, device {self.experiment.runtime.device})"
+            f"{self.state.next_session} sessions, checkpoint {self.checkpoint}, device "
+            f"{self.experiment.runtime.device})"
         )
 
     @property
@@ -86,14 +95,15 @@ class TrainedModel:
             raise ConfigError(f"predict: threshold {threshold!r} must be strictly between 0 and 1")
         return float(threshold)
 
-    @torch.no_grad()
     def scores(self, images: torch.Tensor) -> np.ndarray:
         """``(N, classes)`` sigmoid scores of a batch of transformed images."""
-        method, runtime = self.state.method, self.experiment.runtime
-        method.network.eval()
-        with runtime.autocast():
-            logits = method.predict(images.to(runtime.device))
-        return logits.float().sigmoid().cpu().numpy()[:, : len(self.classes)]
+        method, num_classes = self.state.method, len(self.classes)
+
+        def step(batch: torch.Tensor, _: object) -> dict[str, torch.Tensor]:
+            return {"scores": method.predict(batch).float().sigmoid()[:, :num_classes]}
+
+        runtime = self.experiment.runtime
+        return infer([(images, None)], step, runtime, method.network)["scores"]
 
     def predict(
         self,
@@ -159,25 +169,19 @@ def _with_progress(iterable: Iterable[Any], total: int, enabled: bool) -> Iterab
 
 
 def load(run_dir: str | Path, device: str | None = None) -> TrainedModel:
-    """Load the latest checkpoint of a run folder for prediction.
+    """Load a run for prediction: the checkpoint of its last *finished* session (the one
+    ``mlcil eval`` scores; a run stopped inside a session predicts with the session before).
 
     Args:
         run_dir: the run folder (``runs/<name>``).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default the run's ``train.device``.
 
     Raises:
-        ConfigError: when the folder is not a run or has no checkpoint yet.
+        ConfigError: when the folder is not a run or has no finished session yet.
         WeightsError: when the checkpoint is damaged or does not fit the run's config.
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run folder: {run_dir / 'config.yaml'} is missing")
     overrides = [] if device is None else [f"train.device={device}"]
-    config = load_config(run_dir / "config.yaml", overrides)
-    experiment = run_experiment(run_dir, config)
-    folder = latest_checkpoint(run_dir)
-    if folder is None:
-        raise ConfigError(f"{run_dir}: no checkpoint yet (has a session finished?)")
-    state = restore_run(experiment, folder)
-    state.method.network.eval()
-    return TrainedModel(run_dir, experiment, state)
+    opened, _ = open_run(run_dir, overrides)
+    folder, state = opened.restore(session_end=True)
+    logger.info("%s: predicting with checkpoint %s", opened.run.path, folder.name)
+    return TrainedModel(opened.run.path, opened.experiment, state, folder.name)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import logging
 import sys
@@ -16,8 +15,8 @@ from mlcil.errors import MlcilError
 from mlcil.safety import finite_non_negative, positive_int, unit_interval
 
 if TYPE_CHECKING:
-    from mlcil.engine.loop import Trainer
     from mlcil.experiment import Experiment
+    from mlcil.runs import Launch
 
 logger = logging.getLogger("mlcil.cli")
 
@@ -38,18 +37,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"unexpected argument {extra_paths[0]!r}: overrides are key=value, configs go "
             "after --config"
         )
-    guard: contextlib.AbstractContextManager = contextlib.nullcontext()
-    trainer: Trainer | None
-    if args.resume:
-        trainer, guard = _resumed_trainer(args, overrides)
-    else:
-        trainer = _new_trainer(args, overrides)
-    if trainer is None:
+    launch = _resumed_launch(args, overrides) if args.resume else _new_launch(args, overrides)
+    if launch is None:
         return 0
+    trainer = launch.trainer
     if not trainer.experiment.runtime.is_main:  # under torchrun, rank 0 logs progress
         logging.getLogger().setLevel(logging.WARNING)
-    with guard:
-        metrics = trainer.run(max_sessions=args.max_sessions)
+    metrics = launch.run(max_sessions=args.max_sessions)
     if not trainer.experiment.runtime.is_main:  # under torchrun, rank 0 reports
         return 0
     if metrics is None:
@@ -66,47 +60,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _new_trainer(args: argparse.Namespace, overrides: list[str]) -> Trainer | None:
-    """A trainer for a new run; None after a dry run. Nothing is deleted before the run is
-    known to start: config, data, sessions and weights are all checked first."""
-    from mlcil.engine.loop import Trainer
-    from mlcil.experiment import load_config
-    from mlcil.safety import check_fresh_run_dir
+def _new_launch(args: argparse.Namespace, overrides: list[str]) -> Launch | None:
+    """A new run, ready to train; None after a dry run. Nothing of an earlier run is touched
+    before config, data, image files, image size and weights are all checked."""
+    from mlcil.experiment import Experiment, load_config
+    from mlcil.rundir import RunDir
+    from mlcil.runs import make_runtime, start_run
 
     if args.add_session or args.test_manifest:
         raise MlcilError("--add-session and --test-manifest extend a finished run: use --resume")
     if not args.config:
         raise MlcilError("mlcil train needs --config FILE (or --resume RUN_DIR)")
     config = load_config(args.config, overrides)
-    trainer = Trainer(config, run_dir=args.run_dir)
+    runtime = make_runtime(config)
     if args.dry_run:
-        print(dry_run_summary(trainer.experiment, trainer.run_dir))
+        run = (
+            RunDir(args.run_dir)
+            if args.run_dir
+            else RunDir.inside(config.output_dir, config.run_name)
+        )
+        print(dry_run_summary(Experiment(config, runtime=runtime), run.path))
         return None
-    if args.overwrite:
-        trainer.build_fresh_method()  # a missing or damaged weights file stops us here
-        trainer.clear_run_dir()
-        (trainer.run_dir / "added_sessions.json").unlink(missing_ok=True)
-    else:
-        check_fresh_run_dir(trainer.run_dir)
-    return trainer
+    return start_run(config, args.run_dir, overwrite=args.overwrite, runtime=runtime)
 
 
-def _resumed_trainer(
-    args: argparse.Namespace, overrides: list[str]
-) -> tuple[Trainer | None, contextlib.AbstractContextManager]:
-    """A trainer that continues ``--resume RUN``, with one more session with ``--add-session``,
-    and the context to train it in (it records the added session, and forgets it on failure).
-    With ``--dry-run``, prints the plan (the added session included) and returns no trainer."""
-    from mlcil.added_sessions import (
-        learned_sessions,
-        plan_added_session,
-        recorded_until_learned,
-        run_experiment,
-    )
-    from mlcil.engine.checkpoint import latest_checkpoint, restore_run
-    from mlcil.engine.loop import Trainer
-    from mlcil.experiment import load_config
-    from mlcil.safety import check_resume_config
+def _resumed_launch(args: argparse.Namespace, overrides: list[str]) -> Launch | None:
+    """A launch that continues ``--resume RUN``, with one more session with ``--add-session``.
+    With ``--dry-run``, prints the plan (the added session included) and returns None."""
+    from mlcil.runs import open_run, resume_run
 
     for flag, value in (("--config", args.config), ("--run-dir", args.run_dir)):
         if value:
@@ -115,32 +96,12 @@ def _resumed_trainer(
         raise MlcilError("--overwrite cannot be combined with --resume")
     if args.test_manifest and not args.add_session:
         raise MlcilError("--test-manifest goes with --add-session TRAIN_MANIFEST")
-    run_dir = Path(args.resume)
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise MlcilError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
-    config = load_config([saved], overrides)
-    check_resume_config(load_config([saved]), config, saved)
-    if not args.add_session:
-        experiment = run_experiment(run_dir, config)
-        if args.dry_run:
-            print(dry_run_summary(experiment, run_dir))
-            return None, contextlib.nullcontext()
-        return Trainer(experiment, run_dir=run_dir, resume=True), contextlib.nullcontext()
-    folder = latest_checkpoint(run_dir)
-    if folder is None:
-        raise MlcilError(f"--add-session: {run_dir} has no checkpoint to continue from")
-    learned = learned_sessions(folder)
-    experiment, added = plan_added_session(
-        run_dir, config, learned, args.add_session, args.test_manifest
-    )
-    restore_run(experiment, folder)  # the checkpoint must fit before anything is written
+    manifests = {"add_session": args.add_session, "test_manifest": args.test_manifest}
     if args.dry_run:
-        print(dry_run_summary(experiment, run_dir))
-        return None, contextlib.nullcontext()
-    logger.info("adding session %d with classes %s", added[-1].index, ", ".join(added[-1].classes))
-    trainer = Trainer(experiment, run_dir=run_dir, resume=True)
-    return trainer, recorded_until_learned(run_dir, added)
+        opened, _ = open_run(args.resume, overrides, resuming=True, **manifests)
+        print(dry_run_summary(opened.experiment, opened.run.path))
+        return None
+    return resume_run(args.resume, overrides, **manifests)
 
 
 def dry_run_summary(experiment: Experiment, run_dir: Path) -> str:
@@ -153,6 +114,7 @@ def dry_run_summary(experiment: Experiment, run_dir: Path) -> str:
         f"{len(experiment.test_source)} test images, {len(experiment.class_names)} classes), "
         f"protocol {config.protocol}, overlap {config.data.overlap}",
         f"device: {experiment.runtime.device} ({experiment.runtime.precision})",
+        f"classes ({len(experiment.class_names)}): {', '.join(experiment.class_names)}",
         "",
         "session  new  classes                          train  test",
     ]
@@ -195,13 +157,13 @@ def dry_run_summary(experiment: Experiment, run_dir: Path) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mlcil.engine.evaluate import evaluate_run
-    from mlcil.experiment import load_run
     from mlcil.report import validate_metrics
+    from mlcil.rundir import RunDir
+    from mlcil.runs import evaluate_run, load_run
 
     _, metrics = load_run(args.run)
     if metrics:
-        validate_metrics(metrics, Path(args.run) / "metrics.json")
+        validate_metrics(metrics, RunDir(args.run).metrics_file)
     result = evaluate_run(args.run)
     recorded = result["recorded_last_map"]
     print(
@@ -224,6 +186,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mlcil.api import load
     from mlcil.fileio import write_text_atomic
     from mlcil.predict import write_csv, write_jsonl, write_table
+    from mlcil.rundir import RunDir
 
     output = Path(args.output) if args.output else None
     if output is not None and output.exists():
@@ -231,6 +194,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if output is not None and not output.parent.is_dir():
         raise MlcilError(f"--output {output}: folder {output.parent} does not exist")
     model = load(args.run, device=args.device)
+    where = RunDir(model.run_dir).checkpoint(model.checkpoint)
+    print(f"model: {where} (the run's last finished session)", file=sys.stderr)
     predictions = model.predict(
         args.images,
         threshold=args.threshold,
@@ -270,6 +235,25 @@ def cmd_export_digits(args: argparse.Namespace) -> int:
     )
     for split, path in written.items():
         print(f"{split}: {path}")
+    return 0
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    import json
+
+    from mlcil.data.synthetic import write_synthetic_coco, write_synthetic_voc
+
+    sizes = {"image_size": tuple(args.image_size)} if args.image_size else {}
+    if args.action == "synth-coco":
+        summary = write_synthetic_coco(
+            args.output, args.train, args.test, seed=args.seed, jobs=args.jobs, **sizes
+        )
+    else:
+        summary = write_synthetic_voc(
+            args.output, args.train, args.test, seed=args.seed, jobs=args.jobs, **sizes
+        )
+    print(json.dumps(summary, indent=1))
+    print(f"written: {args.output} (data.root={args.output})")
     return 0
 
 
@@ -400,6 +384,25 @@ def _data_parser(commands: Any) -> None:
     export.add_argument("--test", type=int, default=100, help="test scenes (0: none)")
     export.add_argument("--seed", type=int, default=1, help="random seed of the scenes")
     export.set_defaults(func=cmd_export_digits)
+    published = {
+        "synth-coco": (82_783, 40_504, "COCO 2014"),
+        "synth-voc": (5_011, 4_952, "VOC 2007"),
+    }
+    for action, (train, test, name) in published.items():
+        synth = actions.add_parser(
+            action, help=f"a synthetic {name} tree in the published layout (no download)"
+        )
+        synth.add_argument("--output", required=True, help="new (or empty) folder")
+        synth.add_argument(
+            "--train", type=positive_int, default=train, help=f"training images ({train})"
+        )
+        synth.add_argument("--test", type=positive_int, default=test, help=f"test images ({test})")
+        synth.add_argument("--seed", type=int, default=0, help="random seed")
+        synth.add_argument(
+            "--image-size", type=positive_int, nargs=2, metavar=("W", "H"), help="image size"
+        )
+        synth.add_argument("--jobs", type=positive_int, default=1, help="encoding processes")
+        synth.set_defaults(func=cmd_synthesize)
 
 
 def build_parser() -> argparse.ArgumentParser:

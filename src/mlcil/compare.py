@@ -19,11 +19,11 @@ import torch
 
 from mlcil.config import RunConfig, flatten
 from mlcil.engine.checkpoint import latest_checkpoint
-from mlcil.engine.loop import Trainer
 from mlcil.errors import ConfigError, MlcilError
 from mlcil.experiment import Experiment, build_config, load_config
 from mlcil.report import write_report
-from mlcil.safety import check_fresh_run_dir
+from mlcil.rundir import RunDir
+from mlcil.runs import resume_run, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def run_comparison(
     run_dirs = [output_dir / "runs" / config.run_name for _, config in plans]
     todo = []
     for position, (run_dir, (spec, config)) in enumerate(zip(run_dirs, plans, strict=True), 1):
-        if (run_dir / "metrics.json").is_file():
+        if RunDir(run_dir).metrics_file.is_file():
             logger.info("[%d/%d] %s: already finished", position, len(plans), run_dir)
             continue
         resume = latest_checkpoint(run_dir) is not None
@@ -74,7 +74,8 @@ def run_comparison(
 
 
 def _run_one(config: dict, run_dir: str, resume: bool) -> None:
-    Trainer(build_config(config), run_dir=run_dir, resume=resume).run()
+    launch = resume_run(run_dir) if resume else start_run(build_config(config), run_dir)
+    launch.run()
 
 
 def _one_thread() -> None:
@@ -112,13 +113,17 @@ def _check_plans(
                 "'name' or 'label' settings"
             )
         seen[run_dir] = spec
-        if (run_dir / "config.yaml").is_file():
+        if RunDir(run_dir).config_file.is_file():
             _check_same_config(run_dir, config)
-            if (run_dir / "metrics.json").is_file():
+            if RunDir(run_dir).metrics_file.is_file():
                 experiments.append(None)
                 continue
-        elif latest_checkpoint(run_dir) is None:
-            check_fresh_run_dir(run_dir)
+        elif latest_checkpoint(run_dir) is None and RunDir(run_dir).found_run_files():
+            found = ", ".join(RunDir(run_dir).found_run_files())
+            raise ConfigError(
+                f"{run_dir} already holds files of another run ({found}): delete them or "
+                "choose another --output"
+            )
         try:
             experiments.append(Experiment(config))
         except MlcilError as error:
@@ -128,7 +133,7 @@ def _check_plans(
 
 def _check_same_config(run_dir: Path, config: RunConfig) -> None:
     """Refuse to reuse or resume a run that was made with other settings."""
-    saved = flatten(load_config(run_dir / "config.yaml").to_dict())
+    saved = flatten(load_config(RunDir(run_dir).config_file).to_dict())
     planned = flatten(config.to_dict())
     differences = sorted(k for k in saved.keys() | planned.keys() if saved.get(k) != planned.get(k))
     if differences:

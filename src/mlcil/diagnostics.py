@@ -25,9 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from mlcil.engine.checkpoint import restore_run
 from mlcil.experiment import Experiment
+from mlcil.inference import infer
 from mlcil.methods.base import Method
 from mlcil.metrics.diagnostics import embedding_drift, logit_drift, pseudo_label_quality
 from mlcil.protocol import Session
+from mlcil.rundir import RunDir, checkpoint_name
 
 PROBE_IMAGES = 256  # fixed test images whose outputs are compared across sessions
 RESTORE_IMAGES = 2000  # training images of a session on which restored labels are checked
@@ -55,19 +57,13 @@ class SessionDiagnostics:
         experiment = self.experiment
         dataset = experiment.plain_images(self.probe, experiment.test_source)
         network = method.network
-        was_training = network.training
-        network.eval()
-        logits, embeddings = [], []
-        try:
-            with torch.no_grad():
-                for images, _ in self._loader(dataset):
-                    with experiment.runtime.autocast():
-                        output = network(images.to(experiment.runtime.device))
-                    logits.append(output.logits.float().cpu())
-                    embeddings.append(output.embeddings.float().cpu())
-        finally:
-            network.train(was_training)
-        return torch.cat(logits), torch.cat(embeddings)
+
+        def step(images: torch.Tensor, _: object) -> dict[str, torch.Tensor]:
+            output = network(images)
+            return {"logits": output.logits, "embeddings": output.embeddings}
+
+        rows = infer(self._loader(dataset), step, experiment.runtime, network)
+        return torch.from_numpy(rows["logits"]), torch.from_numpy(rows["embeddings"])
 
     def before(
         self, method: Method, run_dir: Path | None = None, session: Session | None = None
@@ -81,7 +77,7 @@ class SessionDiagnostics:
         if run_dir is not None and session is not None:
             if session.index == 0:
                 return
-            folder = run_dir / "checkpoints" / f"session_{session.index - 1:02d}"
+            folder = RunDir(run_dir).checkpoint(checkpoint_name(session.index - 1))
             method = restore_run(self.experiment, folder).method
         if method.network.num_sessions == 0:
             return
@@ -109,16 +105,19 @@ class SessionDiagnostics:
     def _restore(self, method: Method, session: Session, own: np.ndarray) -> dict | None:
         rng = np.random.default_rng(_PROBE_SEED)
         sample = np.sort(rng.permutation(own)[:RESTORE_IMAGES])
-        restored = []
         experiment = self.experiment
-        for images, _ in self._loader(experiment.plain_images(sample)):
-            with torch.no_grad(), experiment.runtime.autocast():
-                targets = method.restored_targets(images.to(experiment.runtime.device))
-            if targets is None:
-                return None
-            restored.append(targets.float().cpu())
+        restores: list[bool] = []
+
+        def step(images: torch.Tensor, _: object) -> dict[str, torch.Tensor]:
+            targets = method.restored_targets(images)
+            restores.append(targets is not None)
+            return {} if targets is None else {"restored": targets}
+
+        rows = infer(self._loader(experiment.plain_images(sample)), step, experiment.runtime)
+        if not all(restores) or "restored" not in rows:
+            return None
         hidden = experiment.train_source.labels[sample][:, : session.num_old]
-        return _rounded(pseudo_label_quality(torch.cat(restored).numpy() > 0.5, hidden))
+        return _rounded(pseudo_label_quality(rows["restored"] > 0.5, hidden))
 
 
 def _rounded(values: dict[str, Any]) -> dict[str, Any]:

@@ -60,7 +60,7 @@ _BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
 # ----------------------------------------------------------------------------------------------
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
     """Read an integer environment variable set by torchrun, or ``default`` when unset."""
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
@@ -112,9 +112,9 @@ class DistributedContext:
                 other than cuda/cpu, a missing ``MASTER_ADDR``/``MASTER_PORT``, or a process
                 group that already exists with another rank, size or backend.
         """
-        world_size = _env_int("WORLD_SIZE", 1)
-        rank = _env_int("RANK", 0)
-        local_rank = _env_int("LOCAL_RANK", 0)
+        world_size = env_int("WORLD_SIZE", 1)
+        rank = env_int("RANK", 0)
+        local_rank = env_int("LOCAL_RANK", 0)
         if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
             raise ConfigError(
                 f"torchrun environment is inconsistent: RANK={rank}, WORLD_SIZE={world_size}, "

@@ -7,7 +7,7 @@ imports no method and no network.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,25 +59,6 @@ def build_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     return loading.build_config(raw, where, params_lookup)
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
-    """The resolved config and ``metrics.json`` (empty when not written yet) of a run folder."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir} is not a run folder: {config_path} is missing")
-    config = load_config(config_path)
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.is_file():
-        return config, {}
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{metrics_path}: not readable JSON: {error}") from error
-    if not isinstance(metrics, dict):
-        raise ConfigError(f"{metrics_path}: expected a JSON object, got {type(metrics).__name__}")
-    return config, metrics
-
-
 def plan_sessions(protocol: str, single_session: bool, num_classes: int) -> list[Session]:
     """The sessions a run learns: the protocol's, or one session of every class (joint)."""
     sessions = protocol_sessions(protocol, num_classes)  # validates the protocol
@@ -87,16 +68,58 @@ def plan_sessions(protocol: str, single_session: bool, num_classes: int) -> list
     return sessions
 
 
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What a run learns, fixed once: its data, class list and sessions.
+
+    Attributes:
+        train_source: the training split (labels over ``class_names``).
+        test_source: the test split.
+        class_names: every class, in arrival order.
+        sessions: the sessions in order.
+    """
+
+    train_source: ImageSource
+    test_source: ImageSource
+    class_names: tuple[str, ...]
+    sessions: tuple[Session, ...]
+
+    @classmethod
+    def from_config(
+        cls, config: RunConfig, sources: tuple[ImageSource, ImageSource] | None = None
+    ) -> RunPlan:
+        """The plan of ``config``: its dataset (or ``sources``) and its protocol's sessions."""
+        train, test = sources or build_sources(config.data)
+        single = METHODS.get_class(config.method.name).single_session
+        sessions = plan_sessions(config.protocol, single, len(train.class_names))
+        return cls(train, test, tuple(train.class_names), tuple(sessions))
+
+
 class Experiment:
-    """The data, sessions, transforms and runtime of a config, checked before any training."""
+    """The plan, transforms and runtime of a config, checked before any training.
+
+    Built once per run and never changed afterwards: ``plan`` is frozen, and a run with added
+    sessions is given its extended plan when it is built.
+    """
 
     def __init__(
-        self, config: RunConfig, sources: tuple[ImageSource, ImageSource] | None = None
+        self,
+        config: RunConfig,
+        sources: tuple[ImageSource, ImageSource] | None = None,
+        *,
+        runtime: Runtime | None = None,
+        plan: RunPlan | None = None,
+        starting_model: ModelConfig | None = None,
     ) -> None:
         """Args:
         config: the run's configuration.
         sources: ``(train, test)`` image sources to use instead of loading ``config.data``
             (data held in memory, or a subset).
+        runtime: the process's runtime, made once by the entry point (default: made here from
+            ``config.train``).
+        plan: the run's plan (default: ``RunPlan.from_config(config, sources)``).
+        starting_model: the model section whose weights a fresh run starts from (e.g. with a
+            ``pretrain:`` name resolved to its cached file); default ``config.model``.
         """
         self.config = config
         self.method_class = METHODS.get_class(config.method.name)
@@ -105,18 +128,31 @@ class Experiment:
                 f"method {config.method.name!r} replays exemplars: set memory.per_class > 0 "
                 "or memory.total"
             )
-        self.runtime = Runtime.from_config(config.train, config.data.num_workers)
-        self.train_source, self.test_source = sources or build_sources(config.data)
-        self.class_names = self.train_source.class_names
-        self.sessions = plan_sessions(
-            config.protocol, self.method_class.single_session, len(self.class_names)
-        )
+        self.runtime = runtime or Runtime.from_config(config.train, config.data.num_workers)
+        self.plan = plan or RunPlan.from_config(config, sources)
+        self.starting_model = starting_model or config.model
         self.check_sessions()
         data = config.data
         self.train_transform = build_transform(
             data.image_size, True, data.augment, data.randaugment
         )
         self.eval_transform = build_transform(data.image_size, False)
+
+    @property
+    def train_source(self) -> ImageSource:
+        return self.plan.train_source
+
+    @property
+    def test_source(self) -> ImageSource:
+        return self.plan.test_source
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.plan.class_names)
+
+    @property
+    def sessions(self) -> list[Session]:
+        return list(self.plan.sessions)
 
     def check_sessions(self) -> None:
         """Fail before any training when a session would have no training or test image."""
@@ -156,11 +192,10 @@ class Experiment:
         Args:
             load_weights: read the model's pretrained weights file (False: same architecture,
                 weights left as initialised; a checkpoint is loaded next).
-            model: the model section to build instead of the config's (e.g. with a
-                ``pretrain:`` name resolved to its cached file).
+            model: the model section to build instead of ``starting_model``.
         """
         config = self.config
-        model = model or config.model
+        model = model or self.starting_model
         seed_everything(config.seed)
         network = self.method_class.build_network(
             model, config.data.image_size, load_weights=load_weights

@@ -19,6 +19,7 @@ from typing import Any
 from mlcil.errors import ConfigError
 from mlcil.fileio import write_text_atomic
 from mlcil.results import plot_sessions
+from mlcil.rundir import RunDir
 
 METRIC_COLUMNS = (
     ("avg mAP", lambda m: m["avg_map"]),
@@ -182,7 +183,7 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
         raise ConfigError("report: no run folder given")
     runs = []
     for run_dir in run_dirs:
-        path = Path(run_dir) / "metrics.json"
+        path = RunDir(run_dir).metrics_file
         if not path.is_file():
             raise ConfigError(f"{run_dir}: no metrics.json (is the run finished?)")
         try:

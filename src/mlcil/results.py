@@ -16,6 +16,7 @@ import torch
 from mlcil.config.schema import RunConfig
 from mlcil.fileio import write_text_atomic
 from mlcil.metrics import average_map, f1_scores, forgetting, last_map
+from mlcil.rundir import METRICS_CSV, METRICS_JSON, PLOT
 from mlcil.version import __version__
 
 CSV_COLUMNS = (
@@ -92,7 +93,7 @@ def _clean(value: Any) -> Any:
 def write_results(run_dir: Path, metrics: dict[str, Any]) -> None:
     """Write the three result files of a run (atomically)."""
     run_dir = Path(run_dir)
-    write_text_atomic(run_dir / "metrics.json", json.dumps(_clean(metrics), indent=1))
+    write_text_atomic(run_dir / METRICS_JSON, json.dumps(_clean(metrics), indent=1))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -106,8 +107,8 @@ def write_results(run_dir: Path, metrics: dict[str, Any]) -> None:
                 **{k: _fmt(entry.get(k)) for k in ("base_map_subset", "new_map_subset")},
             }
         )
-    write_text_atomic(run_dir / "metrics.csv", buffer.getvalue())
-    plot_sessions({metrics.get("method", "run"): metrics}, run_dir / "map_per_session.png")
+    write_text_atomic(run_dir / METRICS_CSV, buffer.getvalue())
+    plot_sessions({metrics.get("method", "run"): metrics}, run_dir / PLOT)
 
 
 def _fmt(value: float | None) -> str:
@@ -145,5 +146,5 @@ def plot_sessions(runs: dict[str, dict[str, Any]], path: Path, title: str | None
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "metrics.json"
+    path = Path(run_dir) / METRICS_JSON
     return json.loads(path.read_text())

@@ -34,6 +34,11 @@ def derive_seed(seed: int, *parts: int) -> int:
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+def environment_rank() -> int:
+    """This process's rank as torchrun sets it (0 without torchrun), before any runtime exists."""
+    return distributed.env_int("RANK", 0)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -173,10 +178,9 @@ class Runtime:
     def gather_loader_rows(self, loader: DataLoader, rows: np.ndarray) -> np.ndarray:
         """Rows computed over an unshuffled :meth:`loader`, gathered from every rank into
         dataset order (the sampler's padding dropped): what one process would have computed."""
-        if self.world_size == 1:
-            return rows
         sampler = loader.sampler
-        assert isinstance(sampler, distributed.ShardSampler)
+        if self.world_size == 1 or not isinstance(sampler, distributed.ShardSampler):
+            return rows  # one process, or an unsharded loader: this process has every row
         return distributed.gather_in_order(rows, sampler.positions(), sampler.num_items)
 
     def broadcast(self, obj: Any) -> Any:

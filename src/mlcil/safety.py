@@ -2,8 +2,6 @@
 
 - ``check_resume_config``: ``--resume`` accepts only overrides that cannot change the results
   (where and how fast the run computes), else metrics.json would contradict config.yaml.
-- ``check_fresh_run_dir``: a new run never writes into a folder holding another run's files,
-  even when its checkpoint pointer dangles or its checkpoints are gone.
 - argparse types that reject ``--max-sessions 0`` and ``--tolerance nan`` at parse time.
 """
 
@@ -11,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,17 +29,6 @@ RESUME_SAFE_KEYS = frozenset(
         # memory is checked against the images found there on restore).
         "data.root",
     }
-)
-
-# Files and folders that belong to a run (train.log alone does not: a run that failed before
-# its first session leaves only its log).
-RUN_FILES = (
-    "config.yaml",
-    "metrics.json",
-    "metrics.csv",
-    "map_per_session.png",
-    "checkpoints",
-    "added_sessions.json",
 )
 
 
@@ -67,17 +53,6 @@ def check_resume_config(saved: RunConfig, resumed: RunConfig, where: str | Path)
                 f"{after.get(key)!r} given) would change the run's results; a resumed run keeps "
                 f"its config and accepts only {allowed}"
             )
-
-
-def check_fresh_run_dir(run_dir: str | Path) -> None:
-    """Refuse to start a new run in a folder that holds files of an earlier one."""
-    run_dir = Path(run_dir)
-    found = [name for name in RUN_FILES if os.path.lexists(run_dir / name)]
-    if found:
-        raise ConfigError(
-            f"{run_dir} already holds a run ({', '.join(found)}): resume it with "
-            "--resume, replace it with --overwrite, or choose another --run-dir"
-        )
 
 
 def positive_int(text: str) -> int:

@@ -35,7 +35,8 @@ TINY = [
 ]
 SKIP_FOR_LINEAR = ("model.embed_dim", "model.num_heads")  # the baselines' network has no ICA
 CONFIG = str(REPO / "configs" / "digits_b0_c2.yaml")
-UNCHECKED = {"train.log"}  # a log may record the failed attempt
+# A log may record the failed attempt; the lock file names the process that last held it.
+UNCHECKED = {"train.log", ".mlcil-run.lock"}
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -238,6 +239,61 @@ def _nan_weights(ws: Workspace) -> list[str]:
     return _add(ws, [("k1.png", "kayak"), ("k2.png", "kayak;3")])
 
 
+def _new_data_with_truncated_jpeg(ws: Workspace) -> list[str]:
+    # 20 good scenes, then one JPEG cut short at the last row: found before anything is moved.
+    rows = [(f"s{i:02d}.png", "a" if i % 2 else "b") for i in range(20)]
+    train = ws.manifest("train.csv", [*rows, ("last.jpg", "a")])
+    jpeg = ws.tmp / "scenes" / "last.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:-200])
+    test = ws.manifest("test.csv", rows[:6])
+    data = [f"data.train_manifest={train}", f"data.test_manifest={test}", "protocol=B0-C1"]
+    return _new_run("data.dataset=manifest", *data)(ws)
+
+
+def _new_nan_weights(ws: Workspace) -> list[str]:
+    import torch
+    from safetensors.torch import save_file
+
+    path = ws.tmp / "nan_backbone.safetensors"
+    save_file({"conv1.weight": torch.full((64, 3, 7, 7), float("nan"))}, str(path))
+    return _new_run(f"model.pretrained={path}")(ws)
+
+
+def _overwrite_user_folder(ws: Workspace) -> list[str]:
+    mine = ws.tmp / "mine"
+    (mine / "checkpoints").mkdir(parents=True)
+    (mine / "checkpoints" / "best.pt").write_bytes(b"user weights")
+    (mine / "tensorboard").mkdir()
+    (mine / "tensorboard" / "events").write_bytes(b"user events")
+    (mine / "metrics.csv").write_text("epoch,loss\n1,0.5\n")
+    ws.extra_unchanged.append(mine)
+    return ["train", "--config", CONFIG, "--run-dir", str(mine), *TINY, "--overwrite"]
+
+
+def _fails_in_first_session(ws: Workspace) -> list[str]:
+    # A fault no pre-flight check can see: the earlier run must come back as it was.
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(ws.run / "checkpoints"))
+
+    ws.monkeypatch.setattr("mlcil.engine.loop.fit_session", fail)
+    return _new_run()(ws)
+
+
+def _latest_outside(ws: Workspace) -> list[str]:
+    other = ws.tmp / "other" / "checkpoints" / "session_01"
+    shutil.copytree(ws.run / "checkpoints" / "session_01", other)
+    (ws.run / "checkpoints" / "latest").write_text("../../other/checkpoints/session_01\n")
+    return ["train", "--resume", str(ws.run)]
+
+
+def _escaping_name(name: str) -> Setup:
+    def setup(ws: Workspace) -> list[str]:
+        output = f"output_dir={ws.tmp / 'out'}"
+        return ["train", "--config", CONFIG, *TINY, f"name={name}", output]
+
+    return setup
+
+
 def _const(*argv: str) -> Setup:
     return lambda ws: [a.replace("RUN", str(ws.run)).replace("TMP", str(ws.tmp)) for a in argv]
 
@@ -247,6 +303,15 @@ CASES: dict[str, tuple[Setup, str]] = {
     "overwrite_missing_weights": (_new_run("model.pretrained=/no/such.safetensors"), "such"),
     "overwrite_lr_nan": (_new_run("train.lr=nan"), "train.lr"),
     "overwrite_bad_protocol": (_new_run("protocol=B0-C3"), "B0-C3"),
+    "overwrite_truncated_jpeg_in_new_data": (_new_data_with_truncated_jpeg, "last.jpg"),
+    "overwrite_nan_weights": (_new_nan_weights, "not finite"),
+    "overwrite_image_size_1": (_new_run("data.image_size=1"), "data.image_size=1"),
+    "overwrite_not_an_mlcil_run": (_overwrite_user_folder, "not an mlcil run"),
+    "overwrite_fails_in_first_session": (_fails_in_first_session, "No space left on device"),
+    # The run folder's name and checkpoint pointer stay inside it.
+    "latest_points_outside": (_latest_outside, "not a checkpoint folder of this run"),
+    "name_escapes_output_dir": (_escaping_name("../../escaped"), "name"),
+    "name_is_absolute": (_escaping_name("/etc"), "name"),
     # A run folder is never reused without --overwrite, whatever state its checkpoints are in.
     "existing_run_without_overwrite": (_new_run(overwrite=False), "already holds a run"),
     "dangling_latest": (_dangling_latest, "already holds a run"),

@@ -12,7 +12,7 @@ import pytest
 
 from mlcil.cli import main
 from mlcil.data.coco import load_coco
-from mlcil.engine.evaluate import evaluate_run
+from mlcil.runs import evaluate_run
 from tiny import REPO, TINY_ICA, tiny_overrides
 
 TINY = [*tiny_overrides(memory__per_class="2"), *TINY_ICA]

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from mlcil.engine.loop import Trainer
 from mlcil.engine.observers import Observer
 from mlcil.experiment import load_config
 from mlcil.methods import METHODS
 from mlcil.protocol import Session
+from mlcil.runs import start_run
 from tiny import REPO, TINY_ICA, tiny_overrides
 
 TINY = tiny_overrides(train__tensorboard="false", protocol="B40-C40")
@@ -57,7 +57,8 @@ def test_method_runs_two_sessions(
     config = tiny_config(name, root)
     assert config.method.name == name
     recorder = StepRecorder()
-    metrics = Trainer(config, run_dir=tmp_path / name, observers=[recorder]).run()
+    # Diagnostics join a run as a callback of the layer above the engine, as in the CLI.
+    metrics = start_run(config, tmp_path / name, observers=[recorder]).run()
     assert metrics is not None
     expected_sessions = 1 if METHODS[name].single_session else 2
     assert len(metrics["sessions"]) == expected_sessions

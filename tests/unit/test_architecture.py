@@ -155,3 +155,101 @@ def test_no_module_reaches_into_another_objects_private_members() -> None:
                 private = [a.name for a in node.names if re.match(r"_[^_]", a.name)]
                 offenders.extend(f"{path.relative_to(SRC)}: imports {n}" for n in private)
     assert not offenders, offenders
+
+
+FEATURES = ("pretrain", "added_sessions", "diagnostics", "api", "predict", "cli", "runs", "compare",
+            "report")  # fmt: skip
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph[todo.pop()] - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+def test_the_engine_imports_no_feature_built_on_it() -> None:
+    graph = import_graph()
+    features = {f"mlcil.{name}" for name in FEATURES}
+    engine = [name for name in graph if name.startswith("mlcil.engine")]
+    assert "mlcil.engine.loop" in engine and "mlcil.engine.callbacks" in engine
+    # Directly or through any other module (experiment, methods, ...).
+    leaks = {name: sorted(reachable(graph, name) & features) for name in engine}
+    assert not any(leaks.values()), leaks
+    assert "mlcil.runs" in reachable(graph, "mlcil.cli")  # the check sees real edges
+
+
+def string_literals(path: Path) -> list[tuple[int, str]]:
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    ]
+
+
+def test_the_run_folder_layout_is_spelled_out_only_by_its_owner() -> None:
+    layout = {"config.yaml", "metrics.json", "metrics.csv", "map_per_session.png", "latest",
+              "train.log", "checkpoints", "added_sessions.json", ".mlcil-run",
+              ".replaced"}  # fmt: skip
+    hits = [
+        f"{path.relative_to(SRC)}:{line} {value!r}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "rundir.py"
+        for line, value in string_literals(path)
+        if value in layout
+    ]
+    assert not hits, hits
+
+
+def calls_to(attribute: str, owner: str | None = None) -> list[str]:
+    """Modules calling ``<anything or owner>.<attribute>(...)``."""
+    return [
+        module_name(path)
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == attribute
+        and (owner is None or ast.unparse(node.func.value) == owner)
+    ]
+
+
+def test_one_inference_loop_puts_networks_in_eval_mode() -> None:
+    # Freezing a teacher (methods, checkpoint restore) and the backbone's shape probe are not
+    # inference passes over data; every pass over a loader goes through mlcil.inference.infer.
+    allowed = {"mlcil.inference", "mlcil.methods.base", "mlcil.engine.checkpoint",
+               "mlcil.models.backbones"}  # fmt: skip
+    assert set(calls_to("eval")) <= allowed, calls_to("eval")
+    users = set(calls_to("infer")) | {
+        module for module, targets in import_graph().items() if "mlcil.inference" in targets
+    }
+    for module in ("mlcil.engine.evaluate", "mlcil.diagnostics", "mlcil.api", "mlcil.methods.base"):
+        assert module in users, module
+
+
+def test_the_runtime_is_made_at_the_entry_points_only() -> None:
+    makers = calls_to("from_config", owner="Runtime")
+    assert "mlcil.runs" in makers and set(makers) <= {"mlcil.runs", "mlcil.experiment"}, makers
+
+
+def test_a_run_folder_is_opened_by_one_module() -> None:
+    # Reading a run's config.yaml back (load, eval, resume, add-session) happens in mlcil.runs;
+    # compare only compares a planned config with a saved one.
+    readers = [
+        module_name(path)
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr == "config_file"
+    ]
+    assert set(readers) <= {"mlcil.runs", "mlcil.compare", "mlcil.engine.loop"}, readers
+
+
+def test_the_run_plan_is_frozen_and_the_experiment_exposes_it_read_only() -> None:
+    from mlcil.experiment import Experiment, RunPlan
+
+    assert RunPlan.__dataclass_params__.frozen  # type: ignore[attr-defined]
+    for name in ("sessions", "class_names", "train_source", "test_source"):
+        attribute = getattr(Experiment, name)
+        assert isinstance(attribute, property) and attribute.fset is None, name

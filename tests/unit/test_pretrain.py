@@ -89,3 +89,35 @@ def test_the_provenance_of_cached_weights_is_read_without_training(
     store(trunk, {**pretrain.provenance(MODEL, 48, pretrain.PretrainRecipe()), "command": "t"})
     found = pretrain.cached_provenance(MODEL, 48)
     assert found is not None and found["command"] == "t" and found["image_size"] == 48
+
+
+def test_corrupt_cached_weights_are_rebuilt_and_unreadable_weights_are_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from mlcil.errors import WeightsError
+
+    trunk = Backbone("resnet18", feature_stage=2).body.state_dict()
+    wanted = pretrain.provenance(MODEL, 48, pretrain.PretrainRecipe())
+    path = store(trunk, {**wanted, "command": "test"})
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a disk fault, a bad copy
+
+    class RebuiltError(Exception):
+        pass
+
+    def training(*args: object, **kwargs: object) -> None:
+        raise RebuiltError
+
+    # The checksum in the provenance no longer matches: the weights are made again, never used.
+    monkeypatch.setattr(pretrain, "fit_session", training)
+    with pytest.raises(RebuiltError):
+        pretrain.resolve_pretrained(MODEL, 48)
+    # A damaged weights file named directly is refused naming the file.
+    with pytest.raises(WeightsError, match=f"{path.name} is not a readable safetensors file"):
+        Backbone("resnet18", feature_stage=2, pretrained=path)
+    broken = tmp_path / "nan.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+               for k, v in trunk.items()}, str(broken))  # fmt: skip
+    with pytest.raises(WeightsError, match="nan.safetensors: .* not finite"):
+        Backbone("resnet18", feature_stage=2, pretrained=broken)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from mlcil.data.catalog import DATASETS, dataset_spec, resolved_root
 from mlcil.protocol import parse_protocol
+from mlcil.rundir import is_folder_name
 
 STRICT = ConfigDict(
     extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True, frozen=False
@@ -189,6 +190,17 @@ class RunConfig(Section):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
+
+    @field_validator("name", "label")
+    @classmethod
+    def _folder_name(cls, value: str | None) -> str | None:
+        # Both end up in the run folder's name, which must stay inside output_dir.
+        if value is not None and not is_folder_name(value):
+            raise ValueError(
+                "must be usable as one folder name inside output_dir (no '/', '\\', '..' or "
+                "surrounding spaces)"
+            )
+        return value
 
     @field_validator("protocol")
     @classmethod

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,10 +38,11 @@ from torch import nn
 
 from mlcil.engine.fit import FitPosition, FitProgress, FitResume
 from mlcil.errors import WeightsError
-from mlcil.fileio import write_text_atomic
+from mlcil.fileio import write_text_atomic, writing
 from mlcil.memory import ExemplarMemory
 from mlcil.methods.base import Method
 from mlcil.protocol import Session
+from mlcil.rundir import LATEST, MID_SESSION, RunDir, checkpoint_name
 from mlcil.runtime import unwrap
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ class RunState:
 
 
 def save_checkpoint(
-    run_dir: Path,
+    run: RunDir | Path,
     session_index: int,
     network: nn.Module,
     state: dict[str, Any],
@@ -98,34 +98,38 @@ def save_checkpoint(
     """Write ``<run>/checkpoints/<name>`` (default ``session_XX``) atomically and point
     ``latest`` at it. ``extra_tensors`` maps file stems (``teacher``, ``optimizer``) to tensors
     saved next to the model. Older mid-session folders are removed once the new one is in place.
+    A write that fails (a full disk) names its file, and the previous checkpoint stays latest.
     """
-    root = Path(run_dir) / "checkpoints"
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    root = run.checkpoints
     root.mkdir(parents=True, exist_ok=True)
-    name = name or f"session_{session_index:02d}"
-    final = root / name
+    name = name or checkpoint_name(session_index)
+    final = run.checkpoint(name)
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
-        save_file(_plain_tensors(network.state_dict()), str(staging / "model.safetensors"))
+        _write_tensors(network.state_dict(), staging / "model.safetensors", final)
         for stem, tensors in (extra_tensors or {}).items():
-            save_file(_plain_tensors(tensors), str(staging / f"{stem}.safetensors"))
+            _write_tensors(tensors, staging / f"{stem}.safetensors", final)
         payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-        (staging / "state.json").write_text(json.dumps(payload, indent=1))
-        (staging / "memory.json").write_text(json.dumps(memory, indent=1))
+        for file, content in (("state.json", payload), ("memory.json", memory)):
+            with writing(final / file):
+                (staging / file).write_text(json.dumps(content, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    write_text_atomic(root / "latest", name + "\n")
+    write_text_atomic(root / LATEST, name + "\n")
     for folder in root.iterdir():
-        if folder.name != name and _MID_SESSION.fullmatch(folder.name):
+        if folder.name != name and MID_SESSION.fullmatch(folder.name):
             shutil.rmtree(folder, ignore_errors=True)
     return final
 
 
-_MID_SESSION = re.compile(r"session_\d+_epoch_\d+_step_\d+")
-_SESSION_END = re.compile(r"session_(\d+)")
+def _write_tensors(tensors: dict[str, torch.Tensor], staging: Path, final: Path) -> None:
+    with writing(final / staging.name):
+        save_file(_plain_tensors(tensors), str(staging))
 
 
 def _plain_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -133,7 +137,7 @@ def _plain_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_progress_checkpoint(
-    run_dir: Path, state: RunState, payload: dict[str, Any], progress: FitProgress
+    run_dir: RunDir | Path, state: RunState, payload: dict[str, Any], progress: FitProgress
 ) -> Path:
     """A mid-session checkpoint: the run state plus the training position, the teacher, the
     optimiser (tensors in safetensors, the rest JSON), schedule, scaler and random states."""
@@ -187,24 +191,8 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any])
 
 
 def latest_checkpoint(run_dir: Path, session_end: bool = False) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None.
-
-    With ``session_end`` only checkpoints written at the end of a session count (``eval`` and
-    ``predict`` score a finished session, never a half-trained one).
-    """
-    root = Path(run_dir) / "checkpoints"
-    if session_end:
-        ends = [
-            (int(match.group(1)), folder)
-            for folder in (root.iterdir() if root.is_dir() else [])
-            if (match := _SESSION_END.fullmatch(folder.name)) and (folder / "state.json").is_file()
-        ]
-        return max(ends, key=lambda item: item[0])[1] if ends else None
-    pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    folder = pointer.parent / pointer.read_text().strip()
-    return folder if (folder / "state.json").is_file() else None
+    """The newest complete checkpoint folder of a run, or None (see :meth:`RunDir.latest`)."""
+    return RunDir(run_dir).latest(session_end)
 
 
 def read_state(folder: Path) -> dict[str, Any]:

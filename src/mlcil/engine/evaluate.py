@@ -1,19 +1,15 @@
-"""Scoring a test set, turning scores into a session's results, and re-scoring a finished run."""
+"""Scoring a test set, herding features, and turning scores into a session's results."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mlcil.added_sessions import run_experiment
-from mlcil.engine.checkpoint import latest_checkpoint, restore_run
-from mlcil.errors import ConfigError
-from mlcil.experiment import Experiment, load_run
+from mlcil.experiment import Experiment
+from mlcil.inference import infer
 from mlcil.memory import ExemplarMemory
 from mlcil.methods.base import Method
 from mlcil.metrics import session_maps
@@ -22,47 +18,30 @@ from mlcil.protocol import Session
 from mlcil.runtime import Runtime
 
 
-@torch.no_grad()
 def predict_scores(
     method: Method, loader: DataLoader, runtime: Runtime, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sigmoid scores and targets over the first ``num_classes`` classes, both ``(N, classes)``.
+    """Sigmoid scores and targets over the first ``num_classes`` classes, both ``(N, classes)``,
+    in eval mode (the caller's mode is restored), gathered in dataset order over processes."""
 
-    The network runs in eval mode (batch-norm statistics frozen) and the caller's mode is
-    restored afterwards.
-    """
-    network = method.network
-    was_training = network.training
-    network.eval()
-    scores, targets = [], []
-    try:
-        for images, target in loader:
-            with runtime.autocast():
-                logits = method.predict(images.to(runtime.device, non_blocking=True))
-            scores.append(logits.float().sigmoid().cpu())
-            targets.append(target[:, :num_classes])
-    finally:
-        network.train(was_training)
-    # Each process scored its shard: gathered in dataset order, as one process would score.
-    gather = runtime.gather_loader_rows
-    return gather(loader, torch.cat(scores).numpy()), gather(loader, torch.cat(targets).numpy())
+    def step(images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "scores": method.predict(images).float().sigmoid(),
+            "targets": targets[:, :num_classes],
+        }
+
+    rows = infer(loader, step, runtime, method.network)
+    return rows["scores"], rows["targets"]
 
 
-@torch.no_grad()
 def pooled_features(method: Method, loader: DataLoader, runtime: Runtime) -> torch.Tensor:
     """``(N, F)`` pooled backbone features of a loader's images, in eval mode (herding)."""
     network = method.network
-    was_training = network.training
-    network.eval()
-    chunks = []
-    try:
-        for images, _ in loader:
-            with runtime.autocast():
-                features = network.pooled_features(images.to(runtime.device))
-            chunks.append(features.float().cpu())
-    finally:
-        network.train(was_training)
-    return torch.from_numpy(runtime.gather_loader_rows(loader, torch.cat(chunks).numpy()))
+
+    def step(images: torch.Tensor, _: object) -> dict[str, torch.Tensor]:
+        return {"features": network.pooled_features(images)}
+
+    return torch.from_numpy(infer(loader, step, runtime, network)["features"])
 
 
 def update_memory(
@@ -121,26 +100,3 @@ def session_result(
         "classes_without_positives": [class_names[c] for c in maps["classes_without_positives"]],
         "test_images": len(scores),
     }
-
-
-def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
-    """Re-evaluate the latest checkpoint of a run on its last finished session's test set.
-
-    Returns:
-        The session's result (maps in percent) plus ``session`` and ``recorded_last_map`` (the
-        ``last_map`` of ``metrics.json``, or None when the run is unfinished).
-    """
-    run_dir = Path(run_dir)
-    config, metrics = load_run(run_dir)
-    experiment = run_experiment(run_dir, config)
-    folder = latest_checkpoint(run_dir, session_end=True)
-    if folder is None:
-        raise ConfigError(f"{run_dir}: no checkpoint to evaluate")
-    state = restore_run(experiment, folder)
-    session = experiment.sessions[state.next_session - 1]
-    scores, targets = evaluate_session(experiment, state.method, session)
-    base = experiment.sessions[0]
-    result = session_result(scores, targets, session, base, experiment.class_names)
-    is_last = session.index == len(experiment.sessions) - 1
-    recorded = metrics.get("last_map") if is_last else None
-    return {**result, "session": session.index, "recorded_last_map": recorded}

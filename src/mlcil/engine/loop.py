@@ -1,17 +1,18 @@
 """The session loop: runs a whole protocol for any registered method and writes ``runs/<name>/``.
 
-``Trainer`` only orchestrates. The experiment (data, sessions, transforms, runtime) comes from
+``Trainer`` only orchestrates. The experiment (plan, transforms, runtime) comes from
 :class:`mlcil.experiment.Experiment`, fitting a session from :func:`mlcil.engine.fit.fit_session`,
-run state and checkpoints from :mod:`mlcil.engine.checkpoint`, logging, progress bars and
-TensorBoard from observers. ``resume=True`` rebuilds the state from the newest checkpoint and
-continues exactly as an uninterrupted run (every session and epoch re-seeds from its indices).
+run state and checkpoints from :mod:`mlcil.engine.checkpoint`, the folder from
+:class:`mlcil.rundir.RunDir`, logging, progress bars and TensorBoard from observers, and the
+features above the engine (diagnostics, ``--overwrite``, provenance) take part through session
+callbacks. ``resume=True`` rebuilds the state from the newest checkpoint and continues exactly as
+an uninterrupted run (every session and epoch re-seeds from its indices).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,10 +21,9 @@ from typing import Any
 import numpy as np
 
 from mlcil.config.schema import RunConfig
-from mlcil.diagnostics import SessionDiagnostics
+from mlcil.engine.callbacks import Callbacks, SessionCallback
 from mlcil.engine.checkpoint import (
     RunState,
-    latest_checkpoint,
     restore_run,
     save_checkpoint,
     save_progress_checkpoint,
@@ -40,17 +40,15 @@ from mlcil.engine.observers import (
 from mlcil.errors import ConfigError
 from mlcil.experiment import Experiment
 from mlcil.fileio import write_text_atomic
-from mlcil.methods.base import Method
-from mlcil.pretrain import cached_provenance, resolve_pretrained
 from mlcil.protocol import Session
 from mlcil.results import run_header, summarize, write_results
+from mlcil.rundir import RunDir
 from mlcil.runtime import derive_seed, seed_everything
 
 logger = logging.getLogger(__name__)
 
 # Offset that keeps the seed of a session's growth step (new head, new tokens) apart from epochs.
 _GROWTH_PHASE = 1_000_001
-RESULT_FILES = ("config.yaml", "metrics.json", "metrics.csv", "map_per_session.png", "train.log")
 
 
 class Trainer:
@@ -58,40 +56,43 @@ class Trainer:
 
     Args:
         config: the resolved run configuration, or an ``Experiment`` built from one.
-        run_dir: output folder; default ``<output_dir>/<run name>``.
+        run_dir: output folder (a path or the ``RunDir`` whose lock the caller holds); default
+            ``<output_dir>/<run name>``.
         resume: continue from the latest checkpoint in ``run_dir``.
         observers: extra observers, notified after the built-in ones.
+        callbacks: session callbacks of the features above the engine.
     """
 
     def __init__(
         self,
         config: RunConfig | Experiment,
-        run_dir: str | Path | None = None,
+        run_dir: str | Path | RunDir | None = None,
         resume: bool = False,
         observers: Sequence[Observer] = (),
+        callbacks: Sequence[SessionCallback] = (),
     ) -> None:
         self.experiment = config if isinstance(config, Experiment) else Experiment(config)
         self.config = self.experiment.config
-        self.run_dir = (
-            Path(run_dir) if run_dir else Path(self.config.output_dir) / self.config.run_name
-        )
+        if isinstance(run_dir, RunDir):
+            self.run_folder = run_dir
+        elif run_dir:
+            self.run_folder = RunDir(run_dir)
+        else:
+            self.run_folder = RunDir.inside(self.config.output_dir, self.config.run_name)
         self.resume = resume
         self.extra_observers = list(observers)
+        self.callbacks = Callbacks(callbacks)
         self.state: RunState | None = None
         self.stopped: str | None = None  # why run() stopped early (SIGTERM), after a checkpoint
         self._final_scores: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
+    def run_dir(self) -> Path:
+        return self.run_folder.path
+
+    @property
     def next_session(self) -> int:
         return self.state.next_session if self.state is not None else 0
-
-    def clear_run_dir(self) -> None:
-        """Delete the result files and checkpoints of an earlier run in ``run_dir``."""
-        for name in ("checkpoints", "tensorboard") if self.experiment.runtime.is_main else ():
-            shutil.rmtree(self.run_dir / name, ignore_errors=True)
-        for name in RESULT_FILES if self.experiment.runtime.is_main else ():
-            (self.run_dir / name).unlink(missing_ok=True)
-        self.experiment.runtime.barrier()
 
     def run(self, max_sessions: int | None = None) -> dict[str, Any] | None:
         """Learn the remaining sessions (at most ``max_sessions`` of them).
@@ -99,7 +100,9 @@ class Trainer:
         Returns:
             The ``metrics.json`` content once every session is done, else None.
         """
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        runtime = self.experiment.runtime
+        if runtime.is_main:
+            self.run_folder.acquire_lock()  # a no-op when the caller holds it already
         observer = self._observers()
         try:
             state = self._begin()
@@ -116,41 +119,38 @@ class Trainer:
             return self._finish(state)
         finally:
             observer.close()
+            if runtime.is_main:
+                self.run_folder.release_lock()
 
     def _observers(self) -> Observers:
         train, is_main = self.config.train, self.experiment.runtime.is_main
-        observers: list[Observer] = [LogObserver(self.run_dir / "train.log")] if is_main else []
+        observers: list[Observer] = [LogObserver(self.run_folder.log_file)] if is_main else []
         if train.progress and is_main:
             observers.append(ProgressObserver())
         if train.tensorboard and is_main:
-            observers.append(TensorBoardObserver(self.run_dir / "tensorboard"))
+            observers.append(TensorBoardObserver(self.run_folder.tensorboard))
         return Observers([*observers, *self.extra_observers])
-
-    def build_fresh_method(self) -> Method:
-        """The method with its starting weights (``pretrain:`` names resolved, made on first
-        use)."""
-        model, _ = resolve_pretrained(self.config.model, self.config.data.image_size)
-        return self.experiment.build_method(model=model)
 
     def _begin(self) -> RunState:
         """A fresh run state, or the one restored from the latest checkpoint."""
-        folder = latest_checkpoint(self.run_dir)
+        run = self.run_folder
+        folder = run.latest()
         if self.resume:
             if folder is None:
-                raise ConfigError(
-                    f"--resume: no checkpoint found in {self.run_dir / 'checkpoints'}"
-                )
+                raise ConfigError(f"--resume: no checkpoint found in {run.checkpoints}")
             self.state = restore_run(self.experiment, folder)
             logger.info("resumed %s after session %d", self.run_dir, self.next_session - 1)
             return self.state
-        if folder is not None:
+        found = run.found_run_files()
+        if found:
             raise ConfigError(
-                f"{self.run_dir} already holds a run: resume it with --resume, or choose another "
-                "name/output_dir"
+                f"{self.run_dir} already holds a run ({', '.join(found)}): resume it with "
+                "--resume, replace it with --overwrite, or choose another --run-dir"
             )
-        self.state = RunState(self.build_fresh_method(), self.experiment.new_memory())
+        self.state = RunState(self.experiment.build_method(), self.experiment.new_memory())
         if self.experiment.runtime.is_main:
-            write_text_atomic(self.run_dir / "config.yaml", self.config.to_yaml())
+            run.mark()
+            write_text_atomic(run.config_file, self.config.to_yaml())
         return self.state
 
     def _run_session(self, state: RunState, session: Session, observer: Observer) -> None:
@@ -165,9 +165,7 @@ class Trainer:
         )
         context = experiment.context(session, train_set)
         resume, state.resume = state.resume, None
-        diagnostics = SessionDiagnostics(experiment) if self.config.train.diagnostics else None
-        if diagnostics is not None:  # resumed inside the session: the session start is on disk
-            diagnostics.before(method, self.run_dir if resume is not None else None, session)
+        self.callbacks.session_starting(self.run_folder, state, session, resume is not None)
         if resume is None:  # else the network is grown, loaded and the method state restored
             seed_everything(derive_seed(self.config.seed, session.index, _GROWTH_PHASE))
             method.begin_session(context)
@@ -190,8 +188,7 @@ class Trainer:
             method_state=method.state_dict(),
         )
         own = train_set.indices[:own_images]
-        if diagnostics is not None:
-            result["diagnostics"] = diagnostics.after(method, session, own)
+        self.callbacks.session_evaluated(state, session, own, result)
         if state.memory.enabled:
             state.memory = update_memory(experiment, method, state.memory, session, own)
         method.end_session(context)
@@ -221,7 +218,9 @@ class Trainer:
     def _save(self, state: RunState, session: Session) -> None:
         if self.experiment.runtime.is_main:
             network, memory = state.method.network, state.memory.to_dict()
-            save_checkpoint(self.run_dir, session.index, network, self._payload(state), memory)
+            payload = self._payload(state)
+            folder = save_checkpoint(self.run_folder, session.index, network, payload, memory)
+            self.callbacks.checkpoint_written(folder)
         self.experiment.runtime.barrier()
 
     def _payload(self, state: RunState) -> dict[str, Any]:
@@ -230,7 +229,9 @@ class Trainer:
 
     def _save_progress(self, state: RunState, progress: FitProgress) -> None:
         if self.experiment.runtime.is_main:
-            save_progress_checkpoint(self.run_dir, state, self._payload(state), progress)
+            payload = self._payload(state)
+            folder = save_progress_checkpoint(self.run_folder, state, payload, progress)
+            self.callbacks.checkpoint_written(folder)
         self.experiment.runtime.barrier()
 
     def _finish(self, state: RunState) -> dict[str, Any]:
@@ -239,7 +240,7 @@ class Trainer:
             self._final_scores = evaluate_session(self.experiment, state.method, last)
         scores, targets = self._final_scores
         header = run_header(self.config, self.experiment.runtime.device)
-        header["pretrained"] = cached_provenance(self.config.model, self.config.data.image_size)
+        self.callbacks.header_ready(header)
         threshold = self.config.train.f1_threshold
         metrics = summarize(state.results, scores, targets, threshold, header, state.elapsed_s)
         if self.experiment.runtime.is_main:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from mlcil.config.schema import LossConfig, ModelConfig, Params, TrainConfig
 from mlcil.data.base import ImageSource
 from mlcil.data.sessions import TargetedImages
+from mlcil.inference import infer
 from mlcil.losses import asymmetric_loss, token_distillation_weight
 from mlcil.models import IncrementalNetwork, NetworkOutput, build_network
 from mlcil.optim import decay_groups, one_cycle
@@ -118,13 +119,12 @@ class SessionContext:
         once, in dataset order (the sampler's padding dropped), identical on every rank.
         """
         loader = self._pass_loader(phase)
-        chunks = [
-            score(Batch(images, targets).to(self.runtime.device)).detach().cpu()
-            for images, targets in loader
-        ]
-        if not chunks:
-            return torch.zeros(0)
-        return torch.from_numpy(self.runtime.gather_loader_rows(loader, torch.cat(chunks).numpy()))
+
+        def step(images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"rows": score(Batch(images, targets).to(self.runtime.device))}
+
+        rows = infer(loader, step, self.runtime).get("rows")
+        return torch.zeros(0) if rows is None else torch.from_numpy(rows)
 
 
 class Method:

@@ -47,6 +47,9 @@ class KRTParams(Params):
     # Iterative search only: start each session from the previous session's threshold (0.8 in
     # the first incremental session), as the release does; False restarts at 0.8 every time.
     threshold_warm_start: bool = False
+    # The iterative search's float32 rounding of the mean count: the release's formula on CPU
+    # tensors ("cpu") or as its CUDA runs computed it ("cuda"); see iterative_dpl_threshold.
+    threshold_arithmetic: Literal["cpu", "cuda"] = "cpu"
     token_loss_weight: Annotated[float, Field(ge=0)] = 100.0  # 100 COCO B0-C10, 300 B40, 80 VOC
     # DPL prior rho, labels per image per class; None: the dataset's published value (COCO
     # 2.9/80, VOC 1.4/20), else the training split's own label density.
@@ -78,15 +81,17 @@ class KRT(Method):
             return teacher(batch.images).logits.float().sigmoid()
 
         # Every process scores its shard; the threshold comes from all of them, so all agree.
-        with torch.no_grad(), context.autocast():
-            old_scores = context.score_pass(THRESHOLD_PASS_PHASE, old_class_scores)
+        old_scores = context.score_pass(THRESHOLD_PASS_PHASE, old_class_scores)
         target = target_positives_per_image(self.label_density(context), self.num_old)
         if self.params.threshold_search == "exact":
             threshold = dpl_threshold(old_scores, target)
         else:
             warm = self.params.threshold_warm_start and previous is not None
             start = previous if warm and previous is not None else 0.8
-            threshold = iterative_dpl_threshold(old_scores, target, start=start)
+            arithmetic = self.params.threshold_arithmetic
+            threshold = iterative_dpl_threshold(
+                old_scores, target, start=start, arithmetic=arithmetic
+            )
         achieved = (old_scores > threshold).sum().item() / max(len(old_scores), 1)
         logger.info(
             "session %d: pseudo-label threshold %.4f gives %.3f old positives per image "

@@ -116,9 +116,13 @@ class Backbone(nn.Module):
 
 def _read_weights_file(path: Path) -> dict:
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise WeightsError(f"{path} is not a readable safetensors file: {error}") from error
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors have many types
@@ -171,6 +175,13 @@ def load_backbone_weights(
             "to start from random weights."
         )
     state = extract_state_dict(_read_weights_file(path), path)
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if broken:
+        # Caught before training starts, so nothing of a run depends on these weights yet.
+        raise WeightsError(
+            f"{path}: {len(broken)} weight tensors are not finite (NaN or inf, e.g. "
+            f"{broken[0]!r}): the file is damaged; restore or re-create it"
+        )
     # timm ships converters for older layouts (e.g. the inplace-ABN TResNet keys of the ASL
     # model zoo); use the architecture's own converter when it has one.
     converter = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)

@@ -1,0 +1,367 @@
+"""Opening and starting runs: the layer above the engine that the CLI, ``mlcil.load`` and
+``compare`` share.
+
+- :func:`open_run` is the one way to open an existing run folder (``mlcil.load``, ``eval``,
+  ``--resume``, ``--add-session``): its config (with run-time overrides), its plan with the
+  sessions added to it, one experiment.
+- :func:`start_run` starts a new run: the folder is locked, every input check a run can make
+  before training passes (:func:`preflight`), and only then is an earlier run set aside with
+  ``--overwrite``; it is deleted once the new run's first checkpoint is written, and put back
+  when the new run fails before that.
+- :func:`resume_run` continues a run, with one more session with ``--add-session``.
+- The features above the engine join a run as session callbacks (diagnostics, the set-aside run,
+  the provenance of ``pretrain:`` weights): :func:`standard_callbacks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlcil.added_sessions import (
+    AddedSession,
+    learned_sessions,
+    plan_added_session,
+    recorded_until_learned,
+    run_plan,
+)
+from mlcil.config.schema import ModelConfig, RunConfig
+from mlcil.diagnostics import SessionDiagnostics
+from mlcil.engine.callbacks import SessionCallback
+from mlcil.engine.checkpoint import RunState, restore_run
+from mlcil.engine.evaluate import evaluate_session, session_result
+from mlcil.engine.loop import Trainer
+from mlcil.engine.observers import Observer
+from mlcil.errors import ConfigError, DataError
+from mlcil.experiment import Experiment, load_config
+from mlcil.pretrain import cached_provenance, resolve_pretrained
+from mlcil.protocol import Session
+from mlcil.rundir import RunDir
+from mlcil.runtime import Runtime, environment_rank
+from mlcil.safety import check_resume_config
+
+logger = logging.getLogger(__name__)
+
+
+def make_runtime(config: RunConfig) -> Runtime:
+    """The process's runtime (device, precision, process group): made once per entry point."""
+    return Runtime.from_config(config.train, config.data.num_workers)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenedRun:
+    """An existing run folder, opened: its folder and its experiment (config, plan, runtime)."""
+
+    run: RunDir
+    experiment: Experiment
+
+    @property
+    def config(self) -> RunConfig:
+        return self.experiment.config
+
+    def restore(self, session_end: bool = True) -> tuple[Path, RunState]:
+        """The newest checkpoint and the run state restored from it.
+
+        Args:
+            session_end: the last *finished* session's checkpoint (what ``eval``, ``predict``
+                and ``mlcil.load`` use); False: the newest one, mid-session ones included
+                (what ``--resume`` continues from).
+        """
+        folder = self.run.latest(session_end=session_end)
+        if folder is None:
+            raise ConfigError(f"{self.run.path}: no checkpoint yet (has a session finished?)")
+        return folder, restore_run(self.experiment, folder)
+
+
+def load_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
+    """The resolved config and ``metrics.json`` (empty when not written yet) of a run folder."""
+    run = RunDir(run_dir)
+    config_path = run.config_file
+    if not config_path.is_file():
+        raise ConfigError(f"{run.path} is not a run folder: {config_path} is missing")
+    config = load_config(config_path)
+    metrics_path = run.metrics_file
+    if not metrics_path.is_file():
+        return config, {}
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{metrics_path}: not readable JSON: {error}") from error
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{metrics_path}: expected a JSON object, got {type(metrics).__name__}")
+    return config, metrics
+
+
+def _run_config(run: RunDir, overrides: Sequence[str], resuming: bool) -> RunConfig:
+    if not run.config_file.is_file():
+        raise ConfigError(f"{run.path} is not a run folder (no {run.config_file.name})")
+    config = load_config(run.config_file, overrides)
+    if resuming:
+        check_resume_config(load_config(run.config_file), config, run.config_file)
+    return config
+
+
+def open_run(
+    run_dir: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    resuming: bool = False,
+    add_session: str | Path | None = None,
+    test_manifest: str | Path | None = None,
+    runtime: Runtime | None = None,
+) -> tuple[OpenedRun, list[AddedSession] | None]:
+    """Open a run folder: its ``config.yaml`` with ``overrides``, its plan, one experiment.
+
+    Args:
+        run_dir: the run folder.
+        overrides: ``key=value`` run-time overrides (``train.device=cpu``).
+        resuming: refuse overrides that would change the run's results (``--resume``).
+        add_session: a training manifest to plan one more session from (``--add-session``);
+            the newest checkpoint must fit the extended plan.
+        test_manifest: the added session's test manifest.
+        runtime: the process's runtime (default: made from the config).
+
+    Returns:
+        The opened run, and with ``add_session`` every added session to record (else None).
+    """
+    run = RunDir(run_dir)
+    config = _run_config(run, overrides, resuming)
+    added: list[AddedSession] | None = None
+    folder = None
+    if add_session is None:
+        plan = run_plan(run.path, config)
+    else:
+        folder = run.latest()
+        if folder is None:
+            raise DataError(f"--add-session: {run.path} has no checkpoint to continue from")
+        learned = learned_sessions(folder)
+        plan, added = plan_added_session(run.path, config, learned, add_session, test_manifest)
+    experiment = Experiment(config, runtime=runtime or make_runtime(config), plan=plan)
+    if folder is not None:
+        restore_run(experiment, folder)  # the checkpoint must fit before anything is written
+    return OpenedRun(run, experiment), added
+
+
+def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
+    """Re-evaluate the last finished session of a run on its test set.
+
+    Returns:
+        The session's result (maps in percent) plus ``session`` and ``recorded_last_map`` (the
+        ``last_map`` of ``metrics.json``, or None when the run is unfinished).
+    """
+    _, metrics = load_run(run_dir)
+    opened, _ = open_run(run_dir)
+    experiment = opened.experiment
+    _, state = opened.restore(session_end=True)
+    session = experiment.sessions[state.next_session - 1]
+    scores, targets = evaluate_session(experiment, state.method, session)
+    base = experiment.sessions[0]
+    result = session_result(scores, targets, session, base, experiment.class_names)
+    is_last = session.index == len(experiment.sessions) - 1
+    recorded = metrics.get("last_map") if is_last else None
+    return {**result, "session": session.index, "recorded_last_map": recorded}
+
+
+# --- callbacks of the features above the engine ----------------------------------------------
+
+
+class DiagnosticsCallback(SessionCallback):
+    """Measures restore quality and drift per session into ``result["diagnostics"]``."""
+
+    def __init__(self, experiment: Experiment) -> None:
+        self.diagnostics = SessionDiagnostics(experiment)
+
+    def session_starting(
+        self, run: RunDir, state: RunState, session: Session, resumed: bool
+    ) -> None:
+        # Resumed inside the session: the network as the session started is on disk.
+        self.diagnostics.before(state.method, run.path if resumed else None, session)
+
+    def session_evaluated(
+        self, state: RunState, session: Session, own: np.ndarray, result: dict[str, Any]
+    ) -> None:
+        result["diagnostics"] = self.diagnostics.after(state.method, session, own)
+
+
+class ReplaceEarlierRun(SessionCallback):
+    """Deletes the run that ``--overwrite`` set aside once the new run's first checkpoint is
+    complete."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+
+    def checkpoint_written(self, folder: Path) -> None:
+        self.run.discard_aside()
+
+
+class PretrainedProvenance(SessionCallback):
+    """Records the provenance of ``pretrain:`` weights in ``metrics.json`` (None otherwise)."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+
+    def header_ready(self, header: dict[str, Any]) -> None:
+        header["pretrained"] = cached_provenance(self.config.model, self.config.data.image_size)
+
+
+def standard_callbacks(experiment: Experiment, run: RunDir) -> list[SessionCallback]:
+    """The callbacks every CLI run has: diagnostics (when on), the provenance, the replacement
+    of a set-aside run."""
+    callbacks: list[SessionCallback] = []
+    if experiment.config.train.diagnostics:
+        callbacks.append(DiagnosticsCallback(experiment))
+    callbacks += [PretrainedProvenance(experiment.config), ReplaceEarlierRun(run)]
+    return callbacks
+
+
+# --- starting and resuming -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Launch:
+    """A trainer ready to run, and the context to run it in: it holds the folder's lock and
+    puts a set-aside run back when training fails before the new run's first checkpoint."""
+
+    trainer: Trainer
+    guard: contextlib.ExitStack
+
+    def run(self, max_sessions: int | None = None) -> dict[str, Any] | None:
+        with self.guard:
+            return self.trainer.run(max_sessions=max_sessions)
+
+
+def check_image_size(experiment: Experiment, model: ModelConfig) -> None:
+    """Refuse an input size smaller than the backbone's stride (its feature map would be
+    padding only), naming ``data.image_size`` and the least size that works."""
+    image_size = experiment.config.data.image_size
+    network = experiment.method_class.build_network(model, image_size, load_weights=False)
+    probe = 256
+    try:
+        _, height, _ = network.backbone.feature_shape(probe)
+        stride = max(probe // max(height, 1), 1)
+        if image_size >= stride:
+            network.backbone.feature_shape(image_size)
+    except RuntimeError as error:
+        raise ConfigError(
+            f"data.image_size={image_size}: the backbone fails on it: {error}"
+        ) from None
+    if image_size < stride:
+        raise ConfigError(
+            f"data.image_size={image_size} is smaller than the stride of {model.backbone} at "
+            f"feature stage {model.feature_stage} ({stride} px): use at least {stride}"
+        )
+
+
+def preflight(experiment: Experiment) -> None:
+    """Every check a new run can make before it trains: image size, every image file's header
+    (and trailer), the starting weights readable and finite. Nothing is written."""
+    from mlcil.data.preflight import check_image_files
+
+    check_image_size(experiment, experiment.starting_model)
+    for source in (experiment.train_source, experiment.test_source):
+        check_image_files(source)
+    experiment.build_method()  # reads the weights file; damaged or non-finite weights stop here
+
+
+def start_run(
+    config: RunConfig,
+    run_dir: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    runtime: Runtime | None = None,
+    observers: Sequence[Observer] = (),
+) -> Launch:
+    """A new run, checked and ready: nothing of an earlier run is touched before every check
+    passed, and with ``overwrite`` it is only set aside until the new run's first checkpoint."""
+    run = RunDir(run_dir) if run_dir else RunDir.inside(config.output_dir, config.run_name)
+    runtime = runtime or make_runtime(config)
+    guard = contextlib.ExitStack()
+    try:
+        if runtime.is_main:
+            guard.enter_context(run.locked())
+            run.recover()
+            if overwrite:
+                run.check_overwritable()
+            else:
+                _check_fresh(run)
+        model, _ = resolve_pretrained(config.model, config.data.image_size)
+        experiment = Experiment(config, runtime=runtime, starting_model=model)
+        names = experiment.class_names
+        logger.info("classes (%d): %s", len(names), ", ".join(names))  # a typo shows here
+        preflight(experiment)
+        if overwrite and runtime.is_main:
+            run.set_aside()
+            guard.enter_context(_restored_on_failure(run))
+        runtime.barrier()
+    except BaseException:
+        guard.close()
+        raise
+    callbacks = standard_callbacks(experiment, run)
+    trainer = Trainer(experiment, run, observers=observers, callbacks=callbacks)
+    return Launch(trainer, guard)
+
+
+def _check_fresh(run: RunDir) -> None:
+    found = run.found_run_files()
+    if found:
+        raise ConfigError(
+            f"{run.path} already holds a run ({', '.join(found)}): resume it with --resume, "
+            "replace it with --overwrite, or choose another --run-dir"
+        )
+
+
+@contextlib.contextmanager
+def _restored_on_failure(run: RunDir) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        run.restore_aside()  # a no-op once the first checkpoint has replaced the earlier run
+        raise
+
+
+def resume_run(
+    run_dir: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    add_session: str | Path | None = None,
+    test_manifest: str | Path | None = None,
+    observers: Sequence[Observer] = (),
+) -> Launch:
+    """Continue a run from its newest checkpoint; with ``add_session``, learn one more session
+    whose classes are the manifest's labels the run has not seen (recorded in the folder, and
+    forgotten again when it fails before its checkpoint)."""
+    run = RunDir(run_dir)
+    guard = contextlib.ExitStack()
+    try:
+        if environment_rank() == 0:  # before the config is read: recover() may change it
+            guard.enter_context(run.locked())
+            run.recover()  # an --overwrite killed half-way is finished first
+        config = _run_config(run, overrides, resuming=True)
+        runtime = make_runtime(config)
+        opened, added = open_run(
+            run.path,
+            overrides,
+            resuming=True,
+            add_session=add_session,
+            test_manifest=test_manifest,
+            runtime=runtime,
+        )
+        if added is not None:
+            logger.info(
+                "adding session %d with classes %s", added[-1].index, ", ".join(added[-1].classes)
+            )
+            guard.enter_context(recorded_until_learned(run.path, added))
+    except BaseException:
+        guard.close()
+        raise
+    experiment = opened.experiment
+    callbacks = standard_callbacks(experiment, run)
+    trainer = Trainer(experiment, run, resume=True, observers=observers, callbacks=callbacks)
+    return Launch(trainer, guard)
