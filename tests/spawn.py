@@ -1,9 +1,14 @@
-"""Helpers for tests that spawn real torch.distributed processes (gloo on the CPU)."""
+"""Helpers for tests that spawn other processes: torch.distributed workers (gloo on the CPU), and
+another process holding a run folder's lock."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import torch
 
@@ -25,3 +30,23 @@ def join_as_torchrun(rank: int, world_size: int, port: int) -> None:
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
     )
+
+
+def hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process that holds ``folder``'s run lock until it is killed (or its standard
+    input closes); returns once the lock is held."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from mlcil.rundir import RunDir
+        run = RunDir({str(folder)!r})
+        run.acquire_lock()
+        print("locked", flush=True)
+        sys.stdin.readline()
+        """
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "locked"
+    return process

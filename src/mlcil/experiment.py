@@ -201,7 +201,9 @@ class Experiment:
             model, config.data.image_size, load_weights=load_weights
         )
         network.to(self.runtime.device)
-        return self.method_class(config.method.params, network, config.loss)
+        method = self.method_class(config.method.params, network, config.loss)
+        method.runtime = self.runtime
+        return method
 
     def new_memory(self) -> ExemplarMemory:
         memory = self.config.memory

@@ -80,6 +80,16 @@ class Runtime:
     world_size: int = 1
     num_workers: int = 0
     local_rank: int = 0
+    channels_last: bool = False  # images and convolution weights in NHWC (fast on CUDA)
+    compile: bool = False  # torch.compile the trained network
+    teacher_fp32: bool = False  # the frozen teacher runs without autocast
+    # Read loss values and the finite-loss flag every ``log_every_steps`` steps instead of every
+    # step (CUDA: each read waits for the GPU; on the CPU a read costs nothing).
+    deferred_reads: bool = False
+    log_every_steps: int = 1
+    # Training loaders built once per session with persistent workers (CUDA with workers:
+    # restarting the workers every epoch would leave the GPU idle).
+    persistent_loaders: bool = False
 
     @classmethod
     def from_config(cls, train: TrainConfig, num_workers: int) -> Runtime:
@@ -97,9 +107,13 @@ class Runtime:
             device = torch.device("cuda", context.local_rank)  # one process per GPU (torchrun)
         precision = train.precision
         if precision == "auto":
-            precision = "fp16" if device.type == "cuda" else "fp32"
+            precision = "bf16" if device.type == "cuda" else "fp32"
         if precision == "fp16" and device.type != "cuda":
             raise ConfigError("train.precision=fp16 needs a CUDA device; use fp32 or bf16")
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels
+        channels_last = cuda if train.channels_last == "auto" else bool(train.channels_last)
         return cls(
             device=device,
             precision=precision,
@@ -107,12 +121,43 @@ class Runtime:
             world_size=context.world_size,
             num_workers=num_workers,
             local_rank=context.local_rank,
+            channels_last=channels_last,
+            compile=train.compile,
+            teacher_fp32=train.teacher_precision == "fp32",
+            deferred_reads=cuda,
+            log_every_steps=train.log_every_steps if cuda else 1,
+            persistent_loaders=cuda and num_workers > 0,
         )
 
     @property
     def is_main(self) -> bool:
         """Only the main process writes files and logs progress."""
         return self.rank == 0
+
+
+    def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch of images on the run's device, in the run's memory format."""
+        if self.channels_last and images.dim() == 4:
+            return images.to(self.device, memory_format=torch.channels_last, non_blocking=True)
+        return images.to(self.device, non_blocking=True)
+
+    def teacher_autocast(self) -> AbstractContextManager:
+        """The precision of the frozen teacher's forward passes: the run's autocast, or full
+        precision (``train.teacher_precision: fp32``, as the released code)."""
+        if self.teacher_fp32 and self.precision != "fp32":
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        return self.autocast()
+
+    def prepare_for_training(self, module: nn.Module) -> nn.Module:
+        """The one seam between a network and how it runs: channels-last weights, the
+        data-parallel wrapper, ``torch.compile``. :func:`unwrap` gives the plain network back
+        (checkpoints always hold its weights)."""
+        if self.channels_last:
+            module.to(memory_format=torch.channels_last)  # in place: the same parameters
+        prepared = self.data_parallel(module)
+        if self.compile:
+            prepared = CompiledModule(prepared)
+        return prepared
 
     def autocast(self) -> AbstractContextManager:
         if self.precision == "fp32":
@@ -165,6 +210,23 @@ class Runtime:
 
     # --- data parallelism: every call is a no-op with one process ----------------------------
 
+    def session_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        """A shuffled training loader built once for a session's epochs (used when
+        :attr:`persistent_loaders`): workers stay alive, memory is pinned, batches are fetched
+        ahead. Before each epoch call ``loader.sampler.set_seed(epoch_seed, start_index)``;
+        every worker re-seeds its random generators from the epoch seed and its worker id at
+        the epoch's first item, so an epoch's augmentations do not depend on earlier epochs."""
+        sampler = EpochSeededSampler(len(dataset), self.rank, self.world_size)  # type: ignore[arg-type]
+        return DataLoader(
+            EpochSeededDataset(dataset),
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=True,
+            prefetch_factor=4,
+        )
+
     def seed_process(self, seed: int) -> None:
         """Seed python, numpy and torch for a phase: ``seed`` itself on rank 0 (a single-process
         run is unchanged), a value derived from it and the rank elsewhere, so ranks draw
@@ -206,6 +268,11 @@ class Runtime:
         torch.distributed.all_gather_object(gathered, obj)
         return gathered
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (a no-op on the CPU): for timing phases."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def barrier(self) -> None:
         """Wait for every process (e.g. until rank 0 has written a checkpoint)."""
         if self.world_size > 1 and torch.distributed.is_initialized():
@@ -225,14 +292,38 @@ class Runtime:
     def no_sync(module: nn.Module) -> AbstractContextManager:
         """Skip gradient synchronisation in a backward pass (all but the last accumulation
         micro-batch)."""
+        if isinstance(module, CompiledModule):
+            module = module.module
         if isinstance(module, DistributedDataParallel):
             return module.no_sync()
         return contextlib.nullcontext()
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The module itself when ``module`` is a data-parallel wrapper."""
-    return module.module if isinstance(module, DistributedDataParallel) else module
+    """The plain network inside the wrappers of :meth:`Runtime.prepare_for_training`."""
+    while isinstance(module, DistributedDataParallel | CompiledModule):
+        module = module.module
+    return module
+
+
+class CompiledModule(nn.Module):
+    """``torch.compile(module)`` that keeps ``module`` reachable: its attributes (e.g. a
+    network's ``retained_embedding``) are forwarded, and :func:`unwrap` returns it."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        # Kept outside the registered submodules so the parameters are listed once.
+        object.__setattr__(self, "compiled", torch.compile(module))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.compiled(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
 
 
 class DataParallelModule(DistributedDataParallel):
@@ -255,6 +346,37 @@ def swapped_attribute(owner: Any, name: str, value: Any) -> Iterator[None]:
         yield
     finally:
         setattr(owner, name, original)
+
+
+class EpochSeededSampler(distributed.ShardSampler):
+    """A :class:`~mlcil.distributed.ShardSampler` whose items carry the epoch's seed:
+    ``(seed, index)``, for :class:`EpochSeededDataset`."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        for index in self.positions()[self.start_index :].tolist():
+            yield self.seed, index
+
+
+class EpochSeededDataset(Dataset):
+    """Reads ``(seed, index)`` items: at the first item of a new seed in this process (a new
+    epoch in a persistent worker) python, numpy and torch are re-seeded from the seed and the
+    worker id, as a fresh worker of that epoch would be."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.seed: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        seed, index = item
+        if seed != self.seed:
+            info = torch.utils.data.get_worker_info()
+            worker_seed = derive_seed(seed, info.id if info is not None else 0)
+            seed_everything(worker_seed)
+            self.seed = seed
+        return self.dataset[index]
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from PIL import Image
 import mlcil
 from mlcil.cli import main
 from mlcil.rundir import RunDir
+from spawn import hold_lock
 from tiny import REPO, TINY_ICA, tiny_overrides
 
 TINY = [
@@ -46,25 +46,6 @@ def copy_of(finished: Path, tmp_path: Path) -> Path:
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     return run
-
-
-def hold_lock(folder: Path) -> subprocess.Popen:
-    """Another process that holds the folder's lock until its standard input closes."""
-    code = textwrap.dedent(
-        f"""
-        import sys
-        from mlcil.rundir import RunDir
-        run = RunDir({str(folder)!r})
-        run.acquire_lock()
-        print("locked", flush=True)
-        sys.stdin.readline()
-        """
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert process.stdout is not None and process.stdout.readline().strip() == "locked"
-    return process
 
 
 def test_a_second_trainer_is_refused_naming_the_holder(

@@ -6,15 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from mlcil.errors import ConfigError, WeightsError
 from mlcil.rundir import RunDir, is_folder_name
+from spawn import hold_lock
 
 
 def tree_hash(folder: Path) -> dict[str, str]:
@@ -113,21 +111,8 @@ def test_a_lock_held_by_another_process_is_refused_and_a_dead_holder_never_block
     tmp_path: Path,
 ) -> None:
     folder = tmp_path / "run"
-    holder = textwrap.dedent(
-        f"""
-        import sys, time
-        from mlcil.rundir import RunDir
-        run = RunDir({str(folder)!r})
-        run.acquire_lock()
-        print("locked", flush=True)
-        sys.stdin.readline()
-        """
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    process = hold_lock(folder)
     try:
-        assert process.stdout is not None and process.stdout.readline().strip() == "locked"
         with pytest.raises(ConfigError, match=f"pid {process.pid}"):
             RunDir(folder).acquire_lock()
     finally:

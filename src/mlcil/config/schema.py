@@ -145,7 +145,16 @@ class TrainConfig(Section):
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     pct_start: Fraction = 0.2
     grad_clip_norm: PositiveFloat | None = None  # clip the global gradient norm; None: never
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA, else fp32
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 on CUDA, else fp32
+    # The frozen teacher's forward passes (pseudo-labels, distillation): under the run's autocast
+    # ("amp"), or in full precision as the released code ("fp32": no flipped pseudo-label at the
+    # threshold from a half-precision score; the published configs use it).
+    teacher_precision: Literal["amp", "fp32"] = "amp"
+    channels_last: Literal["auto"] | bool = "auto"  # auto: on for CUDA (faster convolutions)
+    compile: bool = False  # torch.compile the trained network (checkpoints hold plain weights)
+    # On CUDA the loss parts and the finite-loss check are read every this many steps, not every
+    # step: reading a value from the GPU waits for it (the CPU reads every step: it costs nothing).
+    log_every_steps: PositiveInt = 50
     device: str = "auto"  # auto: cuda when available, else cpu
     eval_every_epoch: bool = False  # logged only, never used to pick a model
     eval_batch_size: PositiveInt | None = None  # None: 2 x batch_size

@@ -16,14 +16,16 @@ import contextlib
 import dataclasses
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any, cast
 
 import torch
+from torch.utils.data import DataLoader
 
 from mlcil.config.schema import TrainConfig
-from mlcil.distributed import loss_scale, shard_size
+from mlcil.distributed import ShardSampler, loss_scale, shard_size
 from mlcil.engine.observers import Observer
 from mlcil.errors import ConfigError, TrainingError
 from mlcil.methods.base import Batch, Method, Optimization, SessionContext
@@ -116,9 +118,10 @@ def optimizer_steps(loader: Any, accumulation: int) -> Iterator[list[Any]]:
 
 @contextlib.contextmanager
 def training_network(method: Method, runtime: Runtime) -> Iterator[None]:
-    """``method.network`` is the data-parallel wrapper while this lasts (and the plain network
-    again afterwards); the method does not know. The teacher stays unwrapped."""
-    wrapped = runtime.data_parallel(method.network)
+    """``method.network`` is the network as prepared for training (channels-last, the
+    data-parallel wrapper, ``torch.compile``) while this lasts, and the plain network again
+    afterwards; the method does not know. The teacher stays as it is."""
+    wrapped = runtime.prepare_for_training(method.network)
     with swapped_attribute(method, "network", wrapped):
         yield
 
@@ -232,6 +235,39 @@ class _SessionRun:
     scaler: torch.amp.GradScaler
     observer: Observer
     steps: int
+    session_loader: DataLoader | None = None
+
+    def _loader(self, epoch_seed: int, start_index: int) -> DataLoader:
+        """The epoch's loader: a new one (the order and worker seeds follow ``epoch_seed``), or
+        on CUDA with workers the session's persistent loader, re-seeded for the epoch."""
+        context, runtime, batch = self.context, self.context.runtime, self.layout.micro_batch
+        if not runtime.persistent_loaders:
+            return runtime.loader(context.train_set, batch, True, epoch_seed, start_index)
+        if self.session_loader is None:
+            self.session_loader = runtime.session_loader(context.train_set, batch)
+        sampler = self.session_loader.sampler
+        assert isinstance(sampler, ShardSampler)
+        sampler.set_seed(epoch_seed, start_index)
+        return self.session_loader
+
+    def _report(
+        self, pending: list[tuple[int, StepValues]], totals: dict[str, float], epoch: int
+    ) -> None:
+        """Read the pending steps' values (one device read), add them to the epoch's totals and
+        tell the observers, in step order."""
+        if not pending:
+            return
+        context = self.context
+        try:
+            read = _read_steps(pending, context.runtime)
+        except NonFiniteLossError as error:
+            where = f"session {context.session.index} epoch {epoch + 1}"
+            raise NonFiniteLossError(f"{where}: {error}") from None
+        for (step, _), parts in zip(pending, read, strict=True):
+            for name, value in parts.items():
+                totals[name] = totals.get(name, 0.0) + value
+            self.observer.step_finished(context.session, epoch, step, parts, self.steps)
+        pending.clear()
 
     def epoch(
         self,
@@ -244,40 +280,75 @@ class _SessionRun:
         """Run the epoch's steps from ``first_step``; returns the steps done and whether SIGTERM
         (on any rank) stopped the epoch after them."""
         context, runtime, session = self.context, self.context.runtime, self.context.session
+        started = time.perf_counter()
         epoch_seed = derive_seed(context.seed, session.index, epoch)
         runtime.seed_process(epoch_seed)
         self.method.network.train()
         self.observer.epoch_started(session, epoch, epochs, self.steps)
         layout = self.layout
         start_index = first_step * layout.accumulation * layout.micro_batch
-        loader = runtime.loader(
-            context.train_set, layout.micro_batch, True, seed=epoch_seed, start_index=start_index
-        )
+        loader = self._loader(epoch_seed, start_index)
         if rng is not None:
             set_rng_state(rng[runtime.rank] if len(rng) == runtime.world_size else rng[0])
         totals: dict[str, float] = {}
+        pending: list[tuple[int, StepValues]] = []
         stopped = False
         steps = enumerate(optimizer_steps(loader, layout.accumulation), first_step)
         for step, micro_batches in steps:
             batches = [Batch(images, targets) for images, targets in micro_batches]
             try:
                 optimization, scaler = self.optimization, self.scaler
-                parts = train_step(
+                values = train_step(
                     self.method, batches, optimization, scaler, context, layout.global_batch
                 )
             except NonFiniteLossError as error:
                 where = f"session {session.index} epoch {epoch + 1} step {step}"
                 raise NonFiniteLossError(f"{where}: {error}") from None
-            for name, value in parts.items():
-                totals[name] = totals.get(name, 0.0) + value
-            self.observer.step_finished(session, epoch, step, parts, self.steps)
+            pending.append((step, values))
+            if len(pending) < runtime.log_every_steps:
+                continue  # CUDA: nothing is read from the device between reports
+            self._report(pending, totals, epoch)
             stopped = runtime.any_rank(stop.received)  # every rank stops at the same step
             if stopped and step + 1 < self.steps:
                 return step + 1, True
+        if pending:  # steps not reported yet (CUDA): read them, and look for SIGTERM once more
+            self._report(pending, totals, epoch)
+            stopped = runtime.any_rank(stop.received)
         done = max(self.steps - first_step, 1)
         means = {k: v / done for k, v in totals.items()}
+        runtime.synchronize()
+        images = min(done * layout.global_batch, len(context.train_set))
+        self.observer.phase_finished(session, "epoch", time.perf_counter() - started, images)
         self.observer.epoch_finished(session, epoch, epochs, means)
         return self.steps, stopped
+
+
+@dataclasses.dataclass
+class StepValues:
+    """What one optimiser step reports: the loss and its parts, image-weighted over the step's
+    micro-batches, as floats, or (``runtime.deferred_reads``) as device scalars read later with
+    ``nonfinite``, the device flag of a NaN or infinite loss."""
+
+    parts: dict[str, Any]
+    nonfinite: torch.Tensor | None = None
+
+
+def _read_steps(pending: list[tuple[int, StepValues]], runtime: Runtime) -> list[dict[str, float]]:
+    """The steps' values as floats, read from the device at once; raises when a loss among
+    them was not finite (on any rank)."""
+    flags = [values.nonfinite for _, values in pending if values.nonfinite is not None]
+    if flags and runtime.any_rank(bool(torch.stack(flags).any())):
+        first, last = pending[0][0], pending[-1][0]
+        raise NonFiniteLossError(
+            f"a loss among steps {first}-{last} was NaN or infinite (read every "
+            "train.log_every_steps steps on CUDA; no checkpoint holds the weights it updated); "
+            "lower train.lr or train.incremental_lr"
+        )
+    names = list(pending[0][1].parts)
+    if not any(isinstance(values.parts[names[0]], torch.Tensor) for _, values in pending):
+        return [values.parts for _, values in pending]
+    rows = torch.stack([torch.stack([v.parts[n] for n in names]) for _, v in pending]).tolist()
+    return [dict(zip(names, row, strict=True)) for row in rows]
 
 
 def train_step(
@@ -287,9 +358,14 @@ def train_step(
     scaler: torch.amp.GradScaler,
     context: SessionContext,
     global_batch: int | None = None,
-) -> dict[str, float]:
+) -> StepValues:
     """One optimiser step over this process's micro-batches; returns the loss and its parts
-    (image-weighted means over the micro-batches) as floats.
+    (image-weighted means over the micro-batches).
+
+    On the CPU every value is read at once and a NaN or infinite loss raises before it reaches
+    the weights. With ``runtime.deferred_reads`` (CUDA) nothing waits for the device: the values
+    stay device scalars and the finite-loss flag is read every ``train.log_every_steps`` steps
+    (:class:`_SessionRun`), before any checkpoint can hold weights updated with such a loss.
 
     ``global_batch`` is the configured ``train.batch_size``; None: the images the step holds.
     The objective of a step is ``(1 / global_batch) x`` the sum of its images' losses, so a
@@ -310,16 +386,23 @@ def train_step(
         global_batch = local_images * runtime.world_size  # every rank reads as many (padding)
     optimizer = optimization.optimizer
     optimizer.zero_grad(set_to_none=True)
-    logged: dict[str, float] = {}
+    logged: dict[str, Any] = {}
+    deferred = runtime.deferred_reads
+    nonfinite = torch.zeros((), dtype=torch.bool, device=runtime.device) if deferred else None
     for index, batch in enumerate(micro_batches):
-        batch = batch.to(runtime.device)
+        batch = Batch(
+            runtime.images_to_device(batch.images),
+            batch.targets.to(runtime.device, non_blocking=True),
+        )
         last = index == len(micro_batches) - 1
         with contextlib.ExitStack() as stack:
             if not last:
                 stack.enter_context(runtime.no_sync(method.network))
             with context.autocast():
                 output = method.training_step(batch)
-            if runtime.any_rank(not bool(torch.isfinite(output.loss))):
+            if nonfinite is not None:
+                nonfinite |= ~torch.isfinite(output.loss.detach())
+            elif runtime.any_rank(not bool(torch.isfinite(output.loss))):
                 raise NonFiniteLossError(_non_finite_message(method, output.loss, output.parts))
             # The method's loss is a per-image mean: times the micro-batch's images, it is the
             # sum that loss_scale weighs.
@@ -329,7 +412,8 @@ def train_step(
         weight = len(batch.images) / local_images
         values = {"loss": output.loss, **output.parts}
         for name, value in values.items():
-            logged[name] = logged.get(name, 0.0) + weight * float(value.detach())
+            term = value.detach().float() if deferred else float(value.detach())
+            logged[name] = logged.get(name, 0.0) + weight * term
     if optimization.grad_clip_norm is not None:
         scaler.unscale_(optimizer)
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
@@ -337,7 +421,7 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     optimization.scheduler.step()
-    return logged
+    return StepValues(logged, nonfinite)
 
 
 def _non_finite_message(method: Method, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> str:

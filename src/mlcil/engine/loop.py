@@ -30,13 +30,7 @@ from mlcil.engine.checkpoint import (
 )
 from mlcil.engine.evaluate import evaluate_session, session_result, update_memory
 from mlcil.engine.fit import FitProgress, NonFiniteLossError, TrainingStoppedError, fit_session
-from mlcil.engine.observers import (
-    LogObserver,
-    Observer,
-    Observers,
-    ProgressObserver,
-    TensorBoardObserver,
-)
+from mlcil.engine.observers import Observer, run_observers, timed
 from mlcil.errors import ConfigError
 from mlcil.experiment import Experiment
 from mlcil.fileio import write_text_atomic
@@ -103,7 +97,8 @@ class Trainer:
         runtime = self.experiment.runtime
         if runtime.is_main:
             self.run_folder.acquire_lock()  # a no-op when the caller holds it already
-        observer = self._observers()
+        runtime, train = self.experiment.runtime, self.config.train
+        observer = run_observers(self.run_folder, train, runtime.is_main, self.extra_observers)
         try:
             state = self._begin()
             remaining = self.experiment.sessions[state.next_session :]
@@ -121,15 +116,6 @@ class Trainer:
             observer.close()
             if runtime.is_main:
                 self.run_folder.release_lock()
-
-    def _observers(self) -> Observers:
-        train, is_main = self.config.train, self.experiment.runtime.is_main
-        observers: list[Observer] = [LogObserver(self.run_folder.log_file)] if is_main else []
-        if train.progress and is_main:
-            observers.append(ProgressObserver())
-        if train.tensorboard and is_main:
-            observers.append(TensorBoardObserver(self.run_folder.tensorboard))
-        return Observers([*observers, *self.extra_observers])
 
     def _begin(self) -> RunState:
         """A fresh run state, or the one restored from the latest checkpoint."""
@@ -167,10 +153,11 @@ class Trainer:
         resume, state.resume = state.resume, None
         self.callbacks.session_starting(self.run_folder, state, session, resume is not None)
         if resume is None:  # else the network is grown, loaded and the method state restored
-            seed_everything(derive_seed(self.config.seed, session.index, _GROWTH_PHASE))
-            method.begin_session(context)
-            method.network.to(experiment.runtime.device)
-            experiment.runtime.synchronize_parameters(method.network)  # new head and tokens
+            with timed(observer, session, "begin_session", experiment.runtime):
+                seed_everything(derive_seed(self.config.seed, session.index, _GROWTH_PHASE))
+                method.begin_session(context)
+                method.network.to(experiment.runtime.device)
+                experiment.runtime.synchronize_parameters(method.network)  # new head, tokens
         save = functools.partial(self._save_progress, state)
         interim = self._interim_map(session)
         try:
@@ -179,7 +166,9 @@ class Trainer:
             # The previous session's checkpoint stays the latest, so the run can resume.
             raise NonFiniteLossError(f"{error}; then resume {self.run_dir}") from None
         train_time = time.perf_counter() - started
-        scores, targets = evaluate_session(experiment, method, session)
+        with timed(observer, session, "evaluation", experiment.runtime) as phase:
+            scores, targets = evaluate_session(experiment, method, session)
+            phase.images = len(scores)
         result = self._result(scores, targets, session)
         result.update(
             train_images=own_images,
@@ -188,16 +177,19 @@ class Trainer:
             method_state=method.state_dict(),
         )
         own = train_set.indices[:own_images]
-        self.callbacks.session_evaluated(state, session, own, result)
+        with timed(observer, session, "after_evaluation", experiment.runtime):
+            self.callbacks.session_evaluated(state, session, own, result)
         if state.memory.enabled:
-            state.memory = update_memory(experiment, method, state.memory, session, own)
+            with timed(observer, session, "herding", experiment.runtime, len(own)):
+                state.memory = update_memory(experiment, method, state.memory, session, own)
         method.end_session(context)
         state.results.append(result)
         state.next_session = session.index + 1
         state.elapsed_s += time.perf_counter() - started
         self._final_scores = (scores, targets)
         observer.session_finished(result)
-        self._save(state, session)
+        with timed(observer, session, "checkpoint", experiment.runtime):
+            self._save(state, session)
 
     def _result(self, scores: np.ndarray, targets: np.ndarray, session: Session) -> dict[str, Any]:
         experiment = self.experiment

@@ -6,14 +6,22 @@ observer only reads what it is given. Adding one (a CSV logger, a W&B bridge) to
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from mlcil.config.schema import TrainConfig
 from mlcil.protocol import Session
+
+if TYPE_CHECKING:
+    from mlcil.rundir import RunDir
+    from mlcil.runtime import Runtime
 
 logger = logging.getLogger("mlcil.engine")
 
@@ -43,8 +51,34 @@ class Observer:
     def session_finished(self, result: dict[str, Any]) -> None:
         """A session is evaluated; ``result`` is its ``metrics.json`` entry."""
 
+    def phase_finished(self, session: Session, phase: str, seconds: float, images: int) -> None:
+        """A timed phase of ``session`` is done: ``begin_session`` (growth and the method's
+        own passes, e.g. KRT's threshold pass over its teacher), ``epoch``, ``evaluation``,
+        ``after_evaluation`` (diagnostics), ``herding`` or ``checkpoint``; ``images`` is how
+        many images it read (0 when none)."""
+
     def close(self) -> None:
         """The run stops (finished, interrupted or failed)."""
+
+
+@dataclasses.dataclass
+class Phase:
+    """A phase being timed; ``images`` may be set inside the ``with`` block."""
+
+    images: int = 0
+
+
+@contextlib.contextmanager
+def timed(
+    observer: Observer, session: Session, phase: str, runtime: Runtime, images: int = 0
+) -> Iterator[Phase]:
+    """Time the ``with`` block as ``phase`` of ``session`` (the device is synchronised at the
+    end, once per phase, so queued GPU work is counted where it was issued)."""
+    record = Phase(images)
+    started = time.perf_counter()
+    yield record
+    runtime.synchronize()
+    observer.phase_finished(session, phase, time.perf_counter() - started, record.images)
 
 
 class Observers(Observer):
@@ -81,9 +115,26 @@ class Observers(Observer):
         for observer in self.observers:
             observer.session_finished(result)
 
+    def phase_finished(self, session: Session, phase: str, seconds: float, images: int) -> None:
+        for observer in self.observers:
+            observer.phase_finished(session, phase, seconds, images)
+
     def close(self) -> None:
         for observer in self.observers:
             observer.close()
+
+
+def run_observers(
+    run: RunDir, train: TrainConfig, is_main: bool, extra: Sequence[Observer] = ()
+) -> Observers:
+    """A run's observers: its log file, progress bars and TensorBoard as configured (on the main
+    process only), then ``extra``."""
+    observers: list[Observer] = [LogObserver(run.log_file)] if is_main else []
+    if train.progress and is_main:
+        observers.append(ProgressObserver())
+    if train.tensorboard and is_main:
+        observers.append(TensorBoardObserver(run.tensorboard))
+    return Observers([*observers, *extra])
 
 
 def _fmt(value: float | None) -> str:
@@ -220,3 +271,38 @@ class TensorBoardObserver(Observer):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+class PhaseTimer(Observer):
+    """Collects every timed phase with the process's peak memory (for benchmarks/scale.py).
+
+    Attributes:
+        records: one dict per phase: ``session``, ``phase``, ``seconds``, ``images``,
+            ``images_per_s``, ``peak_rss_mb`` (the process's peak resident memory so far) and
+            ``peak_gpu_mb`` (peak CUDA memory allocated during the phase, None without CUDA).
+    """
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def phase_finished(self, session: Session, phase: str, seconds: float, images: int) -> None:
+        import resource
+
+        import torch
+
+        gpu = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            gpu = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            torch.cuda.reset_peak_memory_stats()
+        self.records.append(
+            {
+                "session": session.index,
+                "phase": phase,
+                "seconds": round(seconds, 4),
+                "images": images,
+                "images_per_s": round(images / seconds, 1) if images and seconds > 0 else None,
+                # ru_maxrss is in KiB on Linux.
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "peak_gpu_mb": gpu,
+            }
+        )

@@ -15,6 +15,7 @@ evaluation, exemplar memory and checkpoints. The whole surface, each with a defa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
@@ -154,6 +155,9 @@ class Method:
         self.loss_config = loss
         self.old_network: IncrementalNetwork | None = None
         self.session: Session | None = None
+        # Set by the experiment that builds the method (None when built by hand, e.g. in tests):
+        # the teacher's precision follows it.
+        self.runtime: Runtime | None = None
 
     # --- the surface the engine calls ---------------------------------------------------------
 
@@ -174,8 +178,12 @@ class Method:
     ) -> Optimization:
         """Adam with coupled weight decay on 2+-d tensors and OneCycle (KRT-SPEC section 8)."""
         learning_rate = train.lr_for(session.index)
+        groups = self.parameter_groups()
+        # The fused kernel (one launch for every tensor) where all parameters live on a GPU.
+        parameters = [p for group in groups for p in group["params"]]
+        fused = (bool(parameters) and all(p.is_cuda for p in parameters)) or None
         optimizer = torch.optim.Adam(
-            self.parameter_groups(), lr=learning_rate, weight_decay=train.weight_decay
+            groups, lr=learning_rate, weight_decay=train.weight_decay, fused=fused
         )
         scheduler = one_cycle(optimizer, learning_rate, total_steps, train.pct_start)
         return Optimization(optimizer, scheduler, train.grad_clip_norm)
@@ -269,7 +277,8 @@ class Method:
         """The old network's outputs on the same images, or None in the first session."""
         if self.old_network is None:
             return None
-        with torch.no_grad():
+        precision = self.runtime.teacher_autocast() if self.runtime else contextlib.nullcontext()
+        with torch.no_grad(), precision:
             return self.old_network(images, stage_indices=stage_indices)
 
     def incremental_weight(self, base_weight: float) -> float:

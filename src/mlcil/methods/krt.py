@@ -75,10 +75,11 @@ class KRT(Method):
 
     def _choose_threshold(self, context: SessionContext, previous: float | None = None) -> float:
         assert self.old_network is not None
-        teacher = self.old_network
 
         def old_class_scores(batch: Batch) -> torch.Tensor:
-            return teacher(batch.images).logits.float().sigmoid()
+            output = self.teacher(batch.images)
+            assert output is not None
+            return output.logits.float().sigmoid()
 
         # Every process scores its shard; the threshold comes from all of them, so all agree.
         old_scores = context.score_pass(THRESHOLD_PASS_PHASE, old_class_scores)
@@ -143,7 +144,9 @@ class KRT(Method):
         """The old classes scored above the session's DPL threshold by the previous network."""
         if self.old_network is None or self.pseudo_label_threshold is None:
             return None
-        scores = self.old_network(images).logits.float().sigmoid()
+        teacher = self.teacher(images)
+        assert teacher is not None
+        scores = teacher.logits.float().sigmoid()
         return (scores > self.pseudo_label_threshold).float()
 
     def state_dict(self) -> dict[str, Any]:
