@@ -257,6 +257,19 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    import json
+
+    from mlcil.data import build_image_cache
+    from mlcil.experiment import load_config
+
+    config = load_config(args.config, args.overrides)
+    summary = build_image_cache(config.data)
+    print(json.dumps(summary, indent=1))
+    print(f"image cache: {summary['path']} (used by runs with data.image_cache=true)")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     del args
     from mlcil.data import DATASETS
@@ -384,6 +397,13 @@ def _data_parser(commands: Any) -> None:
     export.add_argument("--test", type=int, default=100, help="test scenes (0: none)")
     export.add_argument("--seed", type=int, default=1, help="random seed of the scenes")
     export.set_defaults(func=cmd_export_digits)
+    cache = actions.add_parser(
+        "cache",
+        help="decode and resize a config's images once into the image cache (data.image_cache)",
+    )
+    cache.add_argument("--config", action="append", required=True, help="YAML config(s)")
+    cache.add_argument("overrides", nargs="*", help="key=value overrides, e.g. root=/data/coco")
+    cache.set_defaults(func=cmd_cache)
     published = {
         "synth-coco": (82_783, 40_504, "COCO 2014"),
         "synth-voc": (5_011, 4_952, "VOC 2007"),

@@ -6,8 +6,9 @@ import contextlib
 import errno
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO, Any
 
 
 @contextlib.contextmanager
@@ -37,14 +38,20 @@ def writing(path: str | Path) -> Iterator[None]:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file through a temporary sibling and ``os.replace``: readers see the old
     content or the new one, never a partial file, even if the process dies mid-write."""
+    write_atomic(path, lambda handle: handle.write(text), "w")
+
+
+def write_atomic(path: Path, write: Callable[[IO[Any]], object], mode: str = "wb") -> None:
+    """Write ``path`` atomically: ``write(handle)`` fills a temporary sibling opened with
+    ``mode``, which is synced and renamed into place (see :func:`write_text_atomic`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with (
         writing(path),
-        tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle,
+        tempfile.NamedTemporaryFile(mode, dir=path.parent, delete=False, suffix=".tmp") as handle,
     ):
         try:
-            handle.write(text)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         except BaseException:

@@ -28,6 +28,10 @@ RESUME_SAFE_KEYS = frozenset(
         # Where the same images live: a moved dataset must not strand its runs (the exemplar
         # memory is checked against the images found there on restore).
         "data.root",
+        # Caches give the same tensors and labels as the files they were made from.
+        "data.image_cache",
+        "data.image_cache_dir",
+        "data.annotation_cache",
     }
 )
 

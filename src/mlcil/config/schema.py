@@ -58,6 +58,14 @@ class DataConfig(Section):
     # 1.0.2 the KRT release uses (pip install 'mlcil[released]').
     randaugment: Literal["torchvision", "released"] = "torchvision"
     num_workers: Annotated[int, Field(ge=0)] = 4
+    # Decode and resize each image file once, to image_size, into memory-mapped uint8 shards
+    # that training and evaluation then read (built on first use; mlcil.data.image_cache).
+    # The tensors are identical to decoding the files, so this changes speed, never results.
+    image_cache: bool = False
+    image_cache_dir: str | None = None  # None: <mlcil cache folder>/images ($MLCIL_CACHE)
+    # Keep the label matrix parsed from COCO's instances JSON / VOC's XMLs and reuse it while
+    # the annotation files keep their size and modification time.
+    annotation_cache: bool = True
 
     @field_validator("dataset")
     @classmethod

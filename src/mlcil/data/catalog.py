@@ -8,10 +8,11 @@ A new format is one loader module plus one ``DatasetSpec`` entry here.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from mlcil.data.base import ImageSource
+from mlcil.data.base import FileImageSource, ImageSource
 from mlcil.errors import DataError
 
 if TYPE_CHECKING:  # the schema imports this module; the loaders only read its fields
@@ -46,14 +47,16 @@ def _root(config: DataConfig) -> str:
 
 def _coco(config: DataConfig, split: str) -> ImageSource:
     from mlcil.data.coco import load_coco
+    from mlcil.data.image_cache import annotation_cache_root
 
-    return load_coco(_root(config), split)
+    return load_coco(_root(config), split, cache=annotation_cache_root(config))
 
 
 def _voc(config: DataConfig, split: str) -> ImageSource:
+    from mlcil.data.image_cache import annotation_cache_root
     from mlcil.data.voc import load_voc
 
-    return load_voc(_root(config), split)
+    return load_voc(_root(config), split, cache=annotation_cache_root(config))
 
 
 def _digits(config: DataConfig, split: str) -> ImageSource:
@@ -110,12 +113,60 @@ def resolved_root(config: DataConfig) -> str | None:
 
 
 def build_sources(config: DataConfig) -> tuple[ImageSource, ImageSource]:
-    """Load the training and test splits named by a data config."""
+    """Load the training and test splits named by a data config.
+
+    With ``data.image_cache`` the splits whose images are files are read through the image
+    cache (built on first use, see ``mlcil.data.image_cache``); the class order is applied after
+    that, as it only permutes label columns.
+    """
     spec = dataset_spec(config.dataset)
     train, test = spec.load(config, "train"), spec.load(config, "test")
     if train.class_names != test.class_names:
         raise DataError(f"{config.dataset}: the train and test splits disagree on the class list")
+    if config.image_cache:
+        from mlcil.data.image_cache import cached_source
+
+        train, test = cached_source(train, config), cached_source(test, config)
     if config.class_order is not None:
         for source in (train, test):
             source.reorder_classes(config.class_order)
     return train, test
+
+
+def build_image_cache(config: DataConfig) -> dict[str, Any]:
+    """Build (or check and reuse) the image cache of both splits: ``mlcil data cache``.
+
+    It runs whatever ``data.image_cache`` says (that key decides whether runs *read* the cache).
+
+    Returns:
+        ``{"images", "bytes", "seconds", "path", "splits"}``: totals over both splits, the
+        cache root folder, and per split (``"train"``, ``"test"``) the same figures with the
+        split's own folder and ``"built"`` (False: a valid cache was found and reused).
+
+    Raises:
+        DataError: for a dataset held in memory (nothing to cache), or naming an image that is
+            missing or does not decode.
+    """
+    from mlcil.data.image_cache import ensure_image_cache, image_cache_root
+
+    spec = dataset_spec(config.dataset)
+    started = time.perf_counter()
+    splits: dict[str, dict[str, Any]] = {}
+    for split in ("train", "test"):
+        source = spec.load(config, split)
+        if not isinstance(source, FileImageSource):
+            raise DataError(
+                f"data.dataset: {config.dataset!r} is held in memory; it has no image files to "
+                "cache"
+            )
+        cached = ensure_image_cache(
+            source, config.image_size, image_cache_root(config), config.num_workers
+        )
+        splits[split] = cached.summary()
+    return {
+        "images": sum(entry["images"] for entry in splits.values()),
+        "bytes": sum(entry["bytes"] for entry in splits.values()),
+        "seconds": time.perf_counter() - started,
+        "path": str(image_cache_root(config)),
+        "splits": splits,
+    }

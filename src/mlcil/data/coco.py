@@ -29,12 +29,17 @@ from pycocotools.coco import COCO
 
 from mlcil.data.base import FileImageSource
 from mlcil.data.classes import class_names
+from mlcil.data.image_cache import cached_annotations
 from mlcil.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 # Published prior of labels per image per class used by dynamic pseudo-labels.
 COCO_LABEL_DENSITY = 2.9 / 80
+
+# Bump when the parse changes what it returns: label matrices cached by an older loader are then
+# parsed again instead of being reused.
+LOADER_VERSION = 1
 
 # split -> (annotation file name, image folder name)
 _SPLITS: dict[str, tuple[str, str]] = {
@@ -43,13 +48,16 @@ _SPLITS: dict[str, tuple[str, str]] = {
 }
 
 
-def load_coco(root: str | Path, split: str) -> FileImageSource:
+def load_coco(root: str | Path, split: str, cache: str | Path | None = None) -> FileImageSource:
     """Load one split of MS-COCO 2014 as multi-hot labels over the 80 categories.
 
     Args:
         root: folder holding ``annotations/`` and the image folders ``train2014/``, ``val2014/``.
         split: ``"train"`` (``instances_train2014.json``) or ``"test"`` (the 2014 val set,
             ``instances_val2014.json``).
+        cache: the annotation cache folder (``mlcil.data.image_cache``): the parsed label
+            matrix is kept there and reused while the instances file keeps its size and mtime.
+            None: parse the file every time.
 
     Returns:
         A source with one row per entry of the file's ``images`` list, in file order, and
@@ -75,6 +83,26 @@ def load_coco(root: str | Path, split: str) -> FileImageSource:
     if not (root / image_dir).is_dir():
         raise DataError(f"coco: image folder not found: {root / image_dir} ({layout})")
 
+    identity = {
+        "dataset": "coco",
+        "split": split,
+        "root": str(root.resolve()),
+        "class_names": class_names("coco"),
+        "loader": LOADER_VERSION,
+    }
+    source = cached_annotations(
+        Path(cache) if cache is not None else None,
+        identity,
+        [ann_path],
+        root,
+        lambda: _parse(root, split, ann_path, image_dir),
+    )
+    logger.info("%s from %s", source.describe(), ann_path)
+    return source
+
+
+def _parse(root: Path, split: str, ann_path: Path, image_dir: str) -> FileImageSource:
+    """Parse one instances file into a source (the work the annotation cache saves)."""
     dataset = _read_with_pycocotools(ann_path)
     names = class_names("coco")
     image_ids, file_names = _images(dataset, ann_path)
@@ -84,7 +112,7 @@ def load_coco(root: str | Path, split: str) -> FileImageSource:
     labels = np.zeros((len(image_ids), len(names)), dtype=np.uint8)
     # Fancy-index assignment: repeated (row, col) pairs simply set the same cell to 1 again.
     labels[rows, cols] = 1
-    source = FileImageSource(
+    return FileImageSource(
         dataset="coco",
         split=split,
         root=root,
@@ -93,8 +121,6 @@ def load_coco(root: str | Path, split: str) -> FileImageSource:
         labels=labels,
         label_density=COCO_LABEL_DENSITY,
     )
-    logger.info("%s from %s", source.describe(), ann_path)
-    return source
 
 
 def _read_with_pycocotools(path: Path) -> dict[str, Any]:

@@ -15,19 +15,24 @@ from __future__ import annotations
 
 import logging
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from mlcil.data.base import FileImageSource
 from mlcil.data.classes import class_names
+from mlcil.data.image_cache import cached_annotations
 from mlcil.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 # Published prior of labels per image per class used by dynamic pseudo-labels.
 VOC_LABEL_DENSITY = 1.4 / 20
+
+# Bump when the parse changes what it returns: label matrices cached by an older loader are then
+# parsed again instead of being reused.
+LOADER_VERSION = 1
 
 _SPLITS: dict[str, str] = {"train": "trainval", "test": "test"}
 
@@ -37,12 +42,15 @@ _LAYOUT = (
 )
 
 
-def load_voc(root: str | Path, split: str) -> FileImageSource:
+def load_voc(root: str | Path, split: str, cache: str | Path | None = None) -> FileImageSource:
     """Load one split of PASCAL VOC 2007 as multi-hot labels over the 20 classes.
 
     Args:
         root: the VOC2007 folder, or a folder containing ``VOCdevkit/VOC2007``.
         split: ``"train"`` (ids from ``trainval.txt``) or ``"test"`` (ids from ``test.txt``).
+        cache: the annotation cache folder (``mlcil.data.image_cache``): the parsed label
+            matrix is kept there and reused while the image-set file and every annotation XML
+            keep their size and mtime. None: parse the XML files every time.
 
     Returns:
         A source whose rows follow the id order of the ImageSets file, with ``image_refs`` like
@@ -55,15 +63,37 @@ def load_voc(root: str | Path, split: str) -> FileImageSource:
     if split not in _SPLITS:
         raise DataError(f"voc: unknown split {split!r}; expected 'train' or 'test'")
     voc_root = _resolve_root(Path(root))
-    ids = _read_ids(voc_root / "ImageSets" / "Main" / f"{_SPLITS[split]}.txt")
+    ids_path = voc_root / "ImageSets" / "Main" / f"{_SPLITS[split]}.txt"
+    ids = _read_ids(ids_path)
+    identity = {
+        "dataset": "voc",
+        "split": split,
+        "root": str(voc_root.resolve()),
+        "class_names": class_names("voc"),
+        "loader": LOADER_VERSION,
+    }
+    xml_paths = [voc_root / "Annotations" / f"{image_id}.xml" for image_id in ids]
+    source = cached_annotations(
+        Path(cache) if cache is not None else None,
+        identity,
+        [ids_path, *xml_paths],
+        voc_root,
+        lambda: _parse(voc_root, split, ids, xml_paths),
+    )
+    logger.info("%s from %s", source.describe(), voc_root)
+    return source
+
+
+def _parse(
+    voc_root: Path, split: str, ids: Sequence[str], xml_paths: Sequence[Path]
+) -> FileImageSource:
+    """Parse the annotation XML of every id (the work the annotation cache saves)."""
     names = class_names("voc")
     index = {name: position for position, name in enumerate(names)}
-
     labels = np.zeros((len(ids), len(names)), dtype=np.uint8)
-    for row, image_id in enumerate(ids):
-        xml_path = voc_root / "Annotations" / f"{image_id}.xml"
+    for row, xml_path in enumerate(xml_paths):
         labels[row, _labelled_classes(xml_path, index)] = 1
-    source = FileImageSource(
+    return FileImageSource(
         dataset="voc",
         split=split,
         root=voc_root,
@@ -72,8 +102,6 @@ def load_voc(root: str | Path, split: str) -> FileImageSource:
         labels=labels,
         label_density=VOC_LABEL_DENSITY,
     )
-    logger.info("%s from %s", source.describe(), voc_root)
-    return source
 
 
 def _resolve_root(root: Path) -> Path:
