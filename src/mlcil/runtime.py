@@ -134,7 +134,6 @@ class Runtime:
         """Only the main process writes files and logs progress."""
         return self.rank == 0
 
-
     def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
         """A batch of images on the run's device, in the run's memory format."""
         if self.channels_last and images.dim() == 4:
