@@ -232,6 +232,11 @@ class RunDir:
         finally:
             self.release_lock()
 
+    @property
+    def holds_lock(self) -> bool:
+        """Whether this object holds the folder's lock."""
+        return self._lock_handle is not None
+
     def acquire_lock(self) -> None:
         """Take the folder's lock (see :meth:`locked`); a no-op when already held here."""
         if self._lock_handle is not None:

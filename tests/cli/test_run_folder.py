@@ -19,6 +19,10 @@ from PIL import Image
 
 import mlcil
 from mlcil.cli import main
+from mlcil.engine.loop import Trainer
+from mlcil.engine.observers import Observer
+from mlcil.errors import ConfigError
+from mlcil.experiment import load_config
 from mlcil.rundir import RunDir
 from spawn import hold_lock
 from tiny import REPO, TINY_ICA, tiny_overrides
@@ -155,3 +159,38 @@ def test_a_full_disk_names_the_file_and_the_run_resumes_afterwards(tmp_path: Pat
     assert RunDir(run).latest() == checkpoint
     assert main(["-q", "train", "--resume", str(run)]) == 0
     assert (run / "metrics.json").is_file()
+
+
+class LockProbe(Observer):
+    """Records, when a session ends, whether another process could take the run's lock."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.free: list[bool] = []
+
+    def session_finished(self, result: dict) -> None:
+        other = RunDir(self.folder)
+        try:
+            other.acquire_lock()
+        except ConfigError:
+            self.free.append(False)
+        else:
+            other.release_lock()
+            self.free.append(True)
+
+
+def test_a_trainer_holds_the_lock_while_it_runs_and_keeps_its_callers(
+    coco_fixture: tuple[Path, dict], tmp_path: Path
+) -> None:
+    root, _ = coco_fixture
+    overrides = [*tiny_overrides(memory__per_class="2"), *TINY_ICA, f"root={root}"]
+    config = load_config(REPO / "configs" / "coco_b40_c10.yaml", [*overrides, "protocol=B40-C20"])
+    alone = tmp_path / "alone"
+    probe = LockProbe(alone)
+    assert Trainer(config, alone, observers=[probe]).run() is not None
+    assert probe.free == [False, False, False]
+    RunDir(alone).acquire_lock()  # released when the run ended
+    held = RunDir(tmp_path / "held")
+    held.acquire_lock()
+    assert Trainer(config, held).run() is not None
+    assert held.holds_lock  # the caller's lock outlives the run it wraps

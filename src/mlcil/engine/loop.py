@@ -94,10 +94,11 @@ class Trainer:
         Returns:
             The ``metrics.json`` content once every session is done, else None.
         """
-        runtime = self.experiment.runtime
-        if runtime.is_main:
-            self.run_folder.acquire_lock()  # a no-op when the caller holds it already
         runtime, train = self.experiment.runtime, self.config.train
+        # Lock the folder unless the caller (mlcil.runs) holds its lock for longer than this run.
+        owns_lock = runtime.is_main and not self.run_folder.holds_lock
+        if owns_lock:
+            self.run_folder.acquire_lock()
         observer = run_observers(self.run_folder, train, runtime.is_main, self.extra_observers)
         try:
             state = self._begin()
@@ -114,7 +115,7 @@ class Trainer:
             return self._finish(state)
         finally:
             observer.close()
-            if runtime.is_main:
+            if owns_lock:
                 self.run_folder.release_lock()
 
     def _begin(self) -> RunState:
