@@ -135,7 +135,7 @@ def dry_run_summary(experiment: Experiment, run_dir: Path) -> str:
     else:
         lines.append("exemplar memory: off")
     pretrained = config.model.pretrained
-    if pretrained and pretrained.startswith("pretrain:"):
+    if pretrained and pretrained.startswith(("pretrain:", "imagenet:")):
         lines.append(f"pretrained weights: {pretrained} [made on first use, then cached]")
     elif pretrained:
         status = "found" if Path(pretrained).is_file() else "MISSING (training would stop here)"

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from mlcil import imagenet
 from mlcil.config.schema import ModelConfig, Params
 from mlcil.data.glyphs import CACHE_VERSION, GLYPH_CLASSES, TEST_IMAGES, TRAIN_IMAGES, load_glyphs
 from mlcil.engine.evaluate import evaluate_session
@@ -145,6 +146,9 @@ def cached_provenance(model: ModelConfig, image_size: int) -> dict[str, Any] | N
     """The provenance of the cached file a ``pretrain:<source>`` name resolves to (None for
     other weights, or when no such file is cached); never trains."""
     name = model.pretrained
+    if imagenet.is_imagenet_name(name):
+        assert name is not None
+        return imagenet.cached_imagenet_provenance(name[len(imagenet.SCHEME) :])
     if name is None or not name.startswith(SCHEME) or name[len(SCHEME) :] not in SOURCES:
         return None
     path = find_cached(provenance(model, image_size, PretrainRecipe()))
@@ -152,9 +156,14 @@ def cached_provenance(model: ModelConfig, image_size: int) -> dict[str, Any] | N
 
 
 def resolve_pretrained(model: ModelConfig, image_size: int) -> tuple[ModelConfig, dict | None]:
-    """``model`` with a ``pretrain:<source>`` weights name replaced by the cached file (made on
-    first use), and that file's provenance; other models are returned unchanged with None."""
+    """``model`` with a ``pretrain:<source>`` or ``imagenet:<name>`` weights name replaced by the
+    cached file (made on first use), and that file's provenance; other models are returned
+    unchanged with None."""
     name = model.pretrained
+    if imagenet.is_imagenet_name(name):
+        assert name is not None
+        path = imagenet.imagenet_weights(name[len(imagenet.SCHEME) :])
+        return model.model_copy(update={"pretrained": str(path)}), read_provenance(path)
     if name is None or not name.startswith(SCHEME):
         return model, None
     source = name[len(SCHEME) :]
