@@ -332,8 +332,8 @@ def loss_scale(local_batch: int, global_batch: int, world_size: int) -> float:
     ``world_size / global_batch``; ``local_batch`` does not enter (every micro-batch's images
     weigh the same) and is only checked.
 
-    KRT (KRT-SPEC 8b): the release sums ASL over each GPU's 64 images, adds ``lambda x`` the mean
-    token loss and lets DDP average over 2 GPUs, i.e. it optimises
+    KRT (docs/distributed.md): the release sums ASL over each GPU's 64 images, adds
+    ``lambda x`` the mean token loss and lets DDP average over 2 GPUs, i.e. it optimises
     ``ASL_sum(128) / 2 + lambda x token_mean(128)``. The per-image loss
     ``L_i = R x ASL_i + lambda x token_i`` with ``R = 64`` (the release's per-GPU batch) has
     global mean ``(64 / 128) ASL_sum + lambda token_mean``: exactly the released objective, and

@@ -3,7 +3,7 @@
 Herding (iCaRL, Rebuffi et al. 2017) picks, for one class, the images whose feature mean best
 approximates the class mean. ``ExemplarMemory`` keeps the picks as plain data (positions into the
 training source, image references and label lists) and saves them as JSON: never pickled dataset
-objects (KRT-SPEC section 7).
+objects (docs/method.md, memory).
 """
 
 from __future__ import annotations

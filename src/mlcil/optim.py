@@ -1,5 +1,5 @@
-"""The default optimisation of every method (KRT-SPEC section 8): Adam with coupled weight decay
-on tensors of two or more dimensions, and OneCycle per session stepped every batch."""
+"""The default optimisation of every method (docs/method.md, optimisation): Adam with coupled
+weight decay on tensors of two or more dimensions, and OneCycle per session stepped every batch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Incremental sessions (KRT-SPEC section 2).
+"""Incremental sessions (docs/method.md, sessions).
 
 Sessions follow the "B{b}-C{c}" naming: the first session holds classes ``[0, b)`` (or ``[0, c)``
 when ``b == 0``) and every later session adds the next ``c`` classes. This module knows nothing

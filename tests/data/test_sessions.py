@@ -1,4 +1,4 @@
-"""Session training and test sets (KRT-SPEC section 2) on hand-made matrices and fixtures."""
+"""Session training and test sets (docs/method.md, sessions) on hand-made matrices and fixtures."""
 
 from __future__ import annotations
 

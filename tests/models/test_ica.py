@@ -1,4 +1,4 @@
-"""The ICA network (KRT-SPEC section 4): one-pass sessions, growth and freezing."""
+"""The ICA network (docs/method.md, network): one-pass sessions, growth and freezing."""
 
 from __future__ import annotations
 

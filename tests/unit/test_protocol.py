@@ -1,4 +1,4 @@
-"""Class orders (mlcil.data.classes) and B{b}-C{c} sessions (KRT-SPEC section 2)."""
+"""Class orders (mlcil.data.classes) and B{b}-C{c} sessions (docs/method.md, sessions)."""
 
 from __future__ import annotations
 

@@ -117,7 +117,7 @@ class ModelConfig(Section):
 
 
 class LossConfig(Section):
-    """Asymmetric loss of every method's classification term (KRT-SPEC section 6)."""
+    """Asymmetric loss of every method's classification term (docs/method.md, loss)."""
 
     gamma_neg: Annotated[float, Field(ge=0)] = 4.0
     gamma_pos: Annotated[float, Field(ge=0)] = 0.0
@@ -125,12 +125,12 @@ class LossConfig(Section):
     # R: the classification term is R x (ASL summed over a step's images) / (images in the global
     # optimiser step), i.e. R x the per-image mean, so lambda and weight decay mean the same at any
     # batch size, accumulation or process count. 64 with a global batch of 128 is exactly the
-    # release's ASL_sum(128) / 2 (64 images per GPU on 2 GPUs, KRT-SPEC 8b).
+    # release's ASL_sum(128) / 2 (64 images per GPU on 2 GPUs, docs/distributed.md).
     reference_images: PositiveInt = 64
 
 
 class MemoryConfig(Section):
-    """Exemplar replay (KRT-SPEC section 7). ``per_class: 0`` and no ``total`` disable it."""
+    """Exemplar replay (docs/method.md, memory). ``per_class: 0`` and no ``total`` disable it."""
 
     per_class: Annotated[int, Field(ge=0)] = 0  # m exemplars per class (growing memory)
     total: PositiveInt | None = None  # fixed total budget; per class = total // seen classes
@@ -142,7 +142,7 @@ class MemoryConfig(Section):
 
 
 class TrainConfig(Section):
-    """Optimisation schedule (KRT-SPEC section 8) and run-time behaviour."""
+    """Optimisation schedule (docs/method.md, optimisation) and run-time behaviour."""
 
     epochs: PositiveInt = 20
     base_epochs: PositiveInt | None = None  # epochs of the first session; None: same as epochs

@@ -1,4 +1,4 @@
-"""Class tables of the built-in datasets and their class order (KRT-SPEC section 2).
+"""Class tables of the built-in datasets and their class order (docs/method.md, sessions).
 
 Class order is lexicographic by category name (Python's code-point order, so ``"baseball bat"``
 sorts before ``"baseball glove"`` and before ``"bear"``). COCO category ids never serve as class

@@ -1,7 +1,7 @@
 """Multi-label scenes of rendered glyphs: a pretraining source whose classes are not digits.
 
 Pretraining the digits benchmark's backbone on the digits themselves would leak every future
-class into the class-incremental results (the problem KRT-SPEC section 4 describes for the
+class into the class-incremental results (the problem docs/method.md, network describes for the
 COCO-trained TResNet). These scenes look like the digits benchmark's (a square RGB canvas cut
 into a 2x2 grid, 1 to 4 *distinct* classes in distinct cells, random offsets and colour tints
 over faint noise) but every object is a capital letter or a symbol (``GLYPH_CLASSES``), never a

@@ -1,4 +1,4 @@
-"""Per-session training and test sets (KRT-SPEC section 2), as index arrays plus target rows.
+"""Per-session training and test sets (docs/method.md, sessions), as index arrays plus target rows.
 
 All selection is vectorised over the label matrix, so splitting full COCO into sessions takes
 milliseconds. Targets always span every class of the dataset; the columns of classes that are not

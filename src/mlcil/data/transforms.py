@@ -1,4 +1,4 @@
-"""Image transforms (KRT-SPEC section 8).
+"""Image transforms (docs/method.md, optimisation).
 
 Training: resize to a square, Cutout, RandAugment, tensor in [0, 1]. Evaluation: resize, tensor.
 No mean/std normalisation (TResNet's convention).
@@ -9,7 +9,7 @@ RandAugment comes in two flavours (``data.randaugment``):
   randomness of the pipeline then comes from torch's generator, so seeding torch makes a whole
   epoch reproducible.
 - ``"released"``: the policy of the PyPI package ``randaugment`` 1.0.2, which the KRT release
-  uses (KRT-SPEC 8b): one of 15 x 9 x 15 x 9 pairs of (operation, magnitude), each operation
+  uses (docs/distributed.md): one of 15 x 9 x 15 x 9 pairs of (operation, magnitude), each operation
   applied with probability 0.5. It draws from Python's ``random`` module (policy, coin flips,
   signs) and from NumPy's global generator (the centre of its own Cutout operation), not from
   torch. Runs stay reproducible because the engine re-seeds ``random``, NumPy and torch at every

@@ -176,7 +176,8 @@ class Method:
     def configure_optimization(
         self, train: TrainConfig, session: Session, total_steps: int
     ) -> Optimization:
-        """Adam with coupled weight decay on 2+-d tensors and OneCycle (KRT-SPEC section 8)."""
+        """Adam with coupled weight decay on 2+-d tensors and OneCycle (docs/method.md,
+        optimisation)."""
         learning_rate = train.lr_for(session.index)
         groups = self.parameter_groups()
         # The fused kernel (one launch for every tensor) where all parameters live on a GPU.

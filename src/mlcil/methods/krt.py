@@ -1,4 +1,4 @@
-"""KRT: Knowledge Restore and Transfer (Dong et al., ICCV 2023), KRT-SPEC sections 4 to 7.
+"""KRT: Knowledge Restore and Transfer (Dong et al., ICCV 2023), docs/method.md.
 
 - Knowledge restore: dynamic pseudo-labels (DPL). Before a session, the frozen previous network
   scores the session's training images on the old classes and a threshold is chosen so that the
@@ -107,7 +107,7 @@ class KRT(Method):
 
     def label_density(self, context: SessionContext) -> float:
         """DPL's prior: the configured value, the dataset's published one, or the training
-        split's own labels per image per class (KRT-SPEC section 5)."""
+        split's own labels per image per class (docs/method.md, pseudo-labels)."""
         if self.params.label_density is not None:
             return float(self.params.label_density)
         source = context.train_source

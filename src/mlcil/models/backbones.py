@@ -4,7 +4,7 @@ Any timm CNN that implements ``forward_intermediates`` works. The feature map fe
 classifier can be taken at an earlier stage (``feature_stage``), which truncates the network:
 the embedded demo uses ``resnet18`` at stage 2 (stride 8) so a 48x48 input gives a 6x6 map.
 
-Weight files (KRT-SPEC section 4): a timm ``state_dict`` (``.pth``/``.bin``/``.safetensors``),
+Weight files (docs/method.md, network): a timm ``state_dict`` (``.pth``/``.bin``/``.safetensors``),
 or the ASL/KRT checkpoint format, a dict with the weights under ``state_dict`` or ``model``, keys
 prefixed ``body.`` (which is also timm's TResNet layout) and a classifier ``head.fc`` that is
 dropped. ``torch.load`` always runs with ``weights_only=True``: a checkpoint can never execute code.

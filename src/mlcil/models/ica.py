@@ -1,4 +1,4 @@
-"""KRT's incremental cross-attention network (KRT-SPEC section 4).
+"""KRT's incremental cross-attention network (docs/method.md, network).
 
 Session i reads the sequence ``X_i = [KT, KR_i, P]`` with one shared class-attention block in
 which only the KT position queries. Because the query comes from the KT token alone and layer
@@ -116,7 +116,7 @@ class ICAParams(Params):
     mlp_ratio: Annotated[float, Field(gt=0)] = 4.0
     # "released": as the authors' code: the block's Linear weights and the first head's weight
     # redrawn from N(0, 0.01) (block biases zero, the first head's bias PyTorch's default) and
-    # the 1x1 projection Kaiming-normal (fan_out, leaky_relu) (KRT-SPEC 4, 8b);
+    # the 1x1 projection Kaiming-normal (fan_out, leaky_relu) (docs/method.md, network);
     # "pytorch": PyTorch's default initialisation, which trains far faster when the backbone
     # itself starts from random weights (the embedded benchmark).
     ica_init: Literal["released", "pytorch"] = "released"
@@ -192,7 +192,7 @@ class ICANetwork(IncrementalNetwork):
         head = nn.Sequential(nn.LayerNorm(self.embed_dim), nn.Linear(self.embed_dim, num_classes))
         if not self.heads and self.released_init:
             # The first head exists when the released code re-initialises the network; later
-            # heads keep PyTorch's default Linear initialisation (KRT-SPEC section 4).
+            # heads keep PyTorch's default Linear initialisation (docs/method.md, network).
             # Only the weight is redrawn: the head's bias keeps PyTorch's default.
             linear = head[1]
             assert isinstance(linear, nn.Linear)
