@@ -40,20 +40,13 @@ from mlcil.methods.krt import KRT, KRTParams
 from mlcil.metrics import average_precision
 from mlcil.models import ClassAttentionBlock, ICAParams, build_network
 from mlcil.protocol import Session, protocol_sessions
-from mlcil.pseudo_labels import apply_pseudo_labels, dpl_threshold
+from mlcil.pseudo_labels import apply_pseudo_labels, dpl_threshold, dpl_threshold_by_sort
 from mlcil.runtime import Runtime
 
 
 def timed(function: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median seconds of ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        function()
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+    return statistics.median(_timed_samples(function, repeats, warmup))
 
 
 def bench_ica(device: torch.device) -> list[dict]:
@@ -184,28 +177,10 @@ def bench_pure_functions() -> list[dict]:
     return rows
 
 
-def _sorted_dpl_threshold(scores: np.ndarray, target_per_image: float) -> float:
-    """The former dpl_threshold (one full sort), kept here to time the selection against it."""
-    num_images, n = scores.shape[0], scores.size
-    k = min(max(round(target_per_image * num_images), 0), n)
-    s = np.sort(scores, axis=None)[::-1]  # (n,) descending
-    reachable = np.concatenate(([0], np.flatnonzero(s[:-1] > s[1:]) + 1, [n]))  # ascending
-    upper = int(np.searchsorted(reachable, k))
-    if reachable[upper] == k or upper == 0:
-        j = int(reachable[upper])
-    else:
-        below, above = int(reachable[upper - 1]), int(reachable[upper])
-        j = below if k - below <= above - k else above
-    if j == 0:
-        return float(s[0])
-    if j < n:
-        return float(s[j])
-    return float(np.nextafter(s[n - 1], np.float32(-np.inf), dtype=np.float32))
-
-
-def _timed_samples(function: Callable[[], object], repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` calls after one warm-up call."""
-    function()
+def _timed_samples(function: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` calls after ``warmup`` warm-up calls."""
+    for _ in range(warmup):
+        function()
     samples = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -228,11 +203,11 @@ def bench_dpl_selection(repeats: int = 7) -> list[dict]:
     }
     rows = []
     for label, scores in inputs.items():
-        selected, sorted_ = dpl_threshold(scores, target), _sorted_dpl_threshold(scores, target)
+        selected, sorted_ = dpl_threshold(scores, target), dpl_threshold_by_sort(scores, target)
         if selected != sorted_:
             raise RuntimeError(f"DPL selection {selected!r} != sort {sorted_!r} on {label} scores")
         for method, function in (
-            ("sort (former)", lambda s=scores: _sorted_dpl_threshold(s, target)),
+            ("sort (former)", lambda s=scores: dpl_threshold_by_sort(s, target)),
             ("selection", lambda s=scores: dpl_threshold(s, target)),
         ):
             samples = _timed_samples(function, repeats)

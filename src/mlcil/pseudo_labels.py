@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "apply_pseudo_labels",
     "dpl_threshold",
+    "dpl_threshold_by_sort",
     "iterative_dpl_threshold",
     "target_positives_per_image",
 ]
@@ -226,6 +227,32 @@ def dpl_threshold(old_scores: np.ndarray | torch.Tensor, target_per_image: float
 # The released search keeps tau in [0.0001, 0.999999] after every move.
 _RELEASE_TAU_MIN = 0.0001
 _RELEASE_TAU_MAX = 0.999999
+
+
+def dpl_threshold_by_sort(old_scores: np.ndarray | torch.Tensor, target_per_image: float) -> float:
+    """The same threshold as :func:`dpl_threshold`, by one full sort: the plain statement of its
+    rules (closest reachable count, the smaller one on a tie), kept as the reference the
+    selection is tested and timed against. About 20x slower at COCO size."""
+    _check_target(target_per_image)
+    scores = _scores_to_float32(old_scores)
+    num_images, n = scores.shape[0], scores.size
+    k = min(max(round(target_per_image * num_images), 0), n)
+    s = np.sort(scores, axis=None)[::-1]  # (n,) descending
+    # Count j (1 <= j < n) is reachable iff s[j-1] > s[j]; 0 and n always are.
+    reachable = np.concatenate(([0], np.flatnonzero(s[:-1] > s[1:]) + 1, [n]))  # ascending
+    upper = int(np.searchsorted(reachable, k))
+    if reachable[upper] == k or upper == 0:
+        j = int(reachable[upper])
+    else:
+        below, above = int(reachable[upper - 1]), int(reachable[upper])
+        j = below if k - below <= above - k else above
+    if j == 0:
+        tau = s[0]
+    elif j < n:
+        tau = s[j]
+    else:
+        tau = np.nextafter(s[n - 1], np.float32(-np.inf), dtype=np.float32)
+    return float(np.float32(tau))
 
 
 def _release_mean_count(

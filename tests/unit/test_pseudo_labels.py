@@ -13,6 +13,7 @@ from mlcil.errors import MlcilError
 from mlcil.pseudo_labels import (
     apply_pseudo_labels,
     dpl_threshold,
+    dpl_threshold_by_sort,
     iterative_dpl_threshold,
     target_positives_per_image,
 )
@@ -141,29 +142,6 @@ def test_dpl_threshold_errors() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _sorted_dpl_threshold(scores: np.ndarray, target_per_image: float) -> float:
-    """The sort-based dpl_threshold this project shipped before the selection (the reference)."""
-    scores = np.asarray(scores, dtype=np.float32)
-    num_images = scores.shape[0]
-    n = scores.size
-    k = min(max(round(target_per_image * num_images), 0), n)
-    s = np.sort(scores, axis=None)[::-1]  # (n,) descending
-    reachable = np.concatenate(([0], np.flatnonzero(s[:-1] > s[1:]) + 1, [n]))  # ascending
-    upper = int(np.searchsorted(reachable, k))
-    if reachable[upper] == k or upper == 0:
-        j = int(reachable[upper])
-    else:
-        below, above = int(reachable[upper - 1]), int(reachable[upper])
-        j = below if k - below <= above - k else above
-    if j == 0:
-        tau = s[0]
-    elif j < n:
-        tau = s[j]
-    else:
-        tau = np.nextafter(s[n - 1], np.float32(-np.inf), dtype=np.float32)
-    return float(np.float32(tau))
-
-
 _SCORE_KINDS = (
     "uniform",
     "sigmoid",
@@ -228,7 +206,7 @@ def _assert_selection_matches_sort(rng: np.random.Generator, kind: str, shape: t
     checked = 0
     for target in _targets_for(rng, scores):
         with np.errstate(over="ignore"):  # "wide": below the lowest float32 is -inf, in both
-            expected = _sorted_dpl_threshold(scores, target)
+            expected = dpl_threshold_by_sort(scores, target)
             got = dpl_threshold(scores, target)
         assert got == expected, (kind, shape, target, got, expected)
         checked += 1
@@ -293,8 +271,8 @@ def test_dpl_threshold_selection_equals_sort_at_real_size(kind: str) -> None:
     scores = _scores_of_kind(rng, kind, (6_000, 50))
     assert scores.size >= pseudo_labels._SAMPLED_SELECTION_MIN
     for target in [0.0, 50.0, 2.9 / 80 * 50, 1.4 / 20 * 50, 25.0, 49.99, 0.013]:
-        assert dpl_threshold(scores, target) == _sorted_dpl_threshold(scores, target), target
-    assert dpl_threshold(torch.from_numpy(scores), 1.8) == _sorted_dpl_threshold(scores, 1.8)
+        assert dpl_threshold(scores, target) == dpl_threshold_by_sort(scores, target), target
+    assert dpl_threshold(torch.from_numpy(scores), 1.8) == dpl_threshold_by_sort(scores, 1.8)
 
 
 def test_dpl_threshold_signed_zeros_tie() -> None:
