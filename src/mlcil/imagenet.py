@@ -184,7 +184,9 @@ def cached_imagenet_provenance(name: str) -> dict[str, Any] | None:
 def normalisation(architecture: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` of the inputs the architecture's ImageNet weights expect (timm's
     pretrained config)."""
-    import timm
+    from timm.models import get_pretrained_cfg
 
-    config: Any = timm.create_model(architecture, pretrained=False).pretrained_cfg
-    return tuple(config["mean"]), tuple(config["std"])
+    config = get_pretrained_cfg(architecture)
+    if config is None:
+        raise ConfigError(f"model.backbone: timm has no pretrained config for {architecture!r}")
+    return tuple(config.mean), tuple(config.std)

@@ -163,7 +163,10 @@ def resolve_pretrained(model: ModelConfig, image_size: int) -> tuple[ModelConfig
     if imagenet.is_imagenet_name(name):
         assert name is not None
         path = imagenet.imagenet_weights(name[len(imagenet.SCHEME) :])
-        return model.model_copy(update={"pretrained": str(path)}), read_provenance(path)
+        # "auto" normalisation follows the weights' name, which the file path no longer shows.
+        normalise = "imagenet" if model.input_normalisation == "auto" else model.input_normalisation
+        update = {"pretrained": str(path), "input_normalisation": normalise}
+        return model.model_copy(update=update), read_provenance(path)
     if name is None or not name.startswith(SCHEME):
         return model, None
     source = name[len(SCHEME) :]

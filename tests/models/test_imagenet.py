@@ -16,7 +16,7 @@ import mlcil.imagenet as imagenet
 import mlcil.pretrain as pretrain
 from mlcil.config.schema import ModelConfig
 from mlcil.errors import ConfigError, WeightsError
-from mlcil.models import Backbone
+from mlcil.models import Backbone, ICAParams, build_network, input_normalisation
 from mlcil.weights_cache import load_cached, read_provenance
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -59,6 +59,46 @@ def top5(model: torch.nn.Module, picture: np.ndarray) -> list[int]:
 def test_the_converted_weights_see_a_cat_and_an_espresso(classifier: torch.nn.Module) -> None:
     assert top5(classifier, photos.chelsea())[0] in CAT_CLASSES
     assert ESPRESSO in top5(classifier, photos.coffee())[:2]
+
+
+def test_random_weights_do_not_see_the_cat_or_the_espresso() -> None:
+    """The photo check can fail: the same network with random weights misses both photos."""
+    torch.manual_seed(0)
+    untrained = timm.create_model("efficientnet_lite0", pretrained=False).eval()
+    assert top5(untrained, photos.chelsea())[0] not in CAT_CLASSES
+    assert ESPRESSO not in top5(untrained, photos.coffee())[:2]
+
+
+def test_the_benchmark_backbone_normalises_its_input_as_the_weights_expect() -> None:
+    """``imagenet:`` weights make the backbone subtract timm's mean and divide by its std (the
+    photo test's preprocessing); other weights, or ``none``, leave the input as it is."""
+    imagenet_model = ModelConfig(
+        backbone="efficientnet_lite0", feature_stage=3, pretrained="imagenet:efficientnet_lite0"
+    )
+    expected = imagenet.normalisation("efficientnet_lite0")
+    assert expected == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert input_normalisation(imagenet_model) == expected
+    resolved, _ = pretrain.resolve_pretrained(imagenet_model, 96)
+    assert not str(resolved.pretrained).startswith("imagenet:")
+    assert input_normalisation(resolved) == expected  # still known once the name is a path
+    assert input_normalisation(resolved.model_copy(update={"input_normalisation": "none"})) is None
+    assert input_normalisation(ModelConfig(backbone="resnet18", pretrained=None)) is None
+    forced = ModelConfig(backbone="resnet18", pretrained=None, input_normalisation="imagenet")
+    assert input_normalisation(forced) == expected
+
+    torch.manual_seed(0)
+    network = build_network(resolved.model_copy(update={"params": ICAParams()}), 96)
+    plain = Backbone("efficientnet_lite0", feature_stage=3, pretrained=resolved.pretrained)
+    # The statistics are architecture, not weights: checkpoints hold exactly the same tensors.
+    assert set(network.backbone.state_dict()) == set(plain.state_dict())
+    images = torch.rand(2, 3, 96, 96)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in expected)
+    network.backbone.eval()
+    plain.eval()
+    with torch.no_grad():
+        normalised = network.backbone(images)
+        assert torch.allclose(normalised, plain((images - mean) / std), atol=1e-3, rtol=1e-4)
+        assert not torch.allclose(normalised, plain(images), atol=1e-2)
 
 
 def test_the_key_map_is_explicit_and_refuses_a_wrong_file() -> None:

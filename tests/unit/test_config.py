@@ -117,6 +117,7 @@ def test_network_parameters_belong_to_their_network(tmp_path: Path) -> None:
         "pretrained": None,
         "feature_stage": 2,
         "network": "linear",
+        "input_normalisation": "auto",
     }
 
 

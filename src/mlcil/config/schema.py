@@ -109,6 +109,10 @@ class ModelConfig(Section):
     pretrained: str | None = None  # local weights file (timm or ASL/KRT format); None: random
     feature_stage: Annotated[int, Field(ge=0)] | None = None  # timm stage to read; None: last
     network: str = "ica"
+    # Mean/std normalisation of the input: "imagenet" divides by the ImageNet statistics timm's
+    # pretrained config gives the backbone; "none" feeds [0, 1] pixels (TResNet's convention);
+    # "auto" is "imagenet" for ``imagenet:`` weights and "none" otherwise.
+    input_normalisation: Literal["auto", "none", "imagenet"] = "auto"
     params: Params = Field(default_factory=Params)  # the network's Params, set by the loader
 
     def to_dict(self) -> dict[str, Any]:

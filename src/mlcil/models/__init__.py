@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 from mlcil.config.schema import ModelConfig
+from mlcil.imagenet import is_imagenet_name, normalisation
 from mlcil.models.backbones import Backbone, load_backbone_weights
 from mlcil.models.base import IncrementalNetwork, NetworkOutput
+from mlcil.models.gcn import GCNNetwork, GCNOutput, GCNParams
 from mlcil.models.ica import ClassAttentionBlock, ICANetwork, ICAParams
 from mlcil.models.linear import LinearNetwork
 from mlcil.models.registry import NETWORKS
+
+
+def input_normalisation(
+    config: ModelConfig,
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)`` the backbone applies to its [0, 1] input, or None.
+
+    ``model.input_normalisation: auto`` means the ImageNet statistics for ``imagenet:`` weights
+    and nothing otherwise."""
+    choice = config.input_normalisation
+    if choice == "auto":
+        choice = "imagenet" if is_imagenet_name(config.pretrained) else "none"
+    return normalisation(config.backbone) if choice == "imagenet" else None
 
 
 def build_network(
@@ -23,7 +38,9 @@ def build_network(
     """
     network_class = NETWORKS.get_class(config.network)
     pretrained = config.pretrained if load_weights else None
-    backbone = Backbone(config.backbone, config.feature_stage, pretrained)
+    backbone = Backbone(
+        config.backbone, config.feature_stage, pretrained, input_normalisation(config)
+    )
     return network_class.from_params(backbone, image_size, config.params)
 
 
@@ -31,11 +48,15 @@ __all__ = [
     "NETWORKS",
     "Backbone",
     "ClassAttentionBlock",
+    "GCNNetwork",
+    "GCNOutput",
+    "GCNParams",
     "ICANetwork",
     "ICAParams",
     "IncrementalNetwork",
     "LinearNetwork",
     "NetworkOutput",
     "build_network",
+    "input_normalisation",
     "load_backbone_weights",
 ]

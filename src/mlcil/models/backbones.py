@@ -37,10 +37,22 @@ class Backbone(nn.Module):
         feature_stage: index into timm's ``feature_info`` of the map to return; ``None`` for the
             last stage. Later stages are removed from the module.
         pretrained: optional path to a local weights file, loaded before truncation.
+        input_normalisation: ``(mean, std)`` per RGB channel subtracted from and divided into
+            the [0, 1] input before the first layer, as the weights were trained (ImageNet
+            weights); None feeds the input unchanged. Held in non-persistent buffers: it is part
+            of the architecture, not of the state_dict, so checkpoints hold the same tensors
+            either way.
     """
 
+    input_mean: torch.Tensor  # (1, 3, 1, 1) buffers, present when the input is normalised
+    input_scale: torch.Tensor
+
     def __init__(
-        self, name: str, feature_stage: int | None = None, pretrained: str | Path | None = None
+        self,
+        name: str,
+        feature_stage: int | None = None,
+        pretrained: str | Path | None = None,
+        input_normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
         import timm
@@ -72,6 +84,14 @@ class Backbone(nn.Module):
             load_backbone_weights(body, pretrained, classifier_prefix=classifier, ignore=pruned)
         self.name = name
         self.body = body
+        self.normalises_input = input_normalisation is not None
+        if input_normalisation is not None:
+            mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1)
+                         for v in input_normalisation)  # fmt: skip
+            if not bool((std > 0).all()):
+                raise WeightsError(f"input normalisation of {name!r}: std {std.flatten()} <= 0")
+            self.register_buffer("input_mean", mean, persistent=False)
+            self.register_buffer("input_scale", 1.0 / std, persistent=False)
         self.feature_stage = stage
         self.num_features: int = int(body.feature_info[stage]["num_chs"])
         self.reduction: int = int(body.feature_info[stage]["reduction"])
@@ -81,10 +101,16 @@ class Backbone(nn.Module):
             int(body.feature_info[i]["reduction"]) for i in range(stage + 1)
         ]
 
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """The input as the first layer expects it (unchanged without input normalisation)."""
+        if not self.normalises_input:
+            return images
+        return (images - self.input_mean) * self.input_scale
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Return the feature map ``(B, C, H, W)`` of the feature stage."""
         return self.body.forward_intermediates(
-            images, indices=[self.feature_stage], intermediates_only=True
+            self.normalise(images), indices=[self.feature_stage], intermediates_only=True
         )[-1]
 
     def forward_stages(self, images: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
@@ -96,7 +122,9 @@ class Backbone(nn.Module):
         """
         wanted = sorted({*indices, self.feature_stage})
         maps = list(
-            self.body.forward_intermediates(images, indices=wanted, intermediates_only=True)
+            self.body.forward_intermediates(
+                self.normalise(images), indices=wanted, intermediates_only=True
+            )
         )
         by_stage = dict(zip(wanted, maps, strict=True))
         return [by_stage[i] for i in sorted(set(indices))] + [by_stage[self.feature_stage]]

@@ -1,0 +1,126 @@
+"""AGCN: Augmented Graph Convolutional Network (Du et al., ICME 2022), docs/agcn.md.
+
+The paper: "AGCN: Augmented Graph Convolutional Network for Lifelong Multi-label Image
+Recognition"; its journal extension (AGCN++): "Multi-label Continual Learning using Augmented
+Graph Convolutional Network".
+
+- Network (``model.network: gcn``): a two-layer GCN over the seen classes' label graph makes one
+  classifier per class (ML-GCN style); the graph grows by one block of classes per session.
+- Augmented correlation matrix (ACM): when a session starts, one pass over its training images
+  collects per-image label evidence: the new classes' given labels and, for the old classes
+  (unlabelled in new data), the previous model's sigmoid scores (an exemplar's stored old
+  labels count as certain). The new-new block comes from the hard labels, the two inter-task
+  blocks from soft-hard pairs, and the old-old block is kept from earlier sessions.
+- Loss: the asymmetric loss on the new classes only (old classes are unlabelled, not negative);
+  from the second session on, LwF-style sigmoid distillation of the old classes' predictions
+  (``distillation_weight``) and the relationship-preserving term: the mean squared distance
+  between the old classes' GCN classifiers and the previous model's (``relation_weight``).
+
+Multi-label and offline adaptations: ASL (the run's ``loss`` section) instead of the papers'
+multi-label soft-margin loss; learnable class embeddings instead of GloVe word vectors (none
+offline); the statistics from one pass at session start instead of being accumulated batch by
+batch during the first epoch, so the graph is fixed while a session trains and is stored with
+the weights (the network's ``correlation`` buffer).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+import torch
+from pydantic import Field
+
+from mlcil.config.schema import LossConfig, Params
+from mlcil.errors import ConfigError
+from mlcil.losses import sigmoid_distillation
+from mlcil.methods.base import Batch, Method, SessionContext, StepOutput
+from mlcil.methods.registry import register_method
+from mlcil.models import IncrementalNetwork
+from mlcil.models.gcn import GCNNetwork, GCNOutput
+
+logger = logging.getLogger(__name__)
+
+# The label-statistics pass draws its own shuffle and augmentation, apart from every epoch's
+# (and from KRT's threshold pass, 1_000_002).
+STATISTICS_PASS_PHASE = 1_000_003
+
+
+class AGCNParams(Params):
+    distillation_weight: Annotated[float, Field(ge=0)] = 1.0  # old-class prediction distillation
+    relation_weight: Annotated[float, Field(ge=0)] = 1.0  # relationship-preserving term
+
+
+def relation_preserving_loss(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance between the previous and the current old-class classifiers
+    ``(old classes, F)``: the graph's outputs, which carry the classes' relations."""
+    if old.shape != new.shape:
+        raise ValueError(f"classifier shapes differ: {tuple(old.shape)} vs {tuple(new.shape)}")
+    return (new.float() - old.float()).pow(2).mean()
+
+
+@register_method
+class AGCN(Method):
+    name = "agcn"
+    Params = AGCNParams
+    keeps_old_network = True
+    loss_parts = frozenset({"asl", "kd", "relation"})
+
+    def __init__(self, params: Any, network: IncrementalNetwork, loss: LossConfig) -> None:
+        if not isinstance(network, GCNNetwork):
+            raise ConfigError(
+                f"method agcn needs model.network: gcn (its classifiers come from the label "
+                f"graph), got {type(network).__name__}"
+            )
+        super().__init__(params, network, loss)
+
+    def begin_session(self, context: SessionContext) -> None:
+        super().begin_session(context)
+        network = self.network
+        assert isinstance(network, GCNNetwork)
+        network.set_session_correlation(self.label_evidence(context))
+        edges = int((network.adjacency() > 0).sum().item()) - network.num_classes
+        logger.info(
+            "session %d: label graph over %d classes with %d directed edges",
+            context.session.index,
+            network.num_classes,
+            edges,
+        )
+
+    def label_evidence(self, context: SessionContext) -> torch.Tensor:
+        """``(images, seen)`` per training image: old-class evidence (the previous model's
+        sigmoid score, or 1 where a stored label says so), then the new classes' labels."""
+        seen, old = self.seen, self.num_old
+        if self.old_network is None:  # only given labels: no pass over the images needed
+            return torch.from_numpy(context.train_set.targets[:, :seen]).float()
+
+        def evidence(batch: Batch) -> torch.Tensor:
+            teacher = self.teacher(batch.images)
+            assert teacher is not None
+            targets = batch.targets[:, :seen].float()
+            soft = torch.maximum(teacher.logits.float().sigmoid(), targets[:, :old])
+            return torch.cat([soft, targets[:, old:]], dim=1)
+
+        # Every process scores its shard; all of them get every row, so their graphs agree.
+        rows = context.score_pass(STATISTICS_PASS_PHASE, evidence)
+        return rows.reshape(-1, seen)
+
+    def training_step(self, batch: Batch) -> StepOutput:
+        output = self.network(batch.images)
+        assert isinstance(output, GCNOutput) and output.classifiers is not None
+        old = self.num_old
+        loss = self.classification_loss(output.logits[:, old:], batch.targets[:, old : self.seen])
+        parts = {"asl": loss.detach()}
+        teacher = self.teacher(batch.images)
+        if teacher is not None:
+            assert isinstance(teacher, GCNOutput) and teacher.classifiers is not None
+            summed = sigmoid_distillation(output.logits[:, :old], teacher.logits)
+            distillation = self.per_reference_images(summed, len(batch.images))
+            relation = relation_preserving_loss(teacher.classifiers, output.classifiers[:old])
+            loss = (
+                loss
+                + self.params.distillation_weight * distillation
+                + self.params.relation_weight * relation
+            )
+            parts.update(kd=distillation.detach(), relation=relation.detach())
+        return StepOutput(loss, parts)
