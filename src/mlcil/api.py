@@ -1,4 +1,15 @@
-"""The Python API of a trained run: ``model = mlcil.load("runs/<name>")``, ``model.predict(...)``.
+"""The Python API: ``mlcil.train(...)`` runs a protocol, ``model = mlcil.load("runs/<name>")`` and
+``model.predict(...)`` label images with a trained run.
+
+``train`` is ``mlcil train`` without the command line: the same checks before anything is written
+(:func:`mlcil.runs.start_run`), the same run folder, errors raised as exceptions (never
+``sys.exit``), so it can run in a notebook::
+
+    import mlcil
+
+    run = mlcil.train("digits-b0-c2", overrides={"train.epochs": 1}, run_dir="runs/try")
+    print(run.metrics["last_map"])
+    model = run.load()
 
 ``load`` rebuilds the run exactly as ``mlcil train --resume`` and ``mlcil eval`` do (its config,
 its added sessions, :func:`mlcil.engine.checkpoint.restore_run` on the latest checkpoint), so the
@@ -17,19 +28,24 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
 from PIL import Image
 
+from mlcil.config.loading import apply_overrides
+from mlcil.config.schema import RunConfig
 from mlcil.engine.checkpoint import RunState
+from mlcil.engine.observers import Observer
 from mlcil.errors import ConfigError
-from mlcil.experiment import Experiment
+from mlcil.experiment import Experiment, build_config, load_config, params_lookup
 from mlcil.inference import infer
 from mlcil.predict import (
     Prediction,
@@ -39,9 +55,14 @@ from mlcil.predict import (
     make_predictions,
     read_thresholds,
 )
-from mlcil.runs import open_run
+from mlcil.runs import Launch, open_run, resume_run, start_run
 
 ImageInput = str | Path | Image.Image
+ConfigInput: TypeAlias = str | Path | Sequence[str | Path] | RunConfig | Mapping[str, Any]
+"""A config file or shipped config name, several of them stacked (later wins), a ``RunConfig``,
+or a plain mapping in the YAML layout (``{"protocol": "B0-C2", "data": {...}}``)."""
+Overrides: TypeAlias = Sequence[str] | Mapping[str, Any]
+"""``["train.epochs=2"]`` as on the command line, or ``{"train.epochs": 2}`` with Python values."""
 logger = logging.getLogger(__name__)
 
 
@@ -185,3 +206,136 @@ def load(run_dir: str | Path, device: str | None = None) -> TrainedModel:
     folder, state = opened.restore(session_end=True)
     logger.info("%s: predicting with checkpoint %s", opened.run.path, folder.name)
     return TrainedModel(opened.run.path, opened.experiment, state, folder.name)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """What :func:`train` and :func:`resume` return: the run folder and how far it got.
+
+    Attributes:
+        run_dir: the run folder (``config.yaml``, ``metrics.json``, ``checkpoints/``...).
+        config: the run's resolved config.
+        metrics: the content of ``metrics.json`` (``last_map``, ``avg_map``, ``sessions``...)
+            once every session is done; None when the run stopped earlier (``max_sessions``, a
+            SIGTERM) and can be continued with :func:`resume`.
+        sessions_done: the sessions learned so far.
+        stopped: why the run stopped early (None when it did not, or only ``max_sessions``).
+    """
+
+    run_dir: Path
+    config: RunConfig
+    metrics: dict[str, Any] | None
+    sessions_done: int
+    stopped: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Whether every session of the protocol is learned."""
+        return self.metrics is not None
+
+    def load(self, device: str | None = None) -> TrainedModel:
+        """The model of the last finished session, ready to predict (:func:`load`)."""
+        return load(self.run_dir, device=device)
+
+
+def _override_strings(overrides: Overrides) -> list[str]:
+    if isinstance(overrides, str):
+        raise ConfigError(
+            f"overrides: give a list of key=value strings or a dict, not {overrides!r}"
+        )
+    if isinstance(overrides, Mapping):
+        # JSON is YAML: the config loader reads each value back with its Python type.
+        return [f"{key}={json.dumps(value, default=str)}" for key, value in overrides.items()]
+    return [str(item) for item in overrides]
+
+
+def _check_max_sessions(max_sessions: int | None) -> None:
+    # Checked before the run folder is locked: a Launch must be run to release it.
+    if max_sessions is not None and (
+        isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1
+    ):
+        raise ConfigError(f"max_sessions must be at least 1 (or None: all), got {max_sessions!r}")
+
+
+def resolve_config(config: ConfigInput, overrides: Overrides = ()) -> RunConfig:
+    """The validated config :func:`train` runs (what ``mlcil train --print-config`` shows).
+
+    Raises:
+        ConfigError: for a missing file or an unknown name, key or value, naming it.
+    """
+    changes = _override_strings(overrides)
+    if isinstance(config, RunConfig | Mapping):
+        raw = config.to_dict() if isinstance(config, RunConfig) else dict(config)
+        where = "mlcil.train config" + (" with overrides" if changes else "")
+        return build_config(apply_overrides(raw, changes, params_lookup), where)
+    return load_config(config, changes)
+
+
+def _finish(launch: Launch, max_sessions: int | None) -> TrainedRun:
+    metrics = launch.run(max_sessions=max_sessions)
+    trainer = launch.trainer
+    return TrainedRun(
+        trainer.run_dir, trainer.config, metrics, trainer.next_session, trainer.stopped
+    )
+
+
+def train(
+    config: ConfigInput,
+    overrides: Overrides = (),
+    run_dir: str | Path | None = None,
+    observers: Sequence[Observer] = (),
+    *,
+    overwrite: bool = False,
+    max_sessions: int | None = None,
+) -> TrainedRun:
+    """Train a new run, as ``mlcil train --config ...`` does, and return it.
+
+    Args:
+        config: a config file or a shipped config's short name (``"digits-pretrained-b0-c2"``),
+            a list of them stacked (later wins), a ``RunConfig``, or a mapping in the YAML
+            layout.
+        overrides: ``{"train.epochs": 2}`` or ``["train.epochs=2"]``, applied last.
+        run_dir: the run folder (default ``<output_dir>/<run name>``); it must not hold a run
+            unless ``overwrite``.
+        observers: extra :class:`mlcil.engine.observers.Observer` objects notified of every step,
+            epoch and session (after the built-in log, progress bar and TensorBoard).
+        overwrite: replace a run already in ``run_dir`` (kept until the new run's first
+            checkpoint, and put back if the new run fails before it).
+        max_sessions: stop after this many sessions (continue with :func:`resume`).
+
+    Returns:
+        The run: its folder, config, ``metrics.json`` content (None until every session is
+        learned) and ``load()`` for predictions.
+
+    Raises:
+        MlcilError: (``ConfigError``, ``DataError``, ``WeightsError``) naming the file, key or
+            value at fault; nothing of an earlier run is touched when a check fails.
+    """
+    _check_max_sessions(max_sessions)
+    resolved = resolve_config(config, overrides)
+    launch = start_run(resolved, run_dir, overwrite=overwrite, observers=observers)
+    return _finish(launch, max_sessions)
+
+
+def resume(
+    run_dir: str | Path,
+    overrides: Overrides = (),
+    observers: Sequence[Observer] = (),
+    *,
+    max_sessions: int | None = None,
+) -> TrainedRun:
+    """Continue a run from its newest checkpoint, as ``mlcil train --resume`` does.
+
+    Args:
+        run_dir: the run folder.
+        overrides: only settings that cannot change the results (``train.device``,
+            ``train.progress``, ``data.root``...).
+        observers: extra observers, as for :func:`train`.
+        max_sessions: stop after this many more sessions.
+    """
+    _check_max_sessions(max_sessions)
+    launch = resume_run(run_dir, _override_strings(overrides), observers=observers)
+    return _finish(launch, max_sessions)

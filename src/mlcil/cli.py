@@ -1,4 +1,5 @@
-"""Command line: ``mlcil train | eval | predict | data | list | compare | report``."""
+"""Command line: ``mlcil train | eval | predict | data | list | configs | compare | pretrain |
+report`` (also ``python -m mlcil``)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,17 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from mlcil.errors import MlcilError
 from mlcil.safety import finite_non_negative, positive_int, unit_interval
+from mlcil.version import __version__
 
 if TYPE_CHECKING:
     from mlcil.experiment import Experiment
     from mlcil.runs import Launch
 
 logger = logging.getLogger("mlcil.cli")
+
+# The console handler main() installs, if it installed one (a host that set up logging, such as
+# pytest, keeps its own handlers untouched).
+_console: logging.Handler | None = None
 
 
 def _split_overrides(values: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -37,6 +43,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"unexpected argument {extra_paths[0]!r}: overrides are key=value, configs go "
             "after --config"
         )
+    if args.print_config:
+        return _print_config(args, overrides)
+    if args.quiet:  # no progress bars either (a run-time setting: --resume accepts it)
+        overrides = ["train.progress=false", *overrides]
     launch = _resumed_launch(args, overrides) if args.resume else _new_launch(args, overrides)
     if launch is None:
         return 0
@@ -60,6 +70,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_config(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``--print-config``: the resolved config as YAML (what config.yaml would hold)."""
+    from mlcil.experiment import load_config
+
+    if args.resume or not args.config:
+        raise MlcilError(
+            "--print-config goes with --config (a run's resolved config is its config.yaml)"
+        )
+    print(load_config(args.config, overrides).to_yaml(), end="")
+    return 0
+
+
 def _new_launch(args: argparse.Namespace, overrides: list[str]) -> Launch | None:
     """A new run, ready to train; None after a dry run. Nothing of an earlier run is touched
     before config, data, image files, image size and weights are all checked."""
@@ -70,7 +92,10 @@ def _new_launch(args: argparse.Namespace, overrides: list[str]) -> Launch | None
     if args.add_session or args.test_manifest:
         raise MlcilError("--add-session and --test-manifest extend a finished run: use --resume")
     if not args.config:
-        raise MlcilError("mlcil train needs --config FILE (or --resume RUN_DIR)")
+        raise MlcilError(
+            "mlcil train needs --config FILE or NAME (`mlcil configs` lists the shipped ones), "
+            "or --resume RUN_DIR"
+        )
     config = load_config(args.config, overrides)
     runtime = make_runtime(config)
     if args.dry_run:
@@ -231,7 +256,12 @@ def cmd_export_digits(args: argparse.Namespace) -> int:
     from mlcil.data.export import export_digit_scenes
 
     written = export_digit_scenes(
-        args.output, classes=args.classes or (), train=args.train, test=args.test, seed=args.seed
+        args.output,
+        classes=args.classes or (),
+        train=args.train,
+        test=args.test,
+        seed=args.seed,
+        overwrite=args.overwrite,
     )
     for split, path in written.items():
         print(f"{split}: {path}")
@@ -273,35 +303,61 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     del args
     from mlcil.data import DATASETS
+    from mlcil.memory_policies import MEMORY_POLICIES
     from mlcil.methods import METHODS
     from mlcil.models import NETWORKS
 
+    # Plugins may register longer names than the built-in ones: the column fits them all.
+    width = max(10, *(len(name) for name in (*METHODS, *NETWORKS, *DATASETS)))
     print("methods:")
     for name, cls in sorted(METHODS.items()):
         summary = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
-        print(f"  {name:<10} {summary.splitlines()[0] if summary else ''}")
+        print(f"  {name:<{width}} {summary.splitlines()[0] if summary else ''}")
     print("networks:")
     for name, network in sorted(NETWORKS.items()):
         summary = (network.__doc__ or "").strip()
-        print(f"  {name:<10} {summary.splitlines()[0] if summary else ''}")
+        print(f"  {name:<{width}} {summary.splitlines()[0] if summary else ''}")
+    print("memory policies (memory.policy):")
+    for name, policy in sorted(MEMORY_POLICIES.items()):
+        summary = (policy.__doc__ or "").strip()
+        print(f"  {name:<{width}} {summary.splitlines()[0] if summary else ''}")
     print("datasets (published protocols):")
     for name, spec in DATASETS.items():
-        print(f"  {name:<10} {' '.join(spec.protocols)}")
+        print(f"  {name:<{width}} {' '.join(spec.protocols)}".rstrip())
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    del args
+    from mlcil.config.packaged import packaged_configs, packaged_root, summary
+
+    configs = packaged_configs()
+    if not configs:
+        raise MlcilError("no packaged configs found (this installation was built without them)")
+    print(f"shipped configs ({packaged_root()}); use one with: mlcil train --config NAME")
+    width = max(len(name) for name in configs)
+    for name, path in configs.items():
+        text = summary(path)
+        if len(text) > 90:
+            text = text[:87] + "..."
+        print(f"  {name:<{width}}  {text}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from mlcil.compare import run_comparison
+    from mlcil.compare import describe_plan, plan_comparison, run_comparison
 
-    paths = run_comparison(
-        args.configs,
-        seeds=args.seeds,
-        protocols=args.protocols,
-        base=args.base,
-        overrides=args.set,
-        output_dir=args.output,
-        jobs=args.jobs,
-    )
+    grid = {
+        "seeds": args.seeds,
+        "protocols": args.protocols,
+        "base": args.base,
+        "overrides": args.set,
+        "output_dir": args.output,
+    }
+    if args.dry_run:
+        print(describe_plan(plan_comparison(args.configs, **grid), args.output, args.jobs))
+        return 0
+    paths = run_comparison(args.configs, **grid, jobs=args.jobs, quiet=args.quiet)
     print(Path(paths["markdown"]).read_text())
     print(f"report: {paths['markdown']}")
     return 0
@@ -344,10 +400,15 @@ class _Parser(argparse.ArgumentParser):
 def _train_parser(commands: Any) -> None:
     train = commands.add_parser("train", help="run a protocol from a config")
     train.add_argument(
-        "--config", action="append", help="YAML config; repeat to stack (later wins)"
+        "--config",
+        action="append",
+        help="YAML file, or a shipped config's name (mlcil configs); repeat to stack (later wins)",
     )
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2")
     train.add_argument("--dry-run", action="store_true", help="print sessions, sizes and model")
+    train.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (YAML) and exit"
+    )
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
     train.add_argument("--run-dir", help="output folder (default <output_dir>/<run name>)")
     train.add_argument(
@@ -367,6 +428,7 @@ def _train_parser(commands: Any) -> None:
     train.add_argument(
         "--test-manifest", help="with --add-session: test images of the added session"
     )
+    _plugin_option(train)
     train.set_defaults(func=cmd_train)
 
 
@@ -382,6 +444,7 @@ def _predict_parser(commands: Any) -> None:
     predict.add_argument("--output", help="write the predictions to this CSV file")
     predict.add_argument("--batch-size", type=positive_int, default=32, help="images per batch")
     predict.add_argument("--device", help="cpu, cuda, cuda:1... (default: the run's)")
+    _plugin_option(predict)
     predict.set_defaults(func=cmd_predict)
 
 
@@ -396,6 +459,9 @@ def _data_parser(commands: Any) -> None:
     export.add_argument("--train", type=int, default=200, help="training scenes (0: none)")
     export.add_argument("--test", type=int, default=100, help="test scenes (0: none)")
     export.add_argument("--seed", type=int, default=1, help="random seed of the scenes")
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier export in --output"
+    )
     export.set_defaults(func=cmd_export_digits)
     cache = actions.add_parser(
         "cache",
@@ -403,6 +469,7 @@ def _data_parser(commands: Any) -> None:
     )
     cache.add_argument("--config", action="append", required=True, help="YAML config(s)")
     cache.add_argument("overrides", nargs="*", help="key=value overrides, e.g. root=/data/coco")
+    _plugin_option(cache)
     cache.set_defaults(func=cmd_cache)
     published = {
         "synth-coco": (82_783, 40_504, "COCO 2014"),
@@ -425,12 +492,31 @@ def _data_parser(commands: Any) -> None:
         synth.set_defaults(func=cmd_synthesize)
 
 
+_PLUGIN_HELP = (
+    "import this module (or .py file) first, so configs can name the methods, networks and "
+    "datasets it registers; repeatable (also: MLCIL_PLUGINS=mod1,mod2)"
+)
+
+
+def _plugin_option(parser: argparse.ArgumentParser) -> None:
+    # A dest apart from the top-level option's: a subcommand's default would replace its value.
+    parser.add_argument(
+        "--plugin", action="append", dest="command_plugins", metavar="MODULE", help=_PLUGIN_HELP
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mlcil", description="Multi-label class-incremental learning (KRT and baselines)."
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    parser.add_argument("--version", action="version", version=f"mlcil {__version__}")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="only warnings and results (no progress bars)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument(
+        "--plugin", action="append", dest="plugins", metavar="MODULE", help=_PLUGIN_HELP
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     _train_parser(commands)
 
@@ -439,15 +525,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--tolerance", type=finite_non_negative, default=1e-3, help="allowed mAP difference"
     )
+    _plugin_option(evaluate)
     evaluate.set_defaults(func=cmd_eval)
     _predict_parser(commands)
     _data_parser(commands)
 
     listing = commands.add_parser("list", help="methods, datasets and protocols")
+    _plugin_option(listing)
     listing.set_defaults(func=cmd_list)
 
+    configs = commands.add_parser("configs", help="the shipped configs, by name")
+    configs.set_defaults(func=cmd_configs)
+
+    _compare_parser(commands)
+    _pretrain_parser(commands)
+
+    report = commands.add_parser("report", help="markdown table and plot over finished runs")
+    report.add_argument("runs", nargs="+", help="run folders")
+    report.add_argument("--output", default="runs/report", help="where report.md goes")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def _compare_parser(commands: Any) -> None:
     compare = commands.add_parser("compare", help="run several configs (and seeds), then report")
-    compare.add_argument("configs", nargs="+", help="configs; 'a.yaml+b.yaml' stacks files")
+    compare.add_argument(
+        "configs", nargs="+", help="config files or shipped names; 'a.yaml+b.yaml' stacks them"
+    )
     compare.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run")
     compare.add_argument("--protocols", nargs="+", help="protocols to run each config with")
     compare.add_argument("--base", help="config stacked under every CONFIG")
@@ -456,8 +560,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--jobs", type=int, default=1, help="runs at once, each in its own single-thread process"
     )
+    compare.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (config x protocol x seed, run folders) and check it; train nothing",
+    )
+    _plugin_option(compare)
     compare.set_defaults(func=cmd_compare)
 
+
+def _pretrain_parser(commands: Any) -> None:
     pretrain = commands.add_parser(
         "pretrain", help="pretrain a config's backbone on glyph scenes (cached with provenance)"
     )
@@ -467,27 +579,47 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     pretrain.add_argument("--batch-size", type=int, help="batch size (default 32)")
     pretrain.add_argument("--seed", type=int, help="data and training seed (default 0)")
+    _plugin_option(pretrain)
     pretrain.set_defaults(func=cmd_pretrain)
-
-    report = commands.add_parser("report", help="markdown table and plot over finished runs")
-    report.add_argument("runs", nargs="+", help="run folders")
-    report.add_argument("--output", default="runs/report", help="where report.md goes")
-    report.set_defaults(func=cmd_report)
-    return parser
 
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _configure_logging(quiet: bool) -> None:
+    """Log lines on stderr: INFO and up, or with ``-q`` warnings and errors only.
+
+    The run's ``train.log`` raises the ``mlcil`` logger to INFO, and a record reaches every
+    handler above its logger whatever those loggers' levels, so ``-q`` sets the level of the
+    console handler itself (a root logger level alone would let every training line through).
+    """
+    global _console
+    level = logging.WARNING if quiet else logging.INFO
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+        )
+        _console = root.handlers[0]
+    if _console is not None and _console in root.handlers:
+        _console.setLevel(level)
+
+
+def _load_plugins(args: argparse.Namespace) -> None:
+    from mlcil.plugins import load_plugins, plugin_names
+
+    given = [*(args.plugins or []), *(getattr(args, "command_plugins", None) or [])]
+    load_plugins(plugin_names(given))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``mlcil`` command; returns the exit status (0 done, 1 internal error, 2 bad input or
+    a file error, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    _configure_logging(args.quiet)
     try:
+        _load_plugins(args)  # before any config is read: configs may name what they register
         return int(args.func(args))
     except KeyboardInterrupt:
         print("interrupted: the last finished session's checkpoint is kept", file=sys.stderr)

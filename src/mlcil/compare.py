@@ -1,15 +1,22 @@
 """``mlcil compare``: run several configurations over several seeds, then report.
 
-The grid is protocols x configurations x seeds. Each configuration is one YAML file, or several
-stacked with ``+`` (``a.yaml+b.yaml``), with an optional ``--base`` file stacked underneath every
-one. Runs land in ``<output>/runs/<run name>``;
+The grid is protocols x configurations x seeds. Each configuration is one YAML file (or a shipped
+config's name), or several stacked with ``+`` (``a.yaml+b.yaml``), with an optional ``--base``
+file stacked underneath every one. Runs land in ``<output>/runs/<run name>``;
 a run that already has ``metrics.json`` is reused and one with a checkpoint is resumed, so an
-interrupted comparison continues where it stopped.
+interrupted comparison continues where it stopped. A finished or resumable run is reused only if
+it was made with the same settings, run-time settings (device, progress bars, data root...)
+apart: those never change results (``mlcil.safety.RESUME_SAFE_KEYS``).
+
+:func:`plan_comparison` checks the whole grid and says what each run will do; ``mlcil compare
+--dry-run`` prints that plan (:func:`describe_plan`) and trains nothing.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import json
 import logging
 import multiprocessing
 from collections.abc import Sequence
@@ -21,23 +28,47 @@ from mlcil.config import RunConfig, flatten
 from mlcil.engine.checkpoint import latest_checkpoint
 from mlcil.errors import ConfigError, MlcilError
 from mlcil.experiment import Experiment, build_config, load_config
+from mlcil.plugins import load_plugins, loaded_plugins
 from mlcil.report import write_report
 from mlcil.rundir import RunDir
 from mlcil.runs import resume_run, start_run
+from mlcil.safety import RESUME_SAFE_KEYS
 
 logger = logging.getLogger(__name__)
 
 
-def run_comparison(
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    """One run of a comparison grid.
+
+    Attributes:
+        spec: the configuration as given (``a.yaml+b.yaml``).
+        config: its resolved config (seed and protocol of this cell applied).
+        run_dir: where the run lands.
+        status: ``"new"``, ``"resume"`` (a checkpoint is there) or ``"finished"`` (its
+            ``metrics.json`` is there: reused, not trained again).
+    """
+
+    spec: str
+    config: RunConfig
+    run_dir: Path
+    status: str
+
+
+def plan_comparison(
     configs: Sequence[str],
     seeds: Sequence[int] | None = None,
     protocols: Sequence[str] | None = None,
     base: str | None = None,
     overrides: Sequence[str] = (),
     output_dir: str | Path = "runs/compare",
-    jobs: int = 1,
-) -> dict[str, Path]:
-    """Run every (protocol, config, seed) that has no result yet and write the report."""
+) -> list[PlannedRun]:
+    """Every (seed, protocol, config) of the grid, checked before anything is trained: configs,
+    data, protocols and sessions, and any earlier run in a run folder (same settings).
+
+    Raises:
+        MlcilError: the first problem of any run, naming its configuration, seed and protocol.
+    """
     output_dir = Path(output_dir)
     plans = []
     # Seeds outermost: an interrupted comparison still holds complete tables for the first seeds.
@@ -51,47 +82,122 @@ def run_comparison(
                 config = load_config(files, [*overrides, *extra])  # validate all up front
                 plans.append((spec, config))
     _check_plans(plans, output_dir)  # every problem is found before any training starts
-    run_dirs = [output_dir / "runs" / config.run_name for _, config in plans]
-    todo = []
-    for position, (run_dir, (spec, config)) in enumerate(zip(run_dirs, plans, strict=True), 1):
+    planned = []
+    for spec, config in plans:
+        run_dir = output_dir / "runs" / config.run_name
         if RunDir(run_dir).metrics_file.is_file():
-            logger.info("[%d/%d] %s: already finished", position, len(plans), run_dir)
+            status = "finished"
+        else:
+            status = "resume" if latest_checkpoint(run_dir) is not None else "new"
+        planned.append(PlannedRun(spec, config, run_dir, status))
+    return planned
+
+
+def describe_plan(plan: Sequence[PlannedRun], output_dir: str | Path, jobs: int = 1) -> str:
+    """The plan as ``mlcil compare --dry-run`` prints it: one line per run, then the totals."""
+    specs = {run.spec for run in plan}
+    seeds = {run.config.seed for run in plan}
+    protocols = {run.config.protocol for run in plan}
+    grid = " x ".join(
+        _count(len(values), noun)
+        for values, noun in ((specs, "config"), (protocols, "protocol"), (seeds, "seed"))
+    )
+    lines = [f"plan: {_count(len(plan), 'run')} = {grid}, into {Path(output_dir) / 'runs'}"]
+    width = max((len(run.spec) for run in plan), default=0)
+    notes = {"new": "new", "resume": "resume from its checkpoint", "finished": "finished: reused"}
+    for position, run in enumerate(plan, 1):
+        lines.append(
+            f"  [{position}/{len(plan)}] {run.spec:<{width}}  {run.config.protocol:<8} seed "
+            f"{run.config.seed:<5} -> {run.run_dir}  ({notes[run.status]})"
+        )
+    todo = sum(run.status != "finished" for run in plan)
+    at_once = f", {jobs} at a time" if jobs > 1 else ""
+    lines.append(
+        f"{todo} to train{at_once}; the report goes to {output_dir} (dry run: nothing run)"
+    )
+    return "\n".join(lines)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def run_comparison(
+    configs: Sequence[str],
+    seeds: Sequence[int] | None = None,
+    protocols: Sequence[str] | None = None,
+    base: str | None = None,
+    overrides: Sequence[str] = (),
+    output_dir: str | Path = "runs/compare",
+    jobs: int = 1,
+    quiet: bool = False,
+) -> dict[str, Path]:
+    """Run every (protocol, config, seed) that has no result yet and write the report.
+
+    Args:
+        quiet: no progress bars (a run-time setting; runs made with and without them are the
+            same run).
+    """
+    plan = plan_comparison(configs, seeds, protocols, base, overrides, output_dir)
+    todo = []
+    for position, run in enumerate(plan, 1):
+        if run.status == "finished":
+            logger.info("[%d/%d] %s: already finished", position, len(plan), run.run_dir)
             continue
-        resume = latest_checkpoint(run_dir) is not None
         logger.info(
             "[%d/%d] %s %s seed %d -> %s%s",
             position,
-            len(plans),
-            spec,
-            config.protocol,
-            config.seed,
-            run_dir,
-            " (resuming)" if resume else "",
+            len(plan),
+            run.spec,
+            run.config.protocol,
+            run.config.seed,
+            run.run_dir,
+            " (resuming)" if run.status == "resume" else "",
         )
-        todo.append((config.to_dict(), str(run_dir), resume))
+        config = run.config.to_dict()
+        if quiet:
+            config["train"]["progress"] = False
+        todo.append((config, str(run.run_dir), run.status == "resume"))
     _execute(todo, jobs)
-    return write_report(run_dirs, output_dir)
+    return write_report([run.run_dir for run in plan], Path(output_dir))
 
 
 def _run_one(config: dict, run_dir: str, resume: bool) -> None:
-    launch = resume_run(run_dir) if resume else start_run(build_config(config), run_dir)
+    if resume:
+        # The run keeps its settings; where and how it computes are this comparison's.
+        launch = resume_run(run_dir, _run_time_overrides(config))
+    else:
+        launch = start_run(build_config(config), run_dir)
     launch.run()
 
 
-def _one_thread() -> None:
+def _run_time_overrides(config: dict) -> list[str]:
+    """``key=value`` overrides of the settings that never change results (device, progress...)."""
+    settings = flatten(config)
+    return [
+        f"{key}={json.dumps(settings[key])}" for key in sorted(RESUME_SAFE_KEYS) if key in settings
+    ]
+
+
+def _start_worker(plugins: Sequence[str]) -> None:
     # Parallel jobs share the cores: one thread each avoids oversubscription (the thread count
     # changes float reduction order, so say so when comparing with a multi-threaded run).
     torch.set_num_threads(1)
+    # A fresh process knows only the built-in methods, networks and datasets: the configs may
+    # name ones that this process's plugins registered.
+    load_plugins(plugins)
 
 
 def _execute(todo: Sequence[tuple[dict, str, bool]], jobs: int) -> None:
     """Run the planned trainings, ``jobs`` at a time in fresh processes (1: in this one)."""
     if jobs <= 1:
-        for config, run_dir, resume in todo:
-            _run_one(config, run_dir, resume)
+        for job in todo:
+            _run_one(*job)
         return
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    with concurrent.futures.ProcessPoolExecutor(jobs, context, initializer=_one_thread) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        jobs, context, initializer=_start_worker, initargs=(loaded_plugins(),)
+    ) as pool:
         futures = [pool.submit(_run_one, *job) for job in todo]
         for future in concurrent.futures.as_completed(futures):
             future.result()  # re-raise the first failure here
@@ -135,7 +241,11 @@ def _check_same_config(run_dir: Path, config: RunConfig) -> None:
     """Refuse to reuse or resume a run that was made with other settings."""
     saved = flatten(load_config(RunDir(run_dir).config_file).to_dict())
     planned = flatten(config.to_dict())
-    differences = sorted(k for k in saved.keys() | planned.keys() if saved.get(k) != planned.get(k))
+    differences = sorted(
+        key
+        for key in saved.keys() | planned.keys()
+        if saved.get(key) != planned.get(key) and key not in RESUME_SAFE_KEYS
+    )
     if differences:
         key = differences[0]
         raise ConfigError(

@@ -1,9 +1,11 @@
 """Exemplar memory: which training images are kept for rehearsal in later sessions.
 
-Herding (iCaRL, Rebuffi et al. 2017) picks, for one class, the images whose feature mean best
-approximates the class mean. ``ExemplarMemory`` keeps the picks as plain data (positions into the
-training source, image references and label lists) and saves them as JSON: never pickled dataset
-objects (docs/method.md, memory).
+A memory policy (:mod:`mlcil.memory_policies`, ``memory.policy``; herding by default: iCaRL,
+Rebuffi et al. 2017) picks, for each new class, the images to keep. ``ExemplarMemory`` keeps the
+picks as plain data (positions into the training source, image references and label lists) and
+saves them as JSON: never pickled dataset objects (docs/method.md, memory). A method may store a
+row of numbers with each exemplar when it is stored (DER++'s logits): kept as float lists here,
+saved as safetensors next to the JSON (:meth:`ExemplarMemory.data_tensors`).
 """
 
 from __future__ import annotations
@@ -19,69 +21,12 @@ import numpy as np
 import torch
 
 from mlcil.errors import DataError, MlcilError
+from mlcil.memory_policies import Candidates, MemoryPolicy, get_policy, herding
 from mlcil.protocol import Session
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExemplarMemory", "herding"]
-
-
-def herding(features: np.ndarray | torch.Tensor, m: int) -> list[int]:
-    """iCaRL herding: greedily pick ``m`` rows whose running mean tracks the class mean.
-
-    Rows are first L2-normalised (all-zero rows stay zero) and ``mu`` is the mean of the
-    normalised rows. At step ``k`` (1-based) the row ``i`` not yet picked that minimises
-    ``|| mu - (sum_picked + f_i) / k ||`` (Euclidean) is picked. Exact distance ties go to the
-    smallest index, so the result is deterministic.
-
-    Computation is in float64; each step is one matrix-vector product, ``O(N * D)``, so the
-    whole selection is ``O(m * N * D)`` with no Python loop over the rows.
-
-    Args:
-        features: ``(N, D)`` features of one class's images (numpy array or torch tensor on any
-            device).
-        m: number of exemplars wanted.
-
-    Returns:
-        Row indices in selection order, ``min(m, N)`` of them (``[]`` when ``m <= 0``).
-
-    Raises:
-        MlcilError: when ``features`` is not 2-D or holds NaN or infinite values.
-    """
-    if isinstance(features, torch.Tensor):
-        f = features.detach().to(device="cpu", dtype=torch.float64).numpy()
-    else:
-        f = np.asarray(features, dtype=np.float64)
-    if f.ndim != 2:
-        raise MlcilError(f"herding features must have shape (N, D), got {f.shape}")
-    if not np.isfinite(f).all():
-        raise MlcilError("herding features contain NaN or infinite values")
-    num_rows = f.shape[0]
-    count = min(m, num_rows)
-    if count <= 0:
-        return []
-
-    norms = np.linalg.norm(f, axis=1, keepdims=True)  # (N, 1)
-    f = np.divide(f, norms, out=np.zeros_like(f), where=norms > 0)  # (N, D)
-    mu = f.mean(axis=0)  # (D,)
-    sq_norms = np.einsum("nd,nd->n", f, f)  # (N,)
-
-    picked: list[int] = []
-    available = np.ones(num_rows, dtype=bool)
-    running_sum = np.zeros_like(mu)  # (D,)
-    for k in range(1, count + 1):
-        # || a - f_i / k ||^2 with a = mu - S / k expands to ||a||^2 - 2 a.f_i / k
-        # + ||f_i||^2 / k^2; dropping the constant and scaling by k leaves the same argmin and
-        # avoids building an (N, D) temporary per step.
-        residual = mu - running_sum / k  # (D,)
-        cost = sq_norms / k - 2.0 * (f @ residual)  # (N,)
-        cost[~available] = np.inf
-        best = int(np.argmin(cost))  # argmin returns the first (smallest) index on ties
-        picked.append(best)
-        available[best] = False
-        running_sum += f[best]
-    logger.debug("herding picked %d of %d rows", len(picked), num_rows)
-    return picked
+__all__ = ["ExemplarMemory", "herding"]  # herding: re-exported where it always was
 
 
 MEMORY_FORMAT = "mlcil-exemplar-memory"
@@ -89,20 +34,25 @@ MEMORY_FORMAT = "mlcil-exemplar-memory"
 
 @dataclasses.dataclass
 class ExemplarMemory:
-    """The replay memory: herded exemplars of every class seen so far.
+    """The replay memory: the exemplars of every class seen so far (herded by default).
 
     Attributes:
         per_class: m, exemplars selected per class (growing memory).
         total: a fixed total budget instead; each class then keeps its first
-            ``total // seen classes`` picks, re-trimmed after every session.
+            ``total // seen classes`` picks (its policy's share of them: PRS), re-trimmed after
+            every session.
         label_mode: ``"strict"``: an exemplar keeps the labels known when it was stored (the
             labels of the session(s) that selected it); ``"official"``: the released code's
             behaviour, which re-reads the ground truth of every class from the exemplar's
             session up to the current one, future classes included.
-        selections: class -> source positions in herding order.
+        selections: class -> source positions in the policy's priority order.
         labels: source position -> class indices known when stored.
         sessions: source position -> index of the session that first stored it.
         image_refs: source position -> image reference (checked against the data on load).
+        class_counts: class -> its images in the session that learned it (``n_c``), recorded
+            for policies whose slots depend on it (PRS).
+        data: source position -> the row a method stored with the exemplar (DER++'s logits
+            over the classes seen when it was stored); none for most methods.
     """
 
     per_class: int = 0
@@ -112,6 +62,8 @@ class ExemplarMemory:
     labels: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     sessions: dict[int, int] = dataclasses.field(default_factory=dict)
     image_refs: dict[int, str] = dataclasses.field(default_factory=dict)
+    class_counts: dict[int, int] = dataclasses.field(default_factory=dict)
+    data: dict[int, list[float]] = dataclasses.field(default_factory=dict)
 
     @property
     def enabled(self) -> bool:
@@ -134,34 +86,45 @@ class ExemplarMemory:
         self,
         session: Session,
         session_indices: np.ndarray,
-        features: np.ndarray | torch.Tensor,
+        features: np.ndarray | torch.Tensor | None,
         source_labels: np.ndarray,
         image_refs: Sequence[str],
+        policy: MemoryPolicy | None = None,
+        seed: int = 0,
     ) -> None:
-        """Herd exemplars of the session's new classes from its own training images.
+        """Select exemplars of the session's new classes from its own training images.
 
         Args:
             session: the session that just ended.
             session_indices: ``(n,)`` source positions of the session's training images
                 (exemplars of earlier sessions excluded).
-            features: ``(n, F)`` pooled backbone features of those images, without augmentation.
+            features: ``(n, F)`` pooled backbone features of those images, without augmentation
+                (None for a policy that needs none).
             source_labels: ``(N, C)`` label matrix of the training source.
             image_refs: the training source's image references.
+            policy: the memory policy; default herding.
+            seed: the seed of the policy's randomness (random sampling, tie-breaks).
         """
         if not self.enabled:
             return
+        policy = policy or get_policy("herding")
         session_indices = np.asarray(session_indices, dtype=np.int64)
-        features = (
-            features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else features
-        )
-        if len(features) != len(session_indices):
+        if isinstance(features, torch.Tensor):
+            features = features.detach().cpu().numpy()
+        if features is not None and len(features) != len(session_indices):
             raise MlcilError(
                 f"memory update: {len(features)} feature rows for {len(session_indices)} images"
             )
+        new_classes = list(session.new_classes)
+        labels = source_labels[session_indices][:, new_classes]
+        counts = [int(n) for n in labels.astype(bool).sum(axis=0)]
+        if policy.needs_class_counts:
+            self.class_counts.update(zip(new_classes, counts, strict=True))
         quota = self.quota(session.num_seen)
-        for class_index in session.new_classes:
-            rows = np.flatnonzero(source_labels[session_indices, class_index])
-            picks = [int(session_indices[rows[i]]) for i in herding(features[rows], quota)]
+        slots = policy.slots(counts, quota)
+        rows = policy.select(Candidates(labels, features, slots, seed))
+        for class_index, class_rows in zip(new_classes, rows, strict=True):
+            picks = [int(session_indices[r]) for r in class_rows]
             self.selections[class_index] = picks
             for position in picks:
                 known = self.labels.setdefault(position, [])
@@ -171,21 +134,76 @@ class ExemplarMemory:
                 self.labels[position] = sorted(set(known) | set(own))
                 self.sessions.setdefault(position, session.index)
                 self.image_refs[position] = image_refs[position]
-        self._trim(session.num_seen)
+        self._trim(session.num_seen, policy)
         logger.info(
-            "memory after session %d: %d images (%d per class)", session.index, len(self), quota
+            "memory after session %d: %d images (%d per class, %s)",
+            session.index,
+            len(self),
+            quota,
+            policy.name,
         )
 
-    def _trim(self, num_seen_classes: int) -> None:
-        """Fixed budget: keep each class's first ``quota`` picks and drop unreferenced images."""
+    def _trim(self, num_seen_classes: int, policy: MemoryPolicy) -> None:
+        """Fixed budget: keep each class's first slots of picks and drop unreferenced images."""
         if self.total is None:
             return
         quota = self.quota(num_seen_classes)
-        self.selections = {c: picks[:quota] for c, picks in self.selections.items()}
+        classes = list(self.selections)
+        counts = [self.class_counts.get(c, 0) for c in classes]
+        slots = dict(zip(classes, policy.slots(counts, quota), strict=True))
+        self.selections = {c: picks[: slots[c]] for c, picks in self.selections.items()}
         kept = {p for picks in self.selections.values() for p in picks}
-        for store in (self.labels, self.sessions, self.image_refs):
+        for store in (self.labels, self.sessions, self.image_refs, self.data):
             for position in [p for p in store if p not in kept]:
                 del store[position]
+
+    # --- per-exemplar data (a method's row stored with each exemplar) -----------------------
+
+    def positions_without_data(self) -> np.ndarray:
+        """Sorted positions of the stored images that have no data row yet."""
+        return np.array([p for p in sorted(self.labels) if p not in self.data], dtype=np.int64)
+
+    def set_data(self, positions: np.ndarray, rows: np.ndarray) -> None:
+        """Store one data row per position (float32 values, kept exactly)."""
+        rows = np.asarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or len(rows) != len(positions):
+            raise MlcilError(
+                f"exemplar data: {rows.shape} rows for {len(positions)} exemplars, expected "
+                "one row each"
+            )
+        for position, row in zip(positions, rows, strict=True):
+            if int(position) not in self.labels:
+                raise MlcilError(f"exemplar data for position {int(position)}, not in memory")
+            self.data[int(position)] = [float(v) for v in row]
+
+    def data_matrix(self, positions: np.ndarray) -> np.ndarray | None:
+        """``(n, E)`` float32 rows of ``positions``, NaN where a row is shorter than the widest
+        (or missing); None when no exemplar has data."""
+        if not self.data:
+            return None
+        width = max(len(row) for row in self.data.values())
+        matrix = np.full((len(positions), width), np.nan, dtype=np.float32)
+        for index, position in enumerate(positions):
+            row = self.data.get(int(position))
+            if row is not None:
+                matrix[index, : len(row)] = row
+        return matrix
+
+    def data_tensors(self) -> dict[str, torch.Tensor]:
+        """The data rows as float32 tensors named by position (for a safetensors file)."""
+        return {
+            str(position): torch.tensor(row, dtype=torch.float32)
+            for position, row in sorted(self.data.items())
+        }
+
+    def load_data_tensors(self, tensors: dict[str, torch.Tensor], where: str = "memory") -> None:
+        """The inverse of :meth:`data_tensors` (every position must be a stored exemplar)."""
+        data: dict[int, list[float]] = {}
+        for name, tensor in tensors.items():
+            if not name.isdigit() or int(name) not in self.labels or tensor.ndim != 1:
+                raise DataError(f"{where}: {name!r} is no exemplar's data row of this memory")
+            data[int(name)] = [float(v) for v in tensor.to(torch.float32).tolist()]
+        self.data = data
 
     def targets(
         self, source_labels: np.ndarray, current: Session, all_sessions: Sequence[Session]
@@ -205,7 +223,9 @@ class ExemplarMemory:
     # --- plain-data persistence -------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The plain-data form saved as JSON (the per-exemplar data rows apart: see
+        :meth:`data_tensors`)."""
+        result: dict[str, Any] = {
             "format": MEMORY_FORMAT,
             "version": 1,
             "per_class": self.per_class,
@@ -222,6 +242,9 @@ class ExemplarMemory:
             ],
             "selections": {str(c): picks for c, picks in sorted(self.selections.items())},
         }
+        if self.class_counts:  # only where used: a herding memory's file is what it always was
+            result["class_counts"] = {str(c): n for c, n in sorted(self.class_counts.items())}
+        return result
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "memory") -> ExemplarMemory:
@@ -241,6 +264,8 @@ class ExemplarMemory:
             memory.selections = {
                 int(c): [int(p) for p in picks] for c, picks in data["selections"].items()
             }
+            counts = data.get("class_counts", {})
+            memory.class_counts = {int(c): int(n) for c, n in counts.items()}
         except (KeyError, TypeError, ValueError) as error:
             raise DataError(f"{where}: malformed exemplar memory: {error!r}") from error
         return memory

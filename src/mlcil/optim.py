@@ -26,9 +26,12 @@ def decay_groups(parameters: Iterable[nn.Parameter]) -> list[dict[str, Any]]:
 
 
 def one_cycle(
-    optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int, pct_start: float
+    optimizer: torch.optim.Optimizer,
+    max_lr: float | list[float],
+    total_steps: int,
+    pct_start: float,
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """OneCycle per session, stepped every batch.
+    """OneCycle per session, stepped every batch (``max_lr``: one peak, or one per group).
 
     OneCycle needs a warm-up of at least two steps; a session too short for that (tiny data or
     a test run) trains at the constant ``max_lr`` instead of failing.

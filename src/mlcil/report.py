@@ -8,6 +8,9 @@ that shows *why* one method ends above another: old classes kept or new classes 
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import json
 import math
 import statistics
@@ -16,9 +19,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mlcil.errors import ConfigError
 from mlcil.fileio import write_text_atomic
-from mlcil.results import plot_sessions
+from mlcil.metrics import (
+    backward_transfer,
+    forgetting_per_class,
+    forward_transfer,
+    task_means,
+    transfer_matrix,
+)
+from mlcil.results import plot_sessions, pyplot, set_percent_range
 from mlcil.rundir import RunDir
 
 METRIC_COLUMNS = (
@@ -395,8 +407,379 @@ def mean_curves(label_runs: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
     return curves
 
 
+# --- transfer, per-class views and the HTML page ------------------------------------------
+
+REFERENCE_METHOD = "joint"  # forward transfer is measured against joint training (FWT below)
+
+
+def task_matrix(metrics: dict[str, Any]) -> np.ndarray | None:
+    """The run's task matrix (:func:`mlcil.metrics.transfer_matrix`), or None when its
+    sessions do not record per-class APs."""
+    sessions = metrics["sessions"]
+    if not all(isinstance(s.get("ap"), dict) and s.get("classes") for s in sessions):
+        return None
+    return transfer_matrix([s["ap"] for s in sessions], [s["classes"] for s in sessions])
+
+
+def reference_aps(label_runs: dict[str, list[dict]]) -> dict[str, float] | None:
+    """Per class, the AP of the group's joint-training runs at their end (mean over seeds), the
+    reference of forward transfer; None without a joint run that records per-class APs."""
+    tables = [
+        run["sessions"][-1]["ap"]
+        for runs in label_runs.values()
+        for run in runs
+        if run["method"] == REFERENCE_METHOD and isinstance(run["sessions"][-1].get("ap"), dict)
+    ]
+    if not tables:
+        return None
+    shared = set.intersection(*(set(table) for table in tables))
+    return {name: statistics.fmean(table[name] for table in tables) for name in shared}
+
+
+def transfer_rows(label_runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    """Per label, ``(mean, std)`` over seeds of BWT and of FWT against the group's joint runs
+    (``(None, None)`` where not defined: one session, no per-class APs, no joint run)."""
+    reference = reference_aps(label_runs)
+    rows = []
+    for label, runs in label_runs.items():
+        backward: list[float | None] = []
+        forward: list[float | None] = []
+        for run in runs:
+            matrix = task_matrix(run)
+            if matrix is None:
+                continue
+            backward.append(backward_transfer(matrix))
+            classes = [session["classes"] for session in run["sessions"]]
+            if reference is not None and all(c in reference for cs in classes for c in cs):
+                forward.append(forward_transfer(matrix, task_means(reference, classes)))
+        rows.append({"label": label, "BWT": mean_std(backward), "FWT": mean_std(forward)})
+    return rows
+
+
+def transfer_markdown(runs: Sequence[dict[str, Any]]) -> str:
+    """Per (dataset, protocol), backward and forward transfer per label, in mAP points
+    (definitions: :mod:`mlcil.metrics.transfer`)."""
+    sections = []
+    for (dataset, protocol), label_runs in group_runs(runs).items():
+        rows = transfer_rows(label_runs)
+        if all(row["BWT"][0] is None for row in rows):
+            continue
+        lines = [
+            f"### {dataset} {protocol}: backward / forward transfer (mAP points)",
+            "",
+            "| method | BWT | FWT (vs joint) |",
+            "|---|---|---|",
+        ]
+        for row in rows:
+            seeds = len(label_runs[row["label"]])
+            cells = [_format(row[key][0], row[key][1], seeds) for key in ("BWT", "FWT")]
+            lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) + "\n" if sections else ""
+
+
+def class_ap_table(runs: Sequence[dict[str, Any]]) -> tuple[list[str], np.ndarray] | None:
+    """Per class (in order of arrival) and session, the AP averaged over ``runs``; NaN before
+    the class's session. None when the runs record no per-class APs."""
+    if any(not isinstance(s.get("ap"), dict) for r in runs for s in r["sessions"]):
+        return None
+    longest = max(runs, key=lambda r: len(r["sessions"]))
+    classes = list(longest["sessions"][-1]["ap"])  # JSON keeps the order the classes came in
+    row = {name: i for i, name in enumerate(classes)}
+    total = np.zeros((len(classes), len(longest["sessions"])))
+    count = np.zeros_like(total)
+    for run in runs:
+        for t, session in enumerate(run["sessions"]):
+            for name, ap in session["ap"].items():
+                if name in row and ap is not None:
+                    total[row[name], t] += ap
+                    count[row[name], t] += 1
+    return classes, np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def class_forgetting(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per class seen before a run's last session, its forgetting in AP points
+    (:func:`mlcil.metrics.forgetting_per_class`) averaged over the ``runs`` that measured it,
+    in order of arrival; empty without per-class APs or a second session."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for run in runs:
+        sessions = run["sessions"]
+        if len(sessions) < 2 or any(not isinstance(s.get("ap"), dict) for s in sessions):
+            continue
+        history = [[ap / 100.0 for ap in s["ap"].values()] for s in sessions]
+        for name, value in zip(sessions[-2]["ap"], forgetting_per_class(history), strict=True):
+            values[name].append(100.0 * float(value))
+    return {name: statistics.fmean(found) for name, found in values.items()}
+
+
+def _label_series(
+    runs: Sequence[dict[str, Any]], key: str, first: int = 0
+) -> tuple[list, list, list]:
+    """Classes seen, mean and std over ``runs`` of session field ``key`` from session
+    ``first`` on (None skipped)."""
+    longest = max(runs, key=lambda r: len(r["sessions"]))
+    seen, means, stds = [], [], []
+    for position, entry in enumerate(longest["sessions"][first:], first):
+        found = [r["sessions"][position].get(key) for r in runs if position < len(r["sessions"])]
+        mean, std = mean_std(found)
+        if mean is not None:
+            seen.append(entry["num_seen"])
+            means.append(mean)
+            stds.append(std or 0.0)
+    return seen, means, stds
+
+
+def curves_figure(label_runs: dict[str, list[dict]], title: str) -> Any:
+    """Seen mAP after each session, one curve per label (mean over seeds, a band of +- one
+    standard deviation when there are several)."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(7.0, 4.4), dpi=110, layout="constrained")
+    values: list[float] = []
+    for index, (label, runs) in enumerate(label_runs.items()):
+        seen, means, stds = _label_series(runs, "seen_map")
+        color = f"C{index % 10}"
+        axis.plot(seen, means, marker="o", color=color, label=f"{label} ({len(runs)} seeds)")
+        if len(runs) > 1:
+            low = [m - s for m, s in zip(means, stds, strict=True)]
+            high = [m + s for m, s in zip(means, stds, strict=True)]
+            axis.fill_between(seen, low, high, color=color, alpha=0.15, linewidth=0)
+            values += low + high
+        values += means
+    _session_axes(axis, values, label_runs, "seen mAP (%)")
+    axis.set_title(title)
+    figure.legend(loc="outside lower center", ncol=min(len(label_runs), 3), fontsize=8)
+    return figure
+
+
+def _session_axes(axis: Any, values: list[float], label_runs: dict, ylabel: str) -> None:
+    set_percent_range(axis, values)
+    seen = {s["num_seen"] for runs in label_runs.values() for r in runs for s in r["sessions"]}
+    axis.set_xticks(sorted(seen))
+    axis.set_xlabel("classes seen")
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+
+
+def base_new_figure(label_runs: dict[str, list[dict]], title: str) -> Any | None:
+    """Two panels: the base classes' mAP after each session, and each later session's new
+    classes' mAP (means over seeds). Single-session runs (joint training) have neither and are
+    left out. None when no run measured a later session's classes."""
+    colors = {label: f"C{index % 10}" for index, label in enumerate(label_runs)}  # as elsewhere
+    incremental = {
+        label: runs
+        for label, runs in label_runs.items()
+        if any(len(run["sessions"]) > 1 for run in runs)
+    }
+    panels = (("base_map", 0, "base"), ("new_map", 1, "new"))
+    series = {
+        key: {label: _label_series(runs, key, first) for label, runs in incremental.items()}
+        for key, first, _ in panels
+    }
+    if not any(means for _, means, _ in series["new_map"].values()):
+        return None
+    plt = pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(10.0, 4.2), dpi=110, layout="constrained")
+    for axis, (key, _, name) in zip(axes, panels, strict=True):
+        values: list[float] = []
+        for label, (seen, means, _) in series[key].items():
+            axis.plot(seen, means, marker="o", color=colors[label], label=label, clip_on=False)
+            values += means
+        _session_axes(axis, values or [0.0, 100.0], incremental, f"{name} classes' mAP (%)")
+        axis.set_title(f"{name} classes")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4))
+    figure.suptitle(title)
+    return figure
+
+
+def heatmap_figure(classes: list[str], table: np.ndarray, title: str, scale: tuple) -> Any:
+    """Per-class AP (rows, in order of arrival) after each session (columns); grey before a
+    class's session; values written in the cells when they fit."""
+    plt = pyplot()
+    height = min(2.0 + 0.22 * len(classes), 24.0)
+    width = min(3.0 + 0.9 * table.shape[1], 14.0)
+    figure, axis = plt.subplots(figsize=(width, height), dpi=100, layout="constrained")
+    colors = plt.get_cmap("viridis").with_extremes(bad="#dddddd")  # grey: not seen yet
+    image = axis.imshow(
+        np.ma.masked_invalid(table), aspect="auto", cmap=colors, vmin=scale[0], vmax=scale[1]
+    )
+    axis.set_xticks(range(table.shape[1]), [str(t) for t in range(table.shape[1])])
+    axis.set_yticks(range(len(classes)), classes, fontsize=8 if len(classes) <= 40 else 6)
+    axis.set_xlabel("after session")
+    axis.set_ylabel("class (in order of arrival)")
+    if table.size <= 200:
+        middle = (scale[0] + scale[1]) / 2
+        for (row, column), value in np.ndenumerate(table):
+            if not np.isnan(value):
+                shade = "black" if value > middle else "white"
+                text = f"{value:.0f}"
+                axis.text(column, row, text, ha="center", va="center", color=shade, fontsize=7)
+    figure.colorbar(image, ax=axis, label="AP (%)")
+    axis.set_title(title)
+    return figure
+
+
+def forgetting_figure(per_label: dict[str, dict[str, float]], title: str) -> Any | None:
+    """Forgetting per class (AP points: best before the last session minus the last), one bar
+    per label; None when no label measured any."""
+    per_label = {label: values for label, values in per_label.items() if values}
+    if not per_label:
+        return None
+    classes = list(dict.fromkeys(name for values in per_label.values() for name in values))
+    plt = pyplot()
+    width = min(max(6.4, 0.18 * len(classes) * len(per_label) + 2.0), 24.0)
+    figure, axis = plt.subplots(figsize=(width, 4.2), dpi=100, layout="constrained")
+    bar = 0.8 / len(per_label)
+    for index, (label, values) in enumerate(per_label.items()):
+        heights = [values.get(name, np.nan) for name in classes]
+        offsets = [i + (index - (len(per_label) - 1) / 2) * bar for i in range(len(classes))]
+        axis.bar(offsets, heights, width=bar, color=f"C{index % 10}", label=label)
+    axis.axhline(0.0, color="black", linewidth=0.8)
+    axis.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 12 else 0)
+    axis.set_xlabel("class (in order of arrival)")
+    axis.set_ylabel("forgetting (AP points)")
+    axis.grid(alpha=0.3, axis="y")
+    axis.set_title(title)
+    figure.legend(loc="outside lower center", ncol=min(len(per_label), 4), fontsize=8)
+    return figure
+
+
+def embedded_png(figure: Any, alt: str) -> str:
+    """``figure`` as an ``<img>`` holding its PNG (base64): the page needs no other file."""
+    buffer = io.BytesIO()
+    try:
+        figure.savefig(buffer, format="png")
+    finally:
+        pyplot().close(figure)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def markdown_html(markdown: str) -> str:
+    """The report's own markdown (``###`` titles, pipe tables, paragraphs) as HTML."""
+    parts: list[str] = []
+    table: list[list[str]] = []
+
+    def close_table() -> None:
+        if table:
+            head, *body = table
+            rows = [f"<tr>{''.join(f'<th>{c}</th>' for c in head)}</tr>"]
+            rows += [f"<tr>{''.join(f'<td>{c}</td>' for c in row)}</tr>" for row in body]
+            parts.append(f"<table>{''.join(rows)}</table>")
+            table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [html.escape(c.strip()) for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= {"-", ":"} and c for c in cells):  # skip the |---| rule
+                table.append(cells)
+            continue
+        close_table()
+        if line.startswith("### "):
+            parts.append(f"<h3>{html.escape(line[4:])}</h3>")
+        elif line.strip() and not line.startswith("!["):
+            parts.append(f"<p>{html.escape(line)}</p>")
+    close_table()
+    return "\n".join(parts)
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1150px; color: #222;
+       padding: 0 1rem; }
+h2 { border-bottom: 2px solid #444; margin-top: 2.5rem; }
+table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.9rem; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+img { max-width: 100%; height: auto; display: block; margin: 0.5rem 0 1.5rem; }
+.note { color: #555; font-size: 0.9rem; max-width: 60rem; }
+"""
+
+TRANSFER_NOTE = (
+    "BWT: the mean over earlier sessions of (mAP of the session's classes after the last "
+    "session) minus (their mAP right after their own session); negative means forgetting. "
+    "FWT: the mean over sessions after the first of (mAP of the new classes right after their "
+    "session) minus (the joint-training runs' mAP over the same classes, every class learned at "
+    "once); it needs a joint run among the reported ones. Each session weighs the same; "
+    "definitions in mlcil.metrics.transfer."
+)
+
+
+def _figures_html(title: str, label_runs: dict[str, list[dict]]) -> list[str]:
+    """The group's pictures: curves, base/new, forgetting per class, one AP heat map per
+    label (on one colour scale, so labels compare)."""
+    parts = [embedded_png(curves_figure(label_runs, f"{title}: seen mAP"), f"{title} seen mAP")]
+    base_new = base_new_figure(label_runs, f"{title}: base and new classes")
+    if base_new is not None:
+        parts.append(embedded_png(base_new, f"{title} base and new mAP"))
+    forgetting = {label: class_forgetting(runs) for label, runs in label_runs.items()}
+    figure = forgetting_figure(forgetting, f"{title}: forgetting per class")
+    if figure is not None:
+        parts.append(embedded_png(figure, f"{title} forgetting per class"))
+    tables = {label: class_ap_table(runs) for label, runs in label_runs.items()}
+    found = {label: table for label, table in tables.items() if table is not None}
+    if found:
+        values = np.concatenate([table[~np.isnan(table)] for _, table in found.values()])
+        scale = (float(values.min()), float(values.max()))
+        for label, (classes, table) in found.items():
+            seeds = len(label_runs[label])
+            name = f"{title}: {label}, AP per class ({seeds} seed{'s' if seeds > 1 else ''})"
+            parts.append(embedded_png(heatmap_figure(classes, table, name, scale), name))
+    else:
+        parts.append('<p class="note">These runs record no per-class APs.</p>')
+    return parts
+
+
+def _group_html(title: str, label_runs: dict[str, list[dict]]) -> str:
+    runs = [run for group in label_runs.values() for run in group]
+    parts = [f"<h2>{html.escape(title)}</h2>", markdown_html(comparison_markdown(runs))]
+    parts += _figures_html(title, label_runs)
+    parts.append(markdown_html(transfer_markdown(runs)))
+    parts.append(f'<p class="note">{html.escape(TRANSFER_NOTE)}</p>')
+    parts.append(markdown_html(session_breakdown_markdown(runs)))
+    parts.append(markdown_html(session_breakdown_markdown(runs, SUBSET_KEYS, SUBSET_TITLE)))
+    parts.append(markdown_html(diagnostics_markdown(runs)))
+    return "\n".join(part for part in parts if part)
+
+
+RUN_COLUMNS = ("run_dir", "label", "seed", "device", "device_name", "threads", "deterministic",
+               "torch_version", "timm_version", "mlcil_version")  # fmt: skip
+
+
+def runs_html(runs: Sequence[dict[str, Any]]) -> str:
+    """A table of the reported runs and what their numbers may depend on (the fields a run
+    made before they were recorded shows as "-")."""
+    head = "".join(f"<th>{html.escape(column)}</th>" for column in RUN_COLUMNS)
+    rows = []
+    for run in runs:
+        cells = [run.get(column) for column in RUN_COLUMNS]
+        text = ["-" if cell is None else html.escape(str(cell)) for cell in cells]
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in text) + "</tr>")
+    return f"<h2>Runs</h2><table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def html_report(runs: Sequence[dict[str, Any]]) -> str:
+    """The comparison report as one self-contained HTML page (pictures embedded as PNG)."""
+    groups = group_runs(runs)
+    body = [
+        _group_html(f"{dataset} {protocol}", group) for (dataset, protocol), group in groups.items()
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        "<title>mlcil report</title>\n"
+        f"<style>{_STYLE}</style>\n</head>\n<body>\n<h1>mlcil report</h1>\n"
+        f'<p class="note">{len(runs)} runs, {len(groups)} dataset/protocol groups. Means over '
+        "seeds; ± one standard deviation.</p>\n"
+        + "\n".join(body)
+        + "\n"
+        + runs_html(runs)
+        + "\n</body>\n</html>\n"
+    )
+
+
 def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.md``, ``report.json`` and one curve PNG per (dataset, protocol).
+    """Write ``report.md``, ``report.json``, ``report.html`` (self-contained: curves, base/new
+    curves, per-class AP heat maps, forgetting per class, backward/forward transfer) and one
+    curve PNG per (dataset, protocol).
 
     Args:
         run_dirs: finished run folders.
@@ -404,7 +787,8 @@ def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path) -> dict
             replaced.
 
     Returns:
-        The written files: ``"markdown"``, ``"json"`` and one PNG per ``"<dataset> <protocol>"``.
+        The written files: ``"markdown"``, ``"json"``, ``"html"`` and one PNG per
+        ``"<dataset> <protocol>"``.
 
     Raises:
         ConfigError: when ``output_dir`` is an existing file (it is never replaced by a folder)
@@ -435,11 +819,13 @@ def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path) -> dict
         ]
     markdown += "\n" + session_breakdown_markdown(runs)
     markdown += "\n" + session_breakdown_markdown(runs, SUBSET_KEYS, SUBSET_TITLE)
-    diagnostics = diagnostics_markdown(runs)
-    if diagnostics:
-        markdown += "\n" + diagnostics
+    for extra in (transfer_markdown(runs), diagnostics_markdown(runs)):
+        if extra:
+            markdown += "\n" + extra
     write_text_atomic(output_dir / "report.md", markdown)
     write_text_atomic(output_dir / "report.json", json.dumps(summary, indent=1))
+    write_text_atomic(output_dir / "report.html", html_report(runs))
     paths["markdown"] = output_dir / "report.md"
     paths["json"] = output_dir / "report.json"
+    paths["html"] = output_dir / "report.html"
     return paths

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import io
 import json
 import math
@@ -36,7 +37,9 @@ CSV_COLUMNS = (
 
 
 def run_header(config: RunConfig, device: Any) -> dict[str, Any]:
-    """The identifying fields at the top of ``metrics.json``."""
+    """The identifying fields at the top of ``metrics.json``, then what the numbers may depend
+    on besides the config: the versions of mlcil, torch and timm, the device and its name, the
+    threads torch computes with on the CPU and whether deterministic kernels were on."""
     return {
         "method": config.method.name,
         "label": config.display_label,
@@ -53,7 +56,34 @@ def run_header(config: RunConfig, device: Any) -> dict[str, Any]:
         "machine": platform.machine(),
         "mlcil_version": __version__,
         "torch_version": torch.__version__,
+        "timm_version": _installed_version("timm"),
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
     }
+
+
+def _installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def device_name(device: Any) -> str:
+    """The GPU's name for a CUDA device, else the CPU's model (``platform.processor()`` where
+    ``/proc/cpuinfo`` is missing): runs on two machines can differ in their last digits."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: fall back below
+    return platform.processor() or platform.machine()
 
 
 def summarize(
@@ -116,32 +146,87 @@ def _fmt(value: float | None) -> str:
 
 
 def plot_sessions(runs: dict[str, dict[str, Any]], path: Path, title: str | None = None) -> None:
-    """One mAP-per-session curve per entry of ``runs`` (label -> metrics dict)."""
-    import matplotlib
+    """Save one mAP-per-session curve per entry of ``runs`` (label -> metrics dict) as a PNG
+    (see :func:`session_figure`)."""
+    save_figure(session_figure(runs, title), path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+def session_figure(runs: dict[str, dict[str, Any]], title: str | None = None) -> Any:
+    """A matplotlib figure of seen mAP after each session, one curve per entry of ``runs``.
+
+    The y axis spans the values (with a margin), not 0-100: runs that differ by a point must
+    look different. The legend sits below the axes, where it cannot cover a point; a single
+    curve is labelled with its values.
+    """
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(6.4, 4.4), dpi=110, layout="constrained")
+    values: list[float] = []
+    ticks: set[int] = set()
     for label, metrics in runs.items():
         sessions = metrics["sessions"]
         seen = [s["num_seen"] for s in sessions]
         maps = [s["seen_map"] for s in sessions]
-        axis.plot(seen, maps, marker="o", label=label)
+        # clip_on=False: a point at the top of the range (100 mAP) is drawn whole.
+        axis.plot(seen, maps, marker="o", label=label, clip_on=False)
+        values += maps
+        ticks.update(seen)
+        if len(runs) == 1:
+            for x, y in zip(seen, maps, strict=True):
+                label_at = {"textcoords": "offset points", "xytext": (0, 7), "ha": "center"}
+                axis.annotate(f"{y:.1f}", (x, y), fontsize=8, **label_at)
+    set_percent_range(axis, values)
+    axis.set_xticks(sorted(ticks))
     axis.set_xlabel("classes seen")
     axis.set_ylabel("mAP (%)")
-    axis.set_ylim(0, 100)
     axis.grid(alpha=0.3)
     if title is None:
         first = next(iter(runs.values()))
         title = f"{first.get('dataset', '')} {first.get('protocol', '')}".strip()
     axis.set_title(title)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
+    figure.legend(loc="outside lower center", ncol=min(len(runs), 4), fontsize=8, frameon=False)
+    return figure
+
+
+def percent_range(values: Sequence[float]) -> tuple[float, float]:
+    """Axis limits for percentages: the values' range with a margin of 15% of it (at least one
+    point each side), not below 0; above 100 only by a little headroom for a point at 100."""
+    low, high = min(values), max(values)
+    margin = max(0.15 * (high - low), 1.0)
+    top = high + margin if high + margin <= 100.0 else max(high, 100.0) + min(margin, 4.0)
+    return max(0.0, low - margin), top
+
+
+def set_percent_range(axis: Any, values: Sequence[float]) -> None:
+    """Limit ``axis``'s y range to :func:`percent_range` of ``values``, with no tick above
+    100."""
+    from matplotlib.ticker import MaxNLocator
+
+    low, high = percent_range(values)
+    axis.set_ylim(low, high)
+    axis.yaxis.set_major_locator(MaxNLocator(nbins=6))
+    axis.set_yticks([t for t in axis.get_yticks() if low <= t <= min(high, 100.0)])
+    axis.set_ylim(low, high)  # set_yticks may widen the limits to its ticks
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    """Write ``figure`` as a PNG atomically (through a temporary sibling) and close it."""
+    plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary)
-    plt.close(figure)
+    try:
+        figure.savefig(temporary)
+    finally:
+        plt.close(figure)
     temporary.replace(path)
 
 

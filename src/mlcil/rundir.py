@@ -9,6 +9,7 @@ Everything mlcil writes for a run lives in one folder, laid out here and nowhere
     map_per_session.png     the mAP curve
     train.log               the training log
     tensorboard/            TensorBoard events
+    tracking/               the csv, wandb and mlflow trackers (``train.trackers``)
     added_sessions.json     sessions added after training (``--add-session``)
     checkpoints/            one folder per finished session, mid-session folders, ``latest``
     .replaced/              an earlier run set aside by ``--overwrite`` until the new run's first
@@ -49,13 +50,14 @@ METRICS_CSV = "metrics.csv"
 PLOT = "map_per_session.png"
 LOG = "train.log"
 TENSORBOARD = "tensorboard"
+TRACKING = "tracking"  # the csv, wandb and mlflow trackers' files
 ADDED_SESSIONS = "added_sessions.json"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 
 # Everything a run writes (the lock stays: it belongs to whoever holds it now).
-OWNED = (MARKER, CONFIG, METRICS_JSON, METRICS_CSV, PLOT, LOG, TENSORBOARD, ADDED_SESSIONS,
-         CHECKPOINTS)  # fmt: skip
+OWNED = (MARKER, CONFIG, METRICS_JSON, METRICS_CSV, PLOT, LOG, TENSORBOARD, TRACKING,
+         ADDED_SESSIONS, CHECKPOINTS)  # fmt: skip
 # What makes a folder hold a run (train.log alone does not: a run that failed before its first
 # session leaves only its log).
 RUN_FILES = (CONFIG, METRICS_JSON, METRICS_CSV, PLOT, CHECKPOINTS, ADDED_SESSIONS)
@@ -128,6 +130,10 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.path / TENSORBOARD
+
+    @property
+    def tracking(self) -> Path:
+        return self.path / TRACKING
 
     @property
     def added_sessions_file(self) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import random
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -57,6 +58,28 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
+
+
+# cuBLAS needs a fixed workspace for repeatable results; the value PyTorch's reproducibility
+# notes give (":16:8" uses less memory and may be slower).
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """Switch PyTorch's deterministic mode for this process (``train.deterministic``).
+
+    On: ``torch.use_deterministic_algorithms(True)`` (an operation without a deterministic kernel
+    raises a ``RuntimeError`` naming it instead of running), cuDNN deterministic and without
+    autotuning, and ``CUBLAS_WORKSPACE_CONFIG`` set unless the environment sets it already (it
+    must be in place before the first cuBLAS call: the runtime is made before any training).
+    Off: PyTorch's defaults, so an earlier deterministic run in the same process (a notebook)
+    does not carry over; ``cudnn.benchmark`` is then the runtime's choice.
+    """
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -111,7 +134,8 @@ class Runtime:
         if precision == "fp16" and device.type != "cuda":
             raise ConfigError("train.precision=fp16 needs a CUDA device; use fp32 or bf16")
         cuda = device.type == "cuda"
-        if cuda:
+        configure_determinism(train.deterministic)
+        if cuda and not train.deterministic:
             torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels
         channels_last = cuda if train.channels_last == "auto" else bool(train.channels_last)
         return cls(

@@ -23,6 +23,7 @@ RESUME_SAFE_KEYS = frozenset(
         "train.device",
         "train.progress",
         "train.tensorboard",
+        "train.trackers",  # where the logs go, not what is learned
         "train.eval_batch_size",
         "data.num_workers",
         # Where the same images live: a moved dataset must not strand its runs (the exemplar

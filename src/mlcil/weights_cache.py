@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from safetensors.torch import save_file
 
 from mlcil.data.embedded import cache_dir
 from mlcil.errors import MlcilError, WeightsError
-from mlcil.fileio import write_text_atomic
+from mlcil.fileio import make_temporary_file, use_umask, write_text_atomic
 from mlcil.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -194,10 +193,11 @@ def find_cached(provenance: Mapping[str, Any], cache: Path | None = None) -> Pat
 
 
 def _write_weights_atomic(tensors: dict[str, torch.Tensor], path: Path, key: str) -> None:
-    descriptor, staging = tempfile.mkstemp(dir=path.parent, suffix=".safetensors.tmp")
-    os.close(descriptor)  # safetensors opens the file by name
+    # safetensors opens the file by name; its mode comes from the umask, as open() would give.
+    staging = str(make_temporary_file(path.parent, suffix=".safetensors.tmp"))
     try:
         save_file(tensors, staging, metadata={"provenance_key": key})
+        use_umask(staging)  # safetensors writes its files 0600
         os.replace(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)

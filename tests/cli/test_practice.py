@@ -176,3 +176,16 @@ def test_add_session_dry_run_shows_the_plan_and_writes_nothing(
     session_line = [line for line in out.splitlines() if line.strip().startswith("3 ")]
     assert session_line and "2" in session_line[0].split()[1]
     assert digest(run) == before
+
+
+def test_export_digits_overwrites_only_an_earlier_export(tmp_path: Path) -> None:
+    """The walk-through runs again: --overwrite replaces an earlier export, never other files."""
+    scenes = tmp_path / "scenes"
+    args = ["data", "export-digits", "--classes", "8", "--train", "4", "--test", "2"]
+    assert main([*args, "--output", str(scenes)]) == 0
+    assert main([*args, "--output", str(scenes)]) == 2  # refused without --overwrite
+    assert main([*args, "--output", str(scenes), "--overwrite", "--test", "0"]) == 0
+    assert sorted(p.name for p in scenes.iterdir()) == ["train", "train.csv"]
+    (scenes / "notes.txt").write_text("mine")
+    assert main([*args, "--output", str(scenes), "--overwrite"]) == 2
+    assert (scenes / "notes.txt").read_text() == "mine" and (scenes / "train.csv").exists()

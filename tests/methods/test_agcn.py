@@ -151,6 +151,30 @@ def second_session_agcn(params: dict[str, Any]) -> tuple[AGCN, SessionContext]:
     return method, second
 
 
+def test_the_gcn_learns_at_its_own_lower_rate_through_the_one_cycle() -> None:
+    from mlcil.config.schema import TrainConfig
+
+    method, second = second_session_agcn({"gcn_lr_scale": 0.25})
+    train = TrainConfig(lr=1e-3, incremental_lr=2e-3, pct_start=0.2)
+    optimization = method.configure_optimization(train, second.session, total_steps=50)
+    network = method.network
+    assert isinstance(network, GCNNetwork)
+    rate_of = {
+        id(p): group["lr"] for group in optimization.optimizer.param_groups for p in group["params"]
+    }
+    gcn = [network.gc1.weight, network.gc2.weight, network.heads[1].weight]
+    trunk = [p for p in network.backbone.parameters() if p.requires_grad]
+    assert id(network.heads[0].weight) not in rate_of  # the first session's embeddings: frozen
+    # OneCycle starts every group at its own peak / 25; the GCN's peak is 0.25 x the session's.
+    assert all(math.isclose(rate_of[id(p)], 2e-3 * 0.25 / 25) for p in gcn)
+    assert all(math.isclose(rate_of[id(p)], 2e-3 / 25) for p in trunk)
+    for _ in range(10):
+        optimization.scheduler.step()
+    peak = [group["lr"] for group in optimization.optimizer.param_groups]
+    assert math.isclose(peak[0], 2e-3, rel_tol=0.01)  # near the peak after the warm-up
+    assert math.isclose(peak[2] / peak[0], 0.25)
+
+
 def test_old_class_statistics_come_from_the_previous_models_predictions() -> None:
     method, context = second_session_agcn({})
     network, teacher = method.network, method.old_network

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +90,37 @@ def test_summarize_and_write_results(tmp_path: Path) -> None:
     assert lines[0].startswith("session,classes,num_seen,seen_map") and len(lines) == 3
     assert lines[1].split(",")[5] == ""  # no new_map in the first session
     assert (tmp_path / "map_per_session.png").stat().st_size > 1000
+
+
+def test_deterministic_mode_is_switched_on_and_back_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # put back as it was after
+    try:
+        Runtime.from_config(TrainConfig(device="cpu", deterministic=True), num_workers=0)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        # A later run in the same process (a notebook) gets the defaults back.
+        Runtime.from_config(TrainConfig(device="cpu"), num_workers=0)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
+def test_the_header_records_versions_device_threads_and_determinism() -> None:
+    import timm
+
+    from mlcil import __version__
+    from mlcil.config import RunConfig
+    from mlcil.results import run_header
+
+    header = run_header(RunConfig(), torch.device("cpu"))
+    assert header["torch_version"] == torch.__version__
+    assert header["timm_version"] == timm.__version__ and header["mlcil_version"] == __version__
+    assert header["device"] == "cpu" and isinstance(header["device_name"], str)
+    assert header["device_name"]
+    assert header["threads"] == torch.get_num_threads()
+    assert header["deterministic"] is torch.are_deterministic_algorithms_enabled() is False
+    # The identifying fields come first, as before.
+    assert list(header)[:3] == ["method", "label", "dataset"]

@@ -1,7 +1,9 @@
 """Reading configs: YAML files (with ``include``), merging, ``key=value`` overrides, validation.
 
-A YAML file may pull in others with ``include: [a.yaml, b.yaml]`` (paths relative to the including
-file); mappings merge recursively and later files win. A registered section that names a
+A config is a file path or the short name of a shipped config (``digits-pretrained-b0-c2``, see
+:mod:`mlcil.config.packaged`); a file that exists wins. A YAML file may pull in others with
+``include: [a.yaml, b.yaml]`` (paths relative to the including file, or shipped configs' short
+names); mappings merge recursively and later files win. A registered section that names a
 *different* registered component replaces the earlier component's parameters: stacking
 ``methods/lwf.yaml`` over a KRT config never carries KRT's ``token_loss_weight`` into LwF, and
 ``model: {network: linear}`` over an ICA config drops ``embed_dim``.
@@ -36,6 +38,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from mlcil.config.packaged import find_packaged, resolve_config
 from mlcil.config.schema import (
     DataConfig,
     LossConfig,
@@ -285,10 +288,30 @@ def read_yaml(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict[str, Any]
     includes = content.pop("include", []) or []
     if isinstance(includes, str):
         includes = [includes]
+    if not isinstance(includes, list):
+        raise ConfigError(f"{path}: include must be a file name or a list of them")
     merged: dict[str, Any] = {}
     for include in includes:
-        merged = merge(merged, read_yaml(path.parent / include, (*_stack, resolved)))
+        merged = merge(merged, read_yaml(_included(path, include), (*_stack, resolved)))
     return merge(merged, content)
+
+
+def _included(including: Path, include: Any) -> Path:
+    """The file an ``include`` entry names: a path relative to the including file, else (when
+    no such file exists) a shipped config's short name, so a user's own config can build on
+    ``include: [digits-pretrained-b0-c2]`` wherever mlcil is installed."""
+    if not isinstance(include, str) or not include.strip():
+        raise ConfigError(f"{including}: include entries must be file names, got {include!r}")
+    relative = including.parent / include
+    if relative.exists():
+        return relative
+    packaged = find_packaged(include)
+    if packaged is None:
+        raise ConfigError(
+            f"{including}: included config file not found: {relative} (nor a packaged config "
+            f"named {include!r}: `mlcil configs` lists them)"
+        )
+    return packaged
 
 
 def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -401,6 +424,8 @@ def load_config(
         paths = []
     elif isinstance(paths, str | Path):
         paths = [paths]
+    # A path that exists is read as given; otherwise a shipped config's short name.
+    paths = [resolve_config(path) for path in paths]
     raw: dict[str, Any] = {}
     for path in paths:
         raw = merge(raw, read_yaml(path))

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mlcil.data.catalog import DATASETS, dataset_spec, resolved_root
+from mlcil.memory_policies import MEMORY_POLICIES
 from mlcil.protocol import parse_protocol
 from mlcil.rundir import is_folder_name
 
@@ -139,6 +140,19 @@ class MemoryConfig(Section):
     per_class: Annotated[int, Field(ge=0)] = 0  # m exemplars per class (growing memory)
     total: PositiveInt | None = None  # fixed total budget; per class = total // seen classes
     labels: Literal["strict", "official"] = "strict"  # official: the released code's labels
+    # Which images a session keeps (mlcil.memory_policies): herding (published), random, prs
+    # (Partitioning Reservoir Sampling) or ocdm (Optimizing Class Distribution in Memory).
+    policy: str = "herding"
+    # PRS's and OCDM's class-balance power: class c's share ~ n_c ** rho (its images in the
+    # session); 0 balances the classes, 1 keeps the data's proportions.
+    rho: float = 0.0
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in MEMORY_POLICIES:
+            raise ValueError(f"{value!r} is not one of {', '.join(map(repr, MEMORY_POLICIES))}")
+        return value
 
     @property
     def enabled(self) -> bool:
@@ -177,6 +191,34 @@ class TrainConfig(Section):
     # Write a mid-session checkpoint every N epochs (and always on SIGTERM); None: only at the
     # end of each session.
     checkpoint_every_epochs: PositiveInt | None = None
+    # Experiment trackers fed with the config, the learning rate and losses of every step and
+    # each session's metrics (docs/tracking.md): tensorboard, csv, wandb, mlflow or a name
+    # registered with mlcil.trackers.register_tracker. train.tensorboard=false drops tensorboard
+    # from the list (the older switch; existing configs keep their output).
+    trackers: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    # Deterministic kernels (torch.use_deterministic_algorithms, cuDNN without autotuning,
+    # CUBLAS_WORKSPACE_CONFIG): repeatable on one machine at some speed cost; an operation
+    # without a deterministic kernel then raises instead of running.
+    deterministic: bool = False
+
+    @field_validator("trackers", mode="before")
+    @classmethod
+    def _one_tracker_is_a_list(cls, value: Any) -> Any:
+        # train.trackers=csv on the command line reads as a string; null means none.
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("trackers")
+    @classmethod
+    def _trackers_named_once(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name.strip() or name != name.strip():
+                raise ValueError(f"{name!r} is not a tracker name")
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(map(repr, repeated))} listed more than once")
+        return value
 
     def epochs_for(self, session_index: int) -> int:
         if session_index == 0 and self.base_epochs is not None:

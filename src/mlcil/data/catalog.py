@@ -2,12 +2,16 @@
 protocols and how its splits are loaded. This is the one place that knows which datasets exist;
 the config schema validates ``data.dataset`` against it.
 
-A new format is one loader module plus one ``DatasetSpec`` entry here.
+A new format is one loader module plus one ``DatasetSpec`` entry here. A dataset of the user's own
+is registered from Python, without editing the package: :func:`register_dataset` (in a script, a
+notebook, or a plugin module imported with ``--plugin``, see :mod:`mlcil.plugins`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -17,6 +21,11 @@ from mlcil.errors import DataError
 
 if TYPE_CHECKING:  # the schema imports this module; the loaders only read its fields
     from mlcil.config.schema import DataConfig
+
+logger = logging.getLogger(__name__)
+
+ImageSourceFactory = Callable[["DataConfig", str], ImageSource]
+"""``(data config, "train" | "test") -> ImageSource``: how a dataset's split is loaded."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +41,7 @@ class DatasetSpec:
     """
 
     name: str
-    load: Callable[[DataConfig, str], ImageSource]
+    load: ImageSourceFactory
     default_root: str | None = None
     protocols: tuple[str, ...] = ()
     needs_manifests: bool = False
@@ -98,6 +107,68 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+BUILT_IN = frozenset(DATASETS)
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def register_dataset(
+    name: str,
+    load: ImageSourceFactory,
+    *,
+    default_root: str | None = None,
+    protocols: tuple[str, ...] = (),
+    replace: bool = False,
+) -> DatasetSpec:
+    """Make ``data.dataset: <name>`` load the splits ``load`` returns.
+
+    Args:
+        name: the ``data.dataset`` value (letters, digits, ``_ . -``; it becomes part of run
+            folder names).
+        load: ``load(data_config, split)`` returns the ``ImageSource`` of ``split`` (``"train"``
+            or ``"test"``); both splits must list the same classes. ``data_config.root`` is
+            ``default_root`` unless the config sets ``data.root``.
+        default_root: the root folder when the config sets none.
+        protocols: the dataset's usual ``B{b}-C{c}`` settings (listed by ``mlcil list``).
+        replace: replace a dataset registered earlier under ``name`` by another function.
+            Registering the same function again (a notebook cell run twice) needs no flag.
+
+    Returns:
+        The catalog entry.
+
+    Raises:
+        DataError: for an invalid name, a built-in dataset's name, or a name registered by
+            another function (without ``replace``).
+    """
+    if not isinstance(name, str) or not _DATASET_NAME.fullmatch(name):
+        raise DataError(
+            f"register_dataset: {name!r} is not a dataset name (letters, digits, '_', '.', '-')"
+        )
+    if name in BUILT_IN:
+        raise DataError(f"register_dataset: {name!r} is a built-in dataset; choose another name")
+    if not callable(load):
+        raise DataError(f"register_dataset({name!r}): load must be callable, got {load!r}")
+    earlier = DATASETS.get(name)
+    if earlier is not None and not replace and not _same_function(earlier.load, load):
+        raise DataError(
+            f"register_dataset: {name!r} is registered already (by {_describe(earlier.load)}); "
+            "choose another name or pass replace=True"
+        )
+    spec = DatasetSpec(name, load, default_root, tuple(protocols))
+    DATASETS[name] = spec
+    logger.debug("dataset %r registered: %s", name, _describe(load))
+    return spec
+
+
+def _same_function(old: ImageSourceFactory, new: ImageSourceFactory) -> bool:
+    """The same definition, possibly executed again (a re-run notebook cell, a reimport)."""
+    return old is new or _describe(old) == _describe(new)
+
+
+def _describe(load: ImageSourceFactory) -> str:
+    module = getattr(load, "__module__", None) or "?"
+    return f"{module}.{getattr(load, '__qualname__', type(load).__name__)}"
+
+
 def dataset_spec(name: str) -> DatasetSpec:
     """The catalog entry of ``name``; an unknown name is an error listing the known ones."""
     try:
@@ -121,6 +192,12 @@ def build_sources(config: DataConfig) -> tuple[ImageSource, ImageSource]:
     """
     spec = dataset_spec(config.dataset)
     train, test = spec.load(config, "train"), spec.load(config, "test")
+    for split, source in (("train", train), ("test", test)):
+        if not isinstance(source, ImageSource):  # a registered function's mistake
+            raise DataError(
+                f"{config.dataset}: the {split} split is a {type(source).__name__}, not an "
+                f"ImageSource (returned by {_describe(spec.load)})"
+            )
     if train.class_names != test.class_names:
         raise DataError(f"{config.dataset}: the train and test splits disagree on the class list")
     if config.image_cache:

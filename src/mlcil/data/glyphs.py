@@ -27,8 +27,6 @@ from __future__ import annotations
 import functools
 import logging
 import numbers
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 from mlcil.data.base import ArrayImageSource
 from mlcil.data.embedded import cache_dir
 from mlcil.errors import DataError
+from mlcil.fileio import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -262,17 +261,11 @@ def _read_cache(path: Path, num_images: int, image_size: int) -> tuple[np.ndarra
 
 
 def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    staging = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
-            staging = Path(handle.name)
-            np.savez(handle, images=images, labels=labels)
-        os.replace(staging, path)  # atomic: readers never see a half-written cache
+        # Atomic (readers never see a half-written cache) and readable as the umask allows.
+        write_atomic(path, lambda handle: np.savez(handle, images=images, labels=labels))
     except OSError as error:
         logger.debug("glyphs: could not cache the scenes at %s: %s", path, error)
-        if staging is not None:
-            staging.unlink(missing_ok=True)
 
 
 @functools.lru_cache(maxsize=4)

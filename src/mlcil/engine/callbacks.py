@@ -33,7 +33,7 @@ class SessionCallback:
     def session_evaluated(
         self, state: RunState, session: Session, own: np.ndarray, result: dict[str, Any]
     ) -> None:
-        """After the session's evaluation, before the memory update and the method's end of
+        """After the session's memory update and evaluation, before the method's end of
         session; ``result`` (the session's ``metrics.json`` entry) may be added to."""
 
     def checkpoint_written(self, folder: Path) -> None:

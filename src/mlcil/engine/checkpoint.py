@@ -6,6 +6,8 @@ One folder per finished session under ``<run>/checkpoints/``::
         model.safetensors   network weights (safetensors: plain tensors, no code)
         state.json          session index, network growth, method state, results so far
         memory.json         the exemplar memory (image references + labels)
+        method.safetensors  the method's own tensors (Method.state_tensors), if it keeps any
+        memory.safetensors  the rows a method stored with its exemplars, if any
     session_01_epoch_002_step_000000/   a mid-session checkpoint (train.checkpoint_every_epochs,
         model.safetensors                 or SIGTERM): also the teacher's weights, the optimiser's
         teacher.safetensors               tensors, and in state.json["in_session"] the position,
@@ -27,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,7 @@ from torch import nn
 
 from mlcil.engine.fit import FitPosition, FitProgress, FitResume
 from mlcil.errors import WeightsError
-from mlcil.fileio import write_text_atomic, writing
+from mlcil.fileio import make_temporary_folder, use_umask, write_text_atomic, writing
 from mlcil.memory import ExemplarMemory
 from mlcil.methods.base import Method
 from mlcil.protocol import Session
@@ -105,7 +106,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     name = name or checkpoint_name(session_index)
     final = run.checkpoint(name)
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    staging = make_temporary_folder(root, prefix=f".{name}.")  # mode from the umask
     try:
         _write_tensors(network.state_dict(), staging / "model.safetensors", final)
         for stem, tensors in (extra_tensors or {}).items():
@@ -130,10 +131,28 @@ def save_checkpoint(
 def _write_tensors(tensors: dict[str, torch.Tensor], staging: Path, final: Path) -> None:
     with writing(final / staging.name):
         save_file(_plain_tensors(tensors), str(staging))
+        use_umask(staging)  # safetensors writes its files 0600
 
 
 def _plain_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def state_tensor_files(state: RunState) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors of a run state besides the network: the method's own (``method``) and the
+    exemplars' data rows (``memory``), each only when there are some."""
+    files = {"method": state.method.state_tensors(), "memory": state.memory.data_tensors()}
+    return {stem: tensors for stem, tensors in files.items() if tensors}
+
+
+def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's optional safetensors file (an empty dict when it has none)."""
+    if not path.is_file():
+        return {}
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise WeightsError(f"{path} is not a readable safetensors file: {error}") from error
 
 
 def save_progress_checkpoint(
@@ -143,7 +162,7 @@ def save_progress_checkpoint(
     optimiser (tensors in safetensors, the rest JSON), schedule, scaler and random states."""
     method, position = state.method, progress.position
     tensors, optimizer_json = flatten_optimizer(progress.optimization.optimizer.state_dict())
-    extra = {"optimizer": tensors}
+    extra = {"optimizer": tensors, **state_tensor_files(state)}
     teacher = method.old_network
     if teacher is not None:
         extra["teacher"] = teacher.state_dict()
@@ -273,6 +292,7 @@ def restore_run(experiment: Experiment, folder: Path) -> RunState:
     method.network.to(experiment.runtime.device)
     load_network_weights(folder, method.network)
     method.load_state_dict(state.get("method_state") or {})
+    method.load_state_tensors(read_tensor_file(folder / "method.safetensors"))
     resume = None
     if in_session is None:
         method.restore(experiment.sessions[next_session - 1])
@@ -282,6 +302,8 @@ def restore_run(experiment: Experiment, folder: Path) -> RunState:
     memory_path = folder / "memory.json"
     memory = ExemplarMemory.load(memory_path)
     memory.check_against(experiment.train_source.image_refs, where=str(memory_path))
+    data_path = folder / "memory.safetensors"
+    memory.load_data_tensors(read_tensor_file(data_path), where=str(data_path))
     return RunState(method, memory, results, next_session, elapsed, resume)
 
 

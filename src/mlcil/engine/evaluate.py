@@ -1,4 +1,6 @@
-"""Scoring a test set, herding features, and turning scores into a session's results."""
+"""Scoring a test set, updating the exemplar memory (the memory policy's selection, the method's
+per-exemplar data), the exemplars as a method's prediction rule sees them, and turning scores
+into a session's results."""
 
 from __future__ import annotations
 
@@ -11,11 +13,15 @@ from torch.utils.data import DataLoader
 from mlcil.experiment import Experiment
 from mlcil.inference import infer
 from mlcil.memory import ExemplarMemory
-from mlcil.methods.base import Method
+from mlcil.memory_policies import get_policy
+from mlcil.methods.base import ExemplarSet, Method
 from mlcil.metrics import session_maps
 from mlcil.metrics.multilabel import subset_maps
 from mlcil.protocol import Session
-from mlcil.runtime import Runtime
+from mlcil.runtime import Runtime, derive_seed
+
+# The memory policy's randomness is seeded apart from every epoch and method pass.
+MEMORY_PHASE = 1_000_003
 
 
 def predict_scores(
@@ -51,17 +57,58 @@ def update_memory(
     session: Session,
     own: np.ndarray,
 ) -> ExemplarMemory:
-    """Herd exemplars of the session's classes from its own images (``own`` source positions) on
-    un-augmented pooled features: selected once, on the main process, then shared with every
-    process as plain data."""
-    loader = experiment.eval_loader(experiment.plain_images(own))
-    features = pooled_features(method, loader, experiment.runtime)
-    source, runtime = experiment.train_source, experiment.runtime
+    """Select exemplars of the session's classes from its own images (``own`` source positions)
+    with the run's memory policy (herding: on un-augmented pooled features), once, on the main
+    process, then share the memory with every process as plain data; then store the method's
+    data rows of the new exemplars (``Method.stores_exemplar_data``)."""
+    config, source, runtime = experiment.config, experiment.train_source, experiment.runtime
+    policy = get_policy(config.memory.policy, config.memory.rho)
+    features = None
+    if policy.needs_features:
+        loader = experiment.eval_loader(experiment.plain_images(own))
+        features = pooled_features(method, loader, runtime)
     if runtime.is_main:
-        memory.update(session, own, features, source.labels, source.image_refs)
+        seed = derive_seed(config.seed, session.index, MEMORY_PHASE)
+        memory.update(session, own, features, source.labels, source.image_refs, policy, seed)
     if runtime.world_size > 1:
-        memory = ExemplarMemory.from_dict(runtime.broadcast(memory.to_dict()))
+        plain, data = runtime.broadcast((memory.to_dict(), memory.data))
+        memory = ExemplarMemory.from_dict(plain)
+        memory.data = data
+    if method.stores_exemplar_data:
+        store_exemplar_data(experiment, method, memory)
     return memory
+
+
+def store_exemplar_data(experiment: Experiment, method: Method, memory: ExemplarMemory) -> None:
+    """``method.exemplar_data`` of every stored image without data yet (the new exemplars), on
+    un-augmented images in eval mode, computed on every process alike."""
+    positions = memory.positions_without_data()
+    if not len(positions):
+        return
+    loader = experiment.eval_loader(experiment.plain_images(positions))
+
+    def step(images: torch.Tensor, _: object) -> dict[str, torch.Tensor]:
+        return {"data": method.exemplar_data(images)}
+
+    memory.set_data(positions, infer(loader, step, experiment.runtime, method.network)["data"])
+
+
+def exemplar_set(
+    experiment: Experiment, method: Method, memory: ExemplarMemory, session: Session
+) -> ExemplarSet:
+    """The memory after ``session`` as ``Method.prepare_prediction`` sees it: the stored images,
+    the labels replay gives them, and their features on demand."""
+    positions, targets = memory.targets(
+        experiment.train_source.labels, session, experiment.sessions
+    )
+
+    def features() -> torch.Tensor:
+        if not len(positions):
+            return torch.zeros(0, 0)
+        loader = experiment.eval_loader(experiment.plain_images(positions))
+        return pooled_features(method, loader, experiment.runtime)
+
+    return ExemplarSet(positions, torch.from_numpy(targets[:, : session.num_seen]), features)
 
 
 def evaluate_session(

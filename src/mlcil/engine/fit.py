@@ -25,10 +25,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlcil.config.schema import TrainConfig
-from mlcil.distributed import ShardSampler, loss_scale, shard_size
-from mlcil.engine.observers import Observer
+from mlcil.distributed import ShardSampler, all_reduce_mean, loss_scale, shard_size
+from mlcil.engine.observers import LearningRateLog, Observer, StepRecord, learning_rates
 from mlcil.errors import ConfigError, TrainingError
-from mlcil.methods.base import Batch, Method, Optimization, SessionContext
+from mlcil.methods.base import (
+    MAIN_PHASE,
+    Batch,
+    EpochInfo,
+    ExtraPhase,
+    Method,
+    Optimization,
+    SessionContext,
+    StepInfo,
+)
+from mlcil.protocol import Session
 from mlcil.runtime import Runtime, derive_seed, rng_state, set_rng_state, swapped_attribute
 
 
@@ -69,6 +79,32 @@ class FitResume:
     scaler: dict[str, Any]
     rng: list[dict[str, Any]] | None = None
     layout: list[int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FitSchedule:
+    """Which fit of a session :func:`fit_session` runs: the main one (the default), or the
+    method's extra phase, whose epochs are numbered on after the main fit's.
+
+    Attributes:
+        phase: the extra phase; None: the main fit (``training_step``, ``train`` epochs).
+        first_epoch: the number of the fit's first epoch.
+        ends_session: False when another fit follows: its last epoch may be checkpointed too.
+    """
+
+    phase: ExtraPhase | None = None
+    first_epoch: int = 0
+    ends_session: bool = True
+
+    def epochs(self, train: TrainConfig, session_index: int) -> int:
+        return train.epochs_for(session_index) if self.phase is None else self.phase.epochs
+
+    def configure(
+        self, method: Method, train: TrainConfig, session: Session, total_steps: int
+    ) -> Optimization:
+        if self.phase is None:
+            return method.configure_optimization(train, session, total_steps)
+        return method.configure_phase_optimization(self.phase, train, session, total_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +191,10 @@ def fit_session(
     interim_map: Callable[[], float] | None = None,
     resume: FitResume | None = None,
     checkpoint: Callable[[FitProgress], None] | None = None,
+    schedule: FitSchedule = FitSchedule(),
 ) -> None:
-    """Train ``method`` on the session of ``context`` for the configured epochs.
+    """Train ``method`` on the session of ``context`` for the configured epochs (or those of its
+    extra phase: ``schedule``).
 
     Args:
         method: the method, already past ``begin_session``.
@@ -167,24 +205,33 @@ def fit_session(
         resume: continue from a mid-session checkpoint instead of the session's start.
         checkpoint: writes a mid-session checkpoint (every ``train.checkpoint_every_epochs``
             epochs, and on SIGTERM); called on every rank.
+        schedule: the main fit, or the method's extra phase after it.
 
     Raises:
         TrainingStoppedError: after SIGTERM, once the checkpoint is written.
     """
     session, runtime = context.session, context.runtime
     layout = BatchLayout.of(train, runtime.world_size)
-    epochs = train.epochs_for(session.index)
+    count = schedule.epochs(train, session.index)
     steps = layout.steps(len(context.train_set))
-    optimization = method.configure_optimization(train, session, epochs * steps)
+    optimization = schedule.configure(method, train, session, count * steps)
     scaler = runtime.grad_scaler()
-    position = FitPosition()
+    epochs = schedule.first_epoch + count  # epochs are numbered on over the session's fits
+    position = FitPosition(schedule.first_epoch)
     if resume is not None:
         check_resume_layout(resume, layout)
         optimization.optimizer.load_state_dict(resume.optimizer)
         optimization.scheduler.load_state_dict(resume.scheduler)
         scaler.load_state_dict(resume.scaler)
         position = resume.position
-    run = _SessionRun(method, context, layout, optimization, scaler, observer, steps)
+    # The run steps a stand-in for the scheduler that notes each step's learning rates for the
+    # observers; checkpoints keep saving the scheduler itself.
+    rates = LearningRateLog(optimization.scheduler)
+    noting = dataclasses.replace(optimization, scheduler=cast(Any, rates))
+    run = _SessionRun(
+        method, context, layout, noting, scaler, observer, steps, learning_rates=rates
+    )
+    run.phase = schedule.phase
     with training_network(method, runtime), _StopSignal() as stop:
         for epoch in range(position.epoch, epochs):
             first = position.step if epoch == position.epoch else 0
@@ -206,7 +253,8 @@ def fit_session(
                 # Logged for curiosity only: the reported model is always the last epoch's.
                 observer.interim_evaluated(session, epoch, interim_map())
             every = train.checkpoint_every_epochs
-            due = every is not None and (epoch + 1) % every == 0 and epoch + 1 < epochs
+            last = epoch + 1 == epochs and schedule.ends_session
+            due = every is not None and (epoch + 1) % every == 0 and not last
             if checkpoint is not None and due:  # the session's last epoch ends in a checkpoint
                 position = FitPosition(epoch + 1, 0)
                 checkpoint(FitProgress(position, optimization, scaler, None, layout.as_list()))
@@ -236,15 +284,21 @@ class _SessionRun:
     observer: Observer
     steps: int
     session_loader: DataLoader | None = None
+    learning_rates: LearningRateLog | None = None  # each step's rates, for the observers
+    phase: ExtraPhase | None = None  # the method's extra phase; None: the main fit
+
+    @property
+    def phase_name(self) -> str:
+        return MAIN_PHASE if self.phase is None else self.phase.name
 
     def _loader(self, epoch_seed: int, start_index: int) -> DataLoader:
         """The epoch's loader: a new one (the order and worker seeds follow ``epoch_seed``), or
         on CUDA with workers the session's persistent loader, re-seeded for the epoch."""
         context, runtime, batch = self.context, self.context.runtime, self.layout.micro_batch
         if not runtime.persistent_loaders:
-            return runtime.loader(context.train_set, batch, True, epoch_seed, start_index)
+            return runtime.loader(context.training_data(), batch, True, epoch_seed, start_index)
         if self.session_loader is None:
-            self.session_loader = runtime.session_loader(context.train_set, batch)
+            self.session_loader = runtime.session_loader(context.training_data(), batch)
         sampler = self.session_loader.sampler
         assert isinstance(sampler, ShardSampler)
         sampler.set_seed(epoch_seed, start_index)
@@ -254,7 +308,7 @@ class _SessionRun:
         self, pending: list[tuple[int, StepValues]], totals: dict[str, float], epoch: int
     ) -> None:
         """Read the pending steps' values (one device read), add them to the epoch's totals and
-        tell the observers, in step order."""
+        tell the observers, in step order, with the learning rates each step used."""
         if not pending:
             return
         context = self.context
@@ -263,11 +317,34 @@ class _SessionRun:
         except NonFiniteLossError as error:
             where = f"session {context.session.index} epoch {epoch + 1}"
             raise NonFiniteLossError(f"{where}: {error}") from None
-        for (step, _), parts in zip(pending, read, strict=True):
+        noted = self.learning_rates
+        rates = noted.take(len(pending)) if noted is not None else []
+        # Without the log (a run built by hand) the steps get the optimiser's current rates.
+        rates += [learning_rates(self.optimization.optimizer)] * (len(pending) - len(rates))
+        session = context.session
+        for (step, _), parts, used in zip(pending, read, rates, strict=True):
             for name, value in parts.items():
                 totals[name] = totals.get(name, 0.0) + value
-            self.observer.step_finished(context.session, epoch, step, parts, self.steps)
+            self.observer.step_finished(session, epoch, step, parts, self.steps)
+            self.observer.step_recorded(StepRecord(session, epoch, step, self.steps, parts, used))
         pending.clear()
+
+    def _hook(self, name: str, info: StepInfo | EpochInfo) -> None:
+        # Tests drive a fit with stand-ins that only train (no Method base, so no hooks).
+        hook = getattr(self.method, name, None)
+        if hook is not None:
+            hook(info)
+
+    def _train(self, batches: list[Batch]) -> StepValues:
+        """One optimiser step of the main fit or of the extra phase."""
+        optimization, scaler, global_batch = (
+            self.optimization,
+            self.scaler,
+            self.layout.global_batch,
+        )
+        return train_step(
+            self.method, batches, optimization, scaler, self.context, global_batch, self.phase
+        )
 
     def epoch(
         self,
@@ -283,7 +360,8 @@ class _SessionRun:
         started = time.perf_counter()
         epoch_seed = derive_seed(context.seed, session.index, epoch)
         runtime.seed_process(epoch_seed)
-        self.method.network.train()
+        # A phase that trains only its own parameters keeps batch-norm statistics frozen.
+        self.method.network.train(self.phase is None or self.phase.trains_network)
         self.observer.epoch_started(session, epoch, epochs, self.steps)
         layout = self.layout
         start_index = first_step * layout.accumulation * layout.micro_batch
@@ -295,16 +373,13 @@ class _SessionRun:
         stopped = False
         steps = enumerate(optimizer_steps(loader, layout.accumulation), first_step)
         for step, micro_batches in steps:
-            batches = [Batch(images, targets) for images, targets in micro_batches]
             try:
-                optimization, scaler = self.optimization, self.scaler
-                values = train_step(
-                    self.method, batches, optimization, scaler, context, layout.global_batch
-                )
+                values = self._train([Batch(*items) for items in micro_batches])
             except NonFiniteLossError as error:
                 where = f"session {session.index} epoch {epoch + 1} step {step}"
                 raise NonFiniteLossError(f"{where}: {error}") from None
             pending.append((step, values))
+            self._hook("after_step", StepInfo(session, self.phase_name, epoch, step, self.steps))
             if len(pending) < runtime.log_every_steps:
                 continue  # CUDA: nothing is read from the device between reports
             self._report(pending, totals, epoch)
@@ -320,6 +395,7 @@ class _SessionRun:
         images = min(done * layout.global_batch, len(context.train_set))
         self.observer.phase_finished(session, "epoch", time.perf_counter() - started, images)
         self.observer.epoch_finished(session, epoch, epochs, means)
+        self._hook("after_epoch", EpochInfo(session, self.phase_name, epoch, epochs, means))
         return self.steps, stopped
 
 
@@ -358,6 +434,7 @@ def train_step(
     scaler: torch.amp.GradScaler,
     context: SessionContext,
     global_batch: int | None = None,
+    phase: ExtraPhase | None = None,
 ) -> StepValues:
     """One optimiser step over this process's micro-batches; returns the loss and its parts
     (image-weighted means over the micro-batches).
@@ -368,6 +445,7 @@ def train_step(
     (:class:`_SessionRun`), before any checkpoint can hold weights updated with such a loss.
 
     ``global_batch`` is the configured ``train.batch_size``; None: the images the step holds.
+    ``phase``: a step of the method's extra phase (``phase_step``) instead of the main fit.
     The objective of a step is ``(1 / global_batch) x`` the sum of its images' losses, so a
     partial last step (fewer images) is a proportionally smaller step: on it the ASL term keeps
     the release's sum semantics (``R x ASL_sum / global batch``; with ``R`` = the batch, exactly
@@ -390,16 +468,19 @@ def train_step(
     deferred = runtime.deferred_reads
     nonfinite = torch.zeros((), dtype=torch.bool, device=runtime.device) if deferred else None
     for index, batch in enumerate(micro_batches):
-        batch = Batch(
-            runtime.images_to_device(batch.images),
-            batch.targets.to(runtime.device, non_blocking=True),
+        batch = dataclasses.replace(batch, images=runtime.images_to_device(batch.images)).to(
+            runtime.device
         )
         last = index == len(micro_batches) - 1
         with contextlib.ExitStack() as stack:
             if not last:
                 stack.enter_context(runtime.no_sync(method.network))
             with context.autocast():
-                output = method.training_step(batch)
+                output = (
+                    method.training_step(batch)
+                    if phase is None
+                    else method.phase_step(phase, batch)
+                )
             if nonfinite is not None:
                 nonfinite |= ~torch.isfinite(output.loss.detach())
             elif runtime.any_rank(not bool(torch.isfinite(output.loss))):
@@ -414,6 +495,8 @@ def train_step(
         for name, value in values.items():
             term = value.detach().float() if deferred else float(value.detach())
             logged[name] = logged.get(name, 0.0) + weight * term
+    if phase is not None and not phase.trains_network and runtime.world_size > 1:
+        average_gradients(optimizer)  # DDP averages the network's; these are the phase's own
     if optimization.grad_clip_norm is not None:
         scaler.unscale_(optimizer)
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
@@ -422,6 +505,14 @@ def train_step(
     scaler.update()
     optimization.scheduler.step()
     return StepValues(logged, nonfinite)
+
+
+def average_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Replace every gradient of ``optimizer``'s parameters by its mean over processes."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            if parameter.grad is not None:
+                parameter.grad.copy_(all_reduce_mean(parameter.grad))
 
 
 def _non_finite_message(method: Method, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> str:

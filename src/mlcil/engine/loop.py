@@ -27,10 +27,12 @@ from mlcil.engine.checkpoint import (
     restore_run,
     save_checkpoint,
     save_progress_checkpoint,
+    state_tensor_files,
 )
-from mlcil.engine.evaluate import evaluate_session, session_result, update_memory
+from mlcil.engine.evaluate import evaluate_session, session_result
 from mlcil.engine.fit import FitProgress, NonFiniteLossError, TrainingStoppedError, fit_session
 from mlcil.engine.observers import Observer, run_observers, timed
+from mlcil.engine.session import after_fits, session_context, session_fits
 from mlcil.errors import ConfigError
 from mlcil.experiment import Experiment
 from mlcil.fileio import write_text_atomic
@@ -94,12 +96,14 @@ class Trainer:
         Returns:
             The ``metrics.json`` content once every session is done, else None.
         """
-        runtime, train = self.experiment.runtime, self.config.train
+        runtime = self.experiment.runtime
         # Lock the folder unless the caller (mlcil.runs) holds its lock for longer than this run.
         owns_lock = runtime.is_main and not self.run_folder.holds_lock
         if owns_lock:
             self.run_folder.acquire_lock()
-        observer = run_observers(self.run_folder, train, runtime.is_main, self.extra_observers)
+        observer = run_observers(
+            self.run_folder, self.config, runtime.is_main, self.extra_observers
+        )
         try:
             state = self._begin()
             remaining = self.experiment.sessions[state.next_session :]
@@ -141,16 +145,15 @@ class Trainer:
         return self.state
 
     def _run_session(self, state: RunState, session: Session, observer: Observer) -> None:
-        """Learn one session, evaluate it, update the memory and checkpoint everything."""
+        """Learn one session (its fits), update the memory, evaluate and checkpoint it all."""
         experiment, method = self.experiment, state.method
         started = time.perf_counter()
-        train_set, own_images = experiment.train_set(session, state.memory)
+        context, own_images = session_context(experiment, method, session, state.memory)
         names = ", ".join(experiment.class_names[c] for c in session.new_classes)
-        exemplars = len(train_set) - own_images
+        exemplars = len(context.train_set) - own_images
         observer.session_started(
             session, f"classes {names}, {own_images} training images + {exemplars} exemplars"
         )
-        context = experiment.context(session, train_set)
         resume, state.resume = state.resume, None
         self.callbacks.session_starting(self.run_folder, state, session, resume is not None)
         if resume is None:  # else the network is grown, loaded and the method state restored
@@ -161,12 +164,17 @@ class Trainer:
                 experiment.runtime.synchronize_parameters(method.network)  # new head, tokens
         save = functools.partial(self._save_progress, state)
         interim = self._interim_map(session)
+        train = self.config.train
         try:
-            fit_session(method, context, self.config.train, observer, interim, resume, save)
+            for part in session_fits(method, context, train, resume):
+                fit = (part.interim(interim), part.resume, save, part.schedule)
+                fit_session(method, part.context, train, observer, *fit)
         except NonFiniteLossError as error:
             # The previous session's checkpoint stays the latest, so the run can resume.
             raise NonFiniteLossError(f"{error}; then resume {self.run_dir}") from None
         train_time = time.perf_counter() - started
+        own = context.train_set.indices[:own_images]
+        state.memory = after_fits(experiment, method, state.memory, session, own, observer)
         with timed(observer, session, "evaluation", experiment.runtime) as phase:
             scores, targets = evaluate_session(experiment, method, session)
             phase.images = len(scores)
@@ -177,12 +185,8 @@ class Trainer:
             train_time_s=round(train_time, 3),
             method_state=method.state_dict(),
         )
-        own = train_set.indices[:own_images]
         with timed(observer, session, "after_evaluation", experiment.runtime):
             self.callbacks.session_evaluated(state, session, own, result)
-        if state.memory.enabled:
-            with timed(observer, session, "herding", experiment.runtime, len(own)):
-                state.memory = update_memory(experiment, method, state.memory, session, own)
         method.end_session(context)
         state.results.append(result)
         state.next_session = session.index + 1
@@ -211,8 +215,9 @@ class Trainer:
     def _save(self, state: RunState, session: Session) -> None:
         if self.experiment.runtime.is_main:
             network, memory = state.method.network, state.memory.to_dict()
-            payload = self._payload(state)
-            folder = save_checkpoint(self.run_folder, session.index, network, payload, memory)
+            payload, tensors = self._payload(state), state_tensor_files(state)
+            run, index = self.run_folder, session.index
+            folder = save_checkpoint(run, index, network, payload, memory, tensors)
             self.callbacks.checkpoint_written(folder)
         self.experiment.runtime.barrier()
 

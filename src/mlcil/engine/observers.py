@@ -1,23 +1,30 @@
-"""Observers the training loop notifies: log lines, the log file, progress bars, TensorBoard.
+"""Observers the training loop notifies: log lines, the log file, progress bars, trackers.
 
 The loop calls every observer at the same few moments and never depends on what they do; an
-observer only reads what it is given. Adding one (a CSV logger, a W&B bridge) touches no loop code.
+observer only reads what it is given. Adding one touches no loop code. The experiment trackers
+(TensorBoard, CSV, W&B, MLflow: :mod:`mlcil.trackers`) are fed by one :class:`TrackingObserver`,
+which names the scalars and places them on a global step.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from tqdm import tqdm
 
-from mlcil.config.schema import TrainConfig
+from mlcil.config.schema import RunConfig, TrainConfig
 from mlcil.protocol import Session
+from mlcil.trackers import Tracker, TrackingTarget, check_trackers, make_trackers
 
 if TYPE_CHECKING:
     from mlcil.rundir import RunDir
@@ -39,6 +46,10 @@ class Observer:
         self, session: Session, epoch: int, step: int, parts: dict[str, float], steps: int
     ) -> None:
         """One optimiser step is done; ``parts`` are the loss and its named parts."""
+
+    def step_recorded(self, record: StepRecord) -> None:
+        """The same step with its learning rates and place in the session (right after
+        ``step_finished``); what trackers read."""
 
     def epoch_finished(
         self, session: Session, epoch: int, epochs: int, means: dict[str, float]
@@ -66,6 +77,66 @@ class Phase:
     """A phase being timed; ``images`` may be set inside the ``with`` block."""
 
     images: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """One optimiser step as :meth:`Observer.step_recorded` reports it.
+
+    Attributes:
+        session: the session being learned.
+        epoch: the epoch (0-based).
+        step: the step in the epoch (0-based).
+        steps: steps per epoch.
+        parts: the loss and its named parts.
+        learning_rates: the rate of every optimiser parameter group during this step.
+    """
+
+    session: Session
+    epoch: int
+    step: int
+    steps: int
+    parts: dict[str, float]
+    learning_rates: tuple[float, ...]
+
+    @property
+    def session_step(self) -> int:
+        """Optimiser steps done in the session once this one is done (1 for the first). It
+        follows from the position alone, so a resumed session counts on where it stopped."""
+        return self.epoch * self.steps + self.step + 1
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> tuple[float, ...]:
+    """The current learning rate of each parameter group."""
+    return tuple(float(group["lr"]) for group in optimizer.param_groups)
+
+
+class LearningRateLog:
+    """Notes the learning rates each optimiser step used, for :class:`StepRecord`.
+
+    It stands in for a session's scheduler: the engine calls ``scheduler.step()`` once right
+    after each optimiser step, and this reads the rates (the ones that step used) before the
+    schedule moves them. Reports take them in step order, however many steps a report covers
+    (on CUDA, ``train.log_every_steps``), without reading anything from the device. Everything
+    else (``state_dict``, ``get_last_lr``) is the wrapped scheduler's own.
+    """
+
+    def __init__(self, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+        self.scheduler = scheduler
+        self.used: collections.deque[tuple[float, ...]] = collections.deque()
+
+    def step(self) -> None:
+        self.used.append(learning_rates(self.scheduler.optimizer))
+        self.scheduler.step()
+
+    def take(self, count: int) -> list[tuple[float, ...]]:
+        """The rates of the ``count`` oldest steps not taken yet (fewer if fewer were noted)."""
+        return [self.used.popleft() for _ in range(min(count, len(self.used)))]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "scheduler":  # not set yet (a copy being built): no endless lookup
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
 
 
 @contextlib.contextmanager
@@ -101,6 +172,10 @@ class Observers(Observer):
         for observer in self.observers:
             observer.step_finished(session, epoch, step, parts, steps)
 
+    def step_recorded(self, record: StepRecord) -> None:
+        for observer in self.observers:
+            observer.step_recorded(record)
+
     def epoch_finished(
         self, session: Session, epoch: int, epochs: int, means: dict[str, float]
     ) -> None:
@@ -125,16 +200,39 @@ class Observers(Observer):
 
 
 def run_observers(
-    run: RunDir, train: TrainConfig, is_main: bool, extra: Sequence[Observer] = ()
+    run: RunDir,
+    config: RunConfig | TrainConfig,
+    is_main: bool,
+    extra: Sequence[Observer] = (),
 ) -> Observers:
-    """A run's observers: its log file, progress bars and TensorBoard as configured (on the main
-    process only), then ``extra``."""
+    """A run's observers: its log file, progress bars and ``train.trackers`` (on the main
+    process only), then ``extra``.
+
+    Args:
+        run: the run folder.
+        config: the resolved config (logged by the trackers); given only its ``train`` section,
+            the trackers log that section.
+        is_main: whether this process writes the run's files.
+        extra: further observers, notified last.
+
+    Raises:
+        ConfigError: an unknown tracker, or one whose package is not installed (before any
+            training).
+    """
+    train = config.train if isinstance(config, RunConfig) else config
     observers: list[Observer] = [LogObserver(run.log_file)] if is_main else []
     if train.progress and is_main:
         observers.append(ProgressObserver())
-    if train.tensorboard and is_main:
-        observers.append(TensorBoardObserver(run.tensorboard))
+    names = active_trackers(train)
+    if names and is_main:
+        observers.append(TrackingObserver(names, run, config))
     return Observers([*observers, *extra])
+
+
+def active_trackers(train: TrainConfig) -> list[str]:
+    """``train.trackers``, without tensorboard when ``train.tensorboard`` is false (the older
+    switch, which existing configs use to turn TensorBoard off)."""
+    return [name for name in train.trackers if name != "tensorboard" or train.tensorboard]
 
 
 def _fmt(value: float | None) -> str:
@@ -238,39 +336,137 @@ class ProgressObserver(Observer):
             self.bar = None
 
 
-class TensorBoardObserver(Observer):
-    """Loss parts every 10 steps and the evaluation scalars, under ``<run>/tensorboard``."""
+class TrackingObserver(Observer):
+    """Feeds the run's experiment trackers (:mod:`mlcil.trackers`) on one global step.
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.writer: Any = None
+    The global step counts the optimiser steps since the run began: step ``i`` (1-based) of a
+    session comes after every step of the earlier sessions. It is derived from counts, never
+    from how many notifications arrived, so it continues across ``--resume`` where the run
+    stopped: the earlier sessions' steps are read back from the checkpoint's session results
+    (their training images, the batch size and their epochs). Session metrics sit at the
+    session's last step. A tracker that fails while logging is switched off with a warning: a
+    lost dashboard never stops a training run.
 
-    def _write(self, tag: str, value: float, step: int) -> None:
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+    Args:
+        names: the ``train.trackers`` to feed (checked now, built when the first session
+            starts, once the run folder holds the run).
+        run: the run folder.
+        config: the resolved config, or only its ``train`` section.
+    """
 
-            self.writer = SummaryWriter(str(self.folder))
-        self.writer.add_scalar(tag, value, step)
+    def __init__(self, names: Sequence[str], run: RunDir, config: RunConfig | TrainConfig) -> None:
+        check_trackers(names)
+        self.names = list(names)
+        self.run = run
+        self.config = config
+        self.train = config.train if isinstance(config, RunConfig) else config
+        self.trackers: dict[str, Tracker] | None = None
+        self.session_steps: dict[int, int] = {}  # all optimiser steps of each session
+        self.epoch_steps: dict[int, int] = {}  # optimiser steps per epoch of each session
 
-    def step_finished(
-        self, session: Session, epoch: int, step: int, parts: dict[str, float], steps: int
+    def _target(self) -> TrackingTarget:
+        if isinstance(self.config, RunConfig):
+            name, config = self.config.run_name, self.config.to_dict()
+        else:
+            name, config = self.run.path.name, {"train": self.config.model_dump()}
+        return TrackingTarget(
+            self.run.path, name, run_id(self.run), config, self.run.tensorboard, self.run.tracking
+        )
+
+    def session_started(self, session: Session, summary: str) -> None:
+        if self.trackers is None:
+            built = make_trackers(self.names, self._target())
+            self.trackers = dict(zip(self.names, built, strict=True))
+        if any(index not in self.session_steps for index in range(session.index)):
+            for index, steps in finished_session_steps(self.run, self.train).items():
+                self.session_steps.setdefault(index, steps)
+
+    def epoch_started(self, session: Session, epoch: int, epochs: int, steps: int) -> None:
+        self.session_steps[session.index] = epochs * steps
+        self.epoch_steps[session.index] = steps
+
+    def global_step(self, session: int, session_step: int) -> int:
+        """The run's step for step ``session_step`` (1-based) of session ``session``."""
+        return sum(self.session_steps.get(i, 0) for i in range(session)) + session_step
+
+    def step_recorded(self, record: StepRecord) -> None:
+        scalars = {f"train/{name}": value for name, value in record.parts.items()}
+        rates = record.learning_rates
+        if len(set(rates)) == 1:
+            scalars["train/lr"] = rates[0]
+        else:  # groups on their own schedules: one curve each
+            scalars.update({f"train/lr_group{i}": rate for i, rate in enumerate(rates)})
+        self._log(scalars, self.global_step(record.session.index, record.session_step))
+
+    def epoch_finished(
+        self, session: Session, epoch: int, epochs: int, means: dict[str, float]
     ) -> None:
-        if step % 10 == 0 or step == steps - 1:
-            for name, value in parts.items():
-                self._write(f"train/session_{session.index}/{name}", value, epoch * steps + step)
+        done = (epoch + 1) * self.epoch_steps.get(session.index, 0)
+        scalars = {f"train_epoch/{name}": value for name, value in means.items()}
+        self._log(scalars, self.global_step(session.index, done))
 
     def interim_evaluated(self, session: Session, epoch: int, seen_map: float) -> None:
-        self._write("eval/epoch_seen_map", seen_map, session.index * 1000 + epoch)
+        done = (epoch + 1) * self.epoch_steps.get(session.index, 0)
+        self._log({"eval/epoch_seen_map": seen_map}, self.global_step(session.index, done))
 
     def session_finished(self, result: dict[str, Any]) -> None:
-        for key in ("seen_map", "base_map", "new_map"):
-            if result[key] is not None:
-                self._write(f"eval/{key}", result[key], result["index"])
+        index = result["index"]
+        keys = ("seen_map", "base_map", "new_map", "base_map_subset", "new_map_subset")
+        scalars = {f"eval/{k}": result[k] for k in keys if result.get(k) is not None}
+        scalars.update({"eval/session": index, "eval/num_seen": result["num_seen"]})
+        scalars.update({f"eval_ap/{name}": ap for name, ap in (result.get("ap") or {}).items()})
+        self._log(scalars, self.global_step(index, self.session_steps.get(index, 0)))
+        for name, tracker in list((self.trackers or {}).items()):
+            self._guard(name, tracker.flush)
+
+    def _log(self, scalars: Mapping[str, float], step: int) -> None:
+        for name, tracker in list((self.trackers or {}).items()):
+            self._guard(name, tracker.log, scalars, step)
+
+    def _guard(self, name: str, call: Callable[..., None], *args: Any) -> None:
+        try:
+            call(*args)
+        except Exception as error:  # any backend failure: keep training, drop the tracker
+            logger.warning("tracker %s failed (%s); it is off for the rest of the run", name, error)
+            if self.trackers is not None:
+                self.trackers.pop(name, None)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        trackers, self.trackers = self.trackers or {}, None
+        for name, tracker in trackers.items():
+            try:
+                tracker.close()
+            except Exception as error:  # closing one must not keep the others open
+                logger.warning("tracker %s did not close cleanly: %s", name, error)
+
+
+def run_id(run: RunDir) -> str:
+    """A tracking id stable across ``--resume`` of ``run``: from the folder's absolute path and
+    its run marker, which ``--overwrite`` writes anew (so a replaced run gets a new id)."""
+    digest = hashlib.sha1(str(run.path.resolve()).encode())
+    if run.marker.is_file():
+        digest.update(run.marker.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def finished_session_steps(run: RunDir, train: TrainConfig) -> dict[int, int]:
+    """Optimiser steps of each session finished in ``run``'s latest checkpoint: its epochs times
+    ``ceil(images / train.batch_size)`` (what the engine's batch layout gives for any number of
+    processes and accumulation steps), from the training and exemplar images it recorded."""
+    try:
+        folder = run.latest()
+        if folder is None:
+            return {}
+        results = json.loads((folder / "state.json").read_text(encoding="utf-8"))["results"]
+        steps = {}
+        for result in results:
+            images = int(result["train_images"]) + int(result["memory_images"])
+            epoch_steps = -(-images // train.batch_size)
+            steps[int(result["index"])] = train.epochs_for(int(result["index"])) * epoch_steps
+        return steps
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning("trackers: earlier sessions' steps unknown (%s): steps restart", error)
+        return {}
 
 
 class PhaseTimer(Observer):

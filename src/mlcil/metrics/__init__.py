@@ -10,15 +10,25 @@ from mlcil.metrics.multilabel import (
     mean_average_precision,
     session_maps,
 )
+from mlcil.metrics.transfer import (
+    backward_transfer,
+    forward_transfer,
+    task_means,
+    transfer_matrix,
+)
 
 __all__ = [
     "average_map",
     "average_precision",
+    "backward_transfer",
     "classes_without_positives",
     "f1_scores",
     "forgetting",
     "forgetting_per_class",
+    "forward_transfer",
     "last_map",
     "mean_average_precision",
     "session_maps",
+    "task_means",
+    "transfer_matrix",
 ]

@@ -1,0 +1,258 @@
+"""The method surface, driven by the engine with a method defined here on an in-memory source:
+the step and epoch hooks, an extra phase on held-out rows, exemplar data stored and replayed,
+the prediction hook before evaluation, method tensors in checkpoints, and resume."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from mlcil.config.schema import ModelConfig, TrainConfig
+from mlcil.data.base import ArrayImageSource, ImageSource
+from mlcil.data.catalog import DATASETS, DatasetSpec
+from mlcil.engine.checkpoint import restore_run
+from mlcil.engine.loop import Trainer
+from mlcil.errors import ConfigError
+from mlcil.experiment import Experiment, load_config
+from mlcil.methods.base import (
+    Batch,
+    EpochInfo,
+    ExemplarSet,
+    ExtraPhase,
+    Method,
+    Optimization,
+    SessionContext,
+    StepInfo,
+    StepOutput,
+)
+from mlcil.methods.registry import METHODS, register_method
+from mlcil.models.base import IncrementalNetwork, NetworkOutput
+from mlcil.protocol import Session
+
+CLASSES = 4
+
+
+def split(config: Any, name: str) -> ImageSource:
+    """24 training / 12 test images of 8x8 pixels; every class has positives in both."""
+    rng = np.random.default_rng(0 if name == "train" else 1)
+    count = 24 if name == "train" else 12
+    labels = (rng.random((count, CLASSES)) < 0.4).astype(np.uint8)
+    labels[np.arange(count), np.arange(count) % CLASSES] = 1
+    images = rng.integers(0, 256, size=(count, 8, 8, 3), dtype=np.uint8)
+    names = [f"c{i}" for i in range(CLASSES)]
+    return ArrayImageSource(
+        dataset="memory", split=name, class_names=names, images=images, labels=labels
+    )
+
+
+class Tiny(IncrementalNetwork):
+    def __init__(self) -> None:
+        super().__init__(nn.Conv2d(3, 5, kernel_size=3, padding=1))  # type: ignore[arg-type]
+
+    def _make_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(5, num_classes)
+
+    def forward(self, images: torch.Tensor, stage_indices: Any = None) -> NetworkOutput:
+        pooled = self.backbone(images).mean(dim=(2, 3))
+        return NetworkOutput(self.classify(pooled[:, None]), pooled[:, None], pooled)
+
+
+class Surface(Method):
+    """Fine-tuning that uses every optional hook and records how the engine calls them."""
+
+    name = "test-surface"
+    needs_memory = True
+    stores_exemplar_data = True
+    log: ClassVar[list[tuple[Any, ...]]] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.scale = nn.Parameter(torch.ones(()))  # the extra phase's own parameter
+        self.marker = torch.zeros(0)
+
+    @classmethod
+    def build_network(
+        cls, model: ModelConfig, image_size: int, load_weights: bool = True
+    ) -> IncrementalNetwork:
+        return Tiny()
+
+    def begin_session(self, context: SessionContext) -> None:
+        self.log.append(("begin", context.session.index, len(context.train_set)))
+        super().begin_session(context)
+
+    def configure_optimization(
+        self, train: TrainConfig, session: Session, total_steps: int
+    ) -> Optimization:
+        optimizer = torch.optim.SGD(self.network.parameters(), lr=0.05)
+        return Optimization(optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0, 0))
+
+    def training_step(self, batch: Batch) -> StepOutput:
+        data = batch.exemplar_data
+        replayed = None if data is None else data[torch.isfinite(data).all(dim=1)].tolist()
+        self.log.append(("step", len(batch.images), self.network.training, replayed))
+        logits = self.network(batch.images).logits
+        loss = self.classification_loss(logits, batch.targets[:, : self.seen])
+        return StepOutput(loss, {"asl": loss.detach()})
+
+    def after_step(self, step: StepInfo) -> None:
+        self.log.append(("after_step", step.phase, step.epoch, step.step, step.steps))
+
+    def after_epoch(self, epoch: EpochInfo) -> None:
+        self.log.append(("after_epoch", epoch.phase, epoch.epoch, epoch.epochs))
+
+    def extra_phase(self, context: SessionContext) -> ExtraPhase | None:
+        if self.num_old == 0:
+            return None
+        own = context.own_images
+        assert own is not None and len(context.exemplar_rows)
+        return ExtraPhase("calibrate", np.array([0, own]), epochs=2)  # one own row, one exemplar
+
+    def configure_phase_optimization(
+        self, phase: ExtraPhase, train: TrainConfig, session: Session, total_steps: int
+    ) -> Optimization:
+        optimizer = torch.optim.SGD([self.scale], lr=0.001)
+        return Optimization(optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0, 0))
+
+    def phase_step(self, phase: ExtraPhase, batch: Batch) -> StepOutput:
+        self.log.append(("phase_step", len(batch.images), self.network.training))
+        with torch.no_grad():
+            logits = self.network(batch.images).logits
+        targets = batch.targets[:, : self.seen]
+        loss = F.binary_cross_entropy_with_logits(self.scale * logits, targets)
+        return StepOutput(loss, {"calibration": loss.detach()})
+
+    @torch.no_grad()
+    def exemplar_data(self, images: torch.Tensor) -> torch.Tensor:
+        means = images.mean(dim=(1, 2, 3))
+        return torch.stack([means, torch.full_like(means, float(self.seen))], dim=1)
+
+    def prepare_prediction(self, exemplars: ExemplarSet) -> None:
+        self.log.append(("prepare", exemplars.positions.tolist(), tuple(exemplars.targets.shape)))
+        self.marker = torch.tensor(exemplars.positions, dtype=torch.float32)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        self.log.append(("predict",))
+        return self.scale.detach() * self.network(images).logits
+
+    def end_session(self, context: SessionContext) -> None:
+        self.log.append(("end", context.session.index))
+        super().end_session(context)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": float(self.scale.detach())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale = nn.Parameter(torch.tensor(state["scale"]))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"marker": self.marker}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.marker = tensors["marker"]
+
+
+@pytest.fixture
+def surface(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setitem(DATASETS, "memory", DatasetSpec("memory", split))
+    register_method(Surface)
+    Surface.log.clear()
+    yield
+    METHODS.pop(Surface.name)
+
+
+def config(*overrides: str) -> Any:
+    settings = ["data.dataset=memory", "data.image_size=8", "data.augment=[]"]
+    settings += ["data.num_workers=0", "protocol=B0-C2", "method.name=test-surface"]
+    settings += ["memory.per_class=2", "train.epochs=2", "train.batch_size=4"]
+    settings += ["train.progress=false", "train.tensorboard=false", "train.diagnostics=false"]
+    return load_config(None, [*settings, *overrides])
+
+
+def events(kind: str) -> list[tuple[Any, ...]]:
+    return [entry for entry in Surface.log if entry[0] == kind]
+
+
+def test_hooks_phases_and_exemplar_data_as_the_engine_calls_them(
+    surface: None, tmp_path: Path
+) -> None:
+    metrics = Trainer(config(), run_dir=tmp_path / "run").run()
+    assert metrics is not None
+    kinds = [entry[0] for entry in Surface.log]
+    # Session 1: the main fit, then the phase, then the prediction hook, evaluation, the end.
+    second = kinds[kinds.index("end") + 1 :]
+    assert second.index("phase_step") > max(i for i, k in enumerate(second) if k == "step")
+    assert second.index("prepare") > second.index("phase_step")
+    assert second.index("predict") > second.index("prepare") and second[-1] == "end"
+
+    total = events("begin")[1][2]  # session 1's own images + exemplars
+    steps = [e for e in Surface.log if e[0] == "step"]
+    session1 = steps[len(steps) - 2 * -(-(total - 2) // 4) :]
+    # The main fit never sees the 2 held-out rows; the phase sees only them, network frozen.
+    assert sum(e[1] for e in session1) == 2 * (total - 2)
+    assert all(e[2] for e in steps) and [e[1:] for e in events("phase_step")] == [(2, False)] * 2
+
+    # Every step is followed by its hook; the phase's epochs are numbered after the main fit's.
+    assert len(events("after_step")) == len(steps) + 2
+    epochs = [e[1:] for e in events("after_epoch")]
+    assert epochs == [
+        ("main", 0, 2), ("main", 1, 2), ("main", 0, 2), ("main", 1, 2),
+        ("calibrate", 2, 4), ("calibrate", 3, 4),
+    ]  # fmt: skip
+
+    # Exemplar data: stored after session 0 (2 seen classes), replayed in session 1's batches.
+    memory = json.loads((tmp_path / "run/checkpoints/session_00/memory.json").read_text())
+    stored = load_file(str(tmp_path / "run/checkpoints/session_00/memory.safetensors"))
+    positions = [entry["index"] for entry in memory["exemplars"]]
+    assert sorted(int(p) for p in stored) == positions
+    assert all(float(row[1]) == 2.0 for row in stored.values())
+    replayed = [row for e in session1 for row in e[3]]
+    assert len(replayed) == 2 * (len(positions) - 1)  # one exemplar row is held out
+    assert all(row[1] == 2.0 for row in replayed)
+    assert events("step")[0][3] is None  # session 0: no exemplar data yet
+
+    # The prediction hook sees the memory after the session's update; its tensors are saved.
+    assert events("prepare")[0][1:] == (positions, (len(positions), 2))
+    marker = load_file(str(tmp_path / "run/checkpoints/session_00/method.safetensors"))["marker"]
+    assert marker.tolist() == positions
+
+
+def test_restore_and_resume_keep_method_tensors_and_exemplar_data(
+    surface: None, tmp_path: Path
+) -> None:
+    straight = Trainer(config(), run_dir=tmp_path / "straight").run()
+    assert Trainer(config(), run_dir=tmp_path / "split").run(max_sessions=1) is None
+    folder = tmp_path / "split/checkpoints/session_00"
+    state = restore_run(Experiment(config()), folder)
+    assert isinstance(state.method, Surface)
+    assert state.method.marker.tolist() == sorted(state.memory.labels)
+    assert state.memory.data and set(state.memory.data) == set(state.memory.labels)
+    resumed = Trainer(config(), run_dir=tmp_path / "split", resume=True).run()
+    assert straight is not None and resumed is not None
+
+    def comparable(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in s.items() if k != "train_time_s"} for s in metrics["sessions"]]
+
+    assert comparable(resumed) == comparable(straight)
+    assert resumed["sessions"][1]["method_state"]["scale"] != 1.0  # the phase learned
+
+
+def test_a_phase_holding_out_every_row_is_refused(
+    surface: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def everything(self: Surface, context: SessionContext) -> ExtraPhase | None:
+        rows = np.arange(len(context.train_set))
+        return ExtraPhase("all", rows, epochs=1) if self.num_old else None
+
+    monkeypatch.setattr(Surface, "extra_phase", everything)
+    with pytest.raises(ConfigError, match="extra phase 'all'.*fewer than all"):
+        Trainer(config(), run_dir=tmp_path / "run").run()
