@@ -538,7 +538,8 @@ def curves_figure(label_runs: dict[str, list[dict]], title: str) -> Any:
     for index, (label, runs) in enumerate(label_runs.items()):
         seen, means, stds = _label_series(runs, "seen_map")
         color = f"C{index % 10}"
-        axis.plot(seen, means, marker="o", color=color, label=f"{label} ({len(runs)} seeds)")
+        seeds = f"{len(runs)} seed" + ("" if len(runs) == 1 else "s")
+        axis.plot(seen, means, marker="o", color=color, label=f"{label} ({seeds})")
         if len(runs) > 1:
             low = [m - s for m, s in zip(means, stds, strict=True)]
             high = [m + s for m, s in zip(means, stds, strict=True)]

