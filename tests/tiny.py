@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -62,3 +63,28 @@ def in_memory_context(
     train_set = session_train_set(source, session, sessions, to_unit_tensor)
     runtime = Runtime(device=torch.device("cpu"), precision="fp32")
     return SessionContext(session, sessions, train_set, source, runtime, seed, batch_size)
+
+
+MANIFEST_CLASSES = ["a", "b", "c", "d"]
+
+
+def write_manifest_dataset(root: Path) -> list[str]:
+    """56 training and 16 test images (16x16) of 4 classes as CSV manifests (the kill-and-resume
+    tests' dataset); returns the data overrides that select it."""
+    rng = np.random.default_rng(3)
+    (root / "images").mkdir(parents=True)
+    for split, count in (("train", 56), ("test", 16)):
+        rows = ["image,labels"]
+        for i in range(count):
+            ref = f"images/{split}{i:03d}.png"
+            pixels = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / ref)
+            labels = {MANIFEST_CLASSES[i % 4]} | {c for c in MANIFEST_CLASSES if rng.random() < 0.3}
+            rows.append(f"{ref},{';'.join(sorted(labels))}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    (root / "classes.txt").write_text("\n".join(MANIFEST_CLASSES) + "\n")
+    return [
+        f"data.train_manifest={root / 'train.csv'}",
+        f"data.test_manifest={root / 'test.csv'}",
+        f"data.class_list={root / 'classes.txt'}",
+    ]

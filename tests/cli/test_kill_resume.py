@@ -17,35 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from tiny import REPO, tiny_overrides
+from tiny import REPO, tiny_overrides, write_manifest_dataset
 
-CLASSES = ["a", "b", "c", "d"]
 _TIMEOUT_S = 240.0
-
-
-def write_dataset(root: Path) -> list[str]:
-    """56 training and 16 test images (16x16), 4 classes; returns the data overrides."""
-    rng = np.random.default_rng(3)
-    (root / "images").mkdir(parents=True)
-    for split, count in (("train", 56), ("test", 16)):
-        rows = ["image,labels"]
-        for i in range(count):
-            ref = f"images/{split}{i:03d}.png"
-            pixels = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / ref)
-            labels = {CLASSES[i % 4]} | {c for c in CLASSES if rng.random() < 0.3}
-            rows.append(f"{ref},{';'.join(sorted(labels))}")
-        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    return [
-        f"data.train_manifest={root / 'train.csv'}",
-        f"data.test_manifest={root / 'test.csv'}",
-        f"data.class_list={root / 'classes.txt'}",
-    ]
 
 
 def command(run_dir: Path, data: list[str]) -> list[str]:
@@ -119,7 +95,7 @@ def comparable(metrics: dict[str, Any]) -> dict[str, Any]:
 def test_a_run_killed_mid_session_resumes_to_the_same_metrics(
     tmp_path: Path, sig: signal.Signals, prefix: str
 ) -> None:
-    data = write_dataset(tmp_path / "data")
+    data = write_manifest_dataset(tmp_path / "data")
     straight = tmp_path / "straight"
     run(command(straight, data))
 
