@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -624,6 +625,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the last finished session's checkpoint is kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left early (`mlcil predict ... | head`): not an error of this command. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as error:
         if args.debug:
             traceback.print_exc()

@@ -99,3 +99,18 @@ def test_new_options_appear_in_the_help(flag: str, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert flag in capsys.readouterr().out
+
+
+def test_a_reader_that_leaves_early_is_not_an_error() -> None:
+    """`mlcil configs | head -1`: a pipe closed by its reader ends the command quietly, with
+    status 0 (the reader here leaves before the first line, while the command still imports)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "mlcil", "configs"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()
+        errors = process.stderr.read().decode()
+        status = process.wait(timeout=120)
+    assert status == 0 and "Broken pipe" not in errors, errors
