@@ -64,6 +64,7 @@ from mlcil.data.synthetic import (
 from mlcil.diagnostics import PROBE_IMAGES, RESTORE_IMAGES
 from mlcil.engine.observers import Observer, PhaseTimer
 from mlcil.experiment import Experiment, RunPlan, load_config
+from mlcil.old_classes import RULES_WITH_THRESHOLD
 from mlcil.runs import make_runtime, start_run
 from mlcil.runtime import Runtime
 
@@ -241,10 +242,10 @@ def project(
 
 
 def run_shape(config: RunConfig) -> RunShape:
-    """The phases ``config``'s run has (a teacher pass: KRT with dynamic pseudo-labels)."""
-    params = config.method.params
+    """The phases ``config``'s run has (a teacher pass: an old-class rule with pseudo-labels)."""
+    rule = getattr(config.method.params, "old_classes", None)
     return RunShape(
-        teacher_pass=config.method.name == "krt" and bool(getattr(params, "pseudo_labels", False)),
+        teacher_pass=rule in RULES_WITH_THRESHOLD,
         diagnostics=config.train.diagnostics,
         memory=config.memory.enabled,
     )

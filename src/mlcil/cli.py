@@ -307,17 +307,24 @@ def cmd_list(args: argparse.Namespace) -> int:
     from mlcil.memory_policies import MEMORY_POLICIES
     from mlcil.methods import METHODS
     from mlcil.models import NETWORKS
+    from mlcil.old_classes import RULE_SUMMARIES
 
     # Plugins may register longer names than the built-in ones: the column fits them all.
-    width = max(10, *(len(name) for name in (*METHODS, *NETWORKS, *DATASETS)))
-    print("methods:")
+    names = (*METHODS, *NETWORKS, *DATASETS, *RULE_SUMMARIES)
+    width = max(10, *(len(name) for name in names))
+    print("methods (default old-class rule, method.old_classes, in brackets):")
     for name, cls in sorted(METHODS.items()):
         summary = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
-        print(f"  {name:<{width}} {summary.splitlines()[0] if summary else ''}")
+        rule = cls.Params.model_fields.get("old_classes")
+        tag = f"[{rule.default}] " if rule is not None else "[its own] "
+        print(f"  {name:<{width}} {tag}{summary.splitlines()[0] if summary else ''}")
     print("networks:")
     for name, network in sorted(NETWORKS.items()):
         summary = (network.__doc__ or "").strip()
         print(f"  {name:<{width}} {summary.splitlines()[0] if summary else ''}")
+    print("old-class rules (method.old_classes):")
+    for name, summary in RULE_SUMMARIES.items():
+        print(f"  {name:<{width}} {summary}")
     print("memory policies (memory.policy):")
     for name, policy in sorted(MEMORY_POLICIES.items()):
         summary = (policy.__doc__ or "").strip()

@@ -51,6 +51,7 @@ def asymmetric_loss(
     gamma_pos: float = 0.0,
     clip: float | None = 0.05,
     eps: float = 1e-8,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Asymmetric loss (ASL, Ridnik et al. 2021) for multi-label classification, summed.
 
@@ -76,6 +77,9 @@ def asymmetric_loss(
         gamma_pos: focusing exponent of positives, >= 0.
         clip: probability margin added to negatives, in ``[0, 1)``; 0 or None disables it.
         eps: floor of the probabilities inside the logs, >= 0.
+        mask: ``(B, C)`` bool, the entries summed; None: all. A left-out entry adds exactly
+            zero to the loss and to every gradient (its element is never summed), so entries
+            whose label is unknown can be left out (mlcil.old_classes).
 
     Returns:
         A float32 scalar tensor.
@@ -84,6 +88,8 @@ def asymmetric_loss(
         MlcilError: on mismatched shapes or out-of-range hyper-parameters.
     """
     _check_same_shape("logits", logits, "targets", targets)
+    if mask is not None:
+        _check_same_shape("logits", logits, "mask", mask)
     _check_non_negative("gamma_neg", gamma_neg)
     _check_non_negative("gamma_pos", gamma_pos)
     _check_non_negative("eps", eps)
@@ -110,6 +116,10 @@ def asymmetric_loss(
             weight = torch.pow(1.0 - p_t, gamma)  # (B, C)
         loss = loss * weight
 
+    if mask is not None:
+        # Selecting (not multiplying) keeps a left-out entry out of the sum and its gradient
+        # exactly zero, whatever its value.
+        return -loss[mask.to(device=loss.device, dtype=torch.bool)].sum()
     return -loss.sum()
 
 

@@ -222,7 +222,7 @@ def test_run_shape_follows_the_method() -> None:
     krt = load_config(CONFIGS / "coco_b0_c10.yaml", ["model.pretrained=null"])
     assert scale.run_shape(krt) == scale.RunShape(True, True, True)
     no_dpl = load_config(
-        CONFIGS / "coco_b0_c10.yaml", ["model.pretrained=null", "method.pseudo_labels=false"]
+        CONFIGS / "coco_b0_c10.yaml", ["model.pretrained=null", "method.old_classes=negative"]
     )
     assert not scale.run_shape(no_dpl).teacher_pass
     files = [CONFIGS / "coco_b0_c10.yaml", CONFIGS / "methods" / "finetune.yaml"]

@@ -1,5 +1,6 @@
-"""KRT's iterative threshold search starts each session from the previous session's threshold
-when ``threshold_warm_start`` is on (as the release does), and from 0.8 otherwise."""
+"""KRT's iterative threshold search (mlcil.old_classes) starts each session from the previous
+session's threshold when ``threshold_warm_start`` is on (as the release does), and from 0.8
+otherwise."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from mlcil import old_classes
 from mlcil.config.schema import LossConfig, ModelConfig
 from mlcil.methods import METHODS
-from mlcil.methods import krt as krt_module
 from mlcil.models import build_network
 from mlcil.protocol import sessions
 from tiny import in_memory_context
@@ -22,13 +23,13 @@ PROTOCOL = sessions(6, 2, 2)
 @pytest.mark.parametrize("warm", [True, False])
 def test_iterative_search_warm_start(warm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     starts: list[float] = []
-    search = krt_module.iterative_dpl_threshold
+    search = old_classes.iterative_dpl_threshold
 
     def recording(scores: Any, target: float, start: float = 0.8, **kwargs: Any) -> float:
         starts.append(start)
         return search(scores, target, start=start, **kwargs)
 
-    monkeypatch.setattr(krt_module, "iterative_dpl_threshold", recording)
+    monkeypatch.setattr(old_classes, "iterative_dpl_threshold", recording)
     torch.manual_seed(0)
     krt = METHODS["krt"]
     params = krt.Params(threshold_search="iterative", threshold_warm_start=warm)

@@ -9,6 +9,8 @@ import pytest
 from mlcil.cli import main
 from mlcil.experiment import load_config
 from mlcil.memory_policies import MEMORY_POLICIES
+from mlcil.methods import METHODS
+from mlcil.old_classes import OLD_CLASS_RULES
 from tiny import REPO
 
 NEW_METHODS = ("oewc", "icarl", "bic", "derpp")
@@ -25,6 +27,21 @@ def test_list_names_the_new_methods(capsys: pytest.CaptureFixture[str]) -> None:
     start = lines.index("memory policies (memory.policy):")
     listed = {line.split()[0] for line in lines[start + 1 : start + 1 + len(MEMORY_POLICIES)]}
     assert listed == set(MEMORY_POLICIES) == {"herding", "random", "prs", "ocdm"}
+
+
+def test_list_shows_each_method_default_old_class_rule(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shown = {}
+    for name in METHODS:
+        line = next(line for line in lines if line.split()[:1] == [name])
+        shown[name] = line.split()[1]
+    assert shown["krt"] == "[pseudo]" and shown["lwf"] == "[distill]"
+    assert shown["finetune"] == "[negative]" and shown["agcn"] == "[distill]"
+    assert set(shown.values()) <= {f"[{rule}]" for rule in OLD_CLASS_RULES}
+    start = lines.index("old-class rules (method.old_classes):")
+    listed = [line.split()[0] for line in lines[start + 1 : start + 1 + len(OLD_CLASS_RULES)]]
+    assert listed == list(OLD_CLASS_RULES)
 
 
 def test_every_memory_policy_documents_itself_in_one_line() -> None:

@@ -156,7 +156,9 @@ def test_includes_merge_and_a_method_switch_drops_old_params(tmp_path: Path) -> 
     assert lwf.model.network == "linear" and lwf.memory.per_class == 0
     # Stacking the same method keeps the earlier file's tuned weight.
     same = load_config([child, CONFIGS / "ablations" / "krt_no_dpl.yaml"])
-    assert same.method.params.token_loss_weight == 9 and same.method.params.pseudo_labels is False
+    assert (
+        same.method.params.token_loss_weight == 9 and same.method.params.old_classes == "negative"
+    )
     assert same.label == "krt-no-dpl" and same.run_name.endswith("krt-no-dpl_s5")
 
 

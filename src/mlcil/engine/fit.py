@@ -374,7 +374,7 @@ class _SessionRun:
         steps = enumerate(optimizer_steps(loader, layout.accumulation), first_step)
         for step, micro_batches in steps:
             try:
-                values = self._train([Batch(*items) for items in micro_batches])
+                values = self._train([Batch.from_items(items) for items in micro_batches])
             except NonFiniteLossError as error:
                 where = f"session {session.index} epoch {epoch + 1} step {step}"
                 raise NonFiniteLossError(f"{where}: {error}") from None

@@ -11,7 +11,8 @@ Graph Convolutional Network".
   (unlabelled in new data), the previous model's sigmoid scores (an exemplar's stored old
   labels count as certain). The new-new block comes from the hard labels, the two inter-task
   blocks from soft-hard pairs, and the old-old block is kept from earlier sessions.
-- Loss: the asymmetric loss on the new classes only (old classes are unlabelled, not negative);
+- Loss: the asymmetric loss on the new classes only (old classes are unlabelled, not negative:
+  the old-class rule ``distill``, its default; ``method.old_classes`` chooses another);
   from the second session on, LwF-style sigmoid distillation of the old classes' predictions
   (``distillation_weight``) and the relationship-preserving term: the mean squared distance
   between the old classes' GCN classifiers and the previous model's (``relation_weight``).
@@ -31,13 +32,21 @@ from typing import Annotated, Any
 import torch
 from pydantic import Field
 
-from mlcil.config.schema import LossConfig, Params, TrainConfig
+from mlcil.config.schema import LossConfig, TrainConfig
 from mlcil.errors import ConfigError
 from mlcil.losses import sigmoid_distillation
-from mlcil.methods.base import Batch, Method, Optimization, SessionContext, StepOutput
+from mlcil.methods.base import (
+    Batch,
+    Method,
+    MethodParams,
+    Optimization,
+    SessionContext,
+    StepOutput,
+)
 from mlcil.methods.registry import register_method
 from mlcil.models import IncrementalNetwork
 from mlcil.models.gcn import GCNNetwork, GCNOutput
+from mlcil.old_classes import OldClassRule
 from mlcil.optim import decay_groups, one_cycle
 from mlcil.protocol import Session
 
@@ -48,7 +57,8 @@ logger = logging.getLogger(__name__)
 STATISTICS_PASS_PHASE = 1_000_003
 
 
-class AGCNParams(Params):
+class AGCNParams(MethodParams):
+    old_classes: OldClassRule = "distill"
     distillation_weight: Annotated[float, Field(ge=0)] = 1.0  # old-class prediction distillation
     relation_weight: Annotated[float, Field(ge=0)] = 1.0  # relationship-preserving term
     # The GCN (its two layers and the class embeddings) learns at this fraction of the run's lr,
@@ -70,6 +80,7 @@ class AGCN(Method):
     name = "agcn"
     Params = AGCNParams
     keeps_old_network = True
+    distills_old_outputs = True
     loss_parts = frozenset({"asl", "kd", "relation"})
 
     def __init__(self, params: Any, network: IncrementalNetwork, loss: LossConfig) -> None:
@@ -133,9 +144,10 @@ class AGCN(Method):
         output = self.network(batch.images)
         assert isinstance(output, GCNOutput) and output.classifiers is not None
         old = self.num_old
-        loss = self.classification_loss(output.logits[:, old:], batch.targets[:, old : self.seen])
-        parts = {"asl": loss.detach()}
         teacher = self.teacher(batch.images)
+        targets = self.rule_targets(batch, None if teacher is None else teacher.logits)
+        parts: dict[str, torch.Tensor] = {}
+        loss = self.classification_term(output.logits, targets, parts)
         if teacher is not None:
             assert isinstance(teacher, GCNOutput) and teacher.classifiers is not None
             summed = sigmoid_distillation(output.logits[:, :old], teacher.logits)

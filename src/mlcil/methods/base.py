@@ -6,6 +6,9 @@ evaluation, exemplar memory and checkpoints. The whole surface, each with its de
 (docs/methods-api.md walks through it):
 
 - ``training_step(batch) -> StepOutput``: the loss of one batch and its named parts (required).
+  Its classification term follows the old-class rule (``method.old_classes``,
+  :mod:`mlcil.old_classes`): ``rule_targets(batch)`` then ``classification_term(logits,
+  targets, parts)``; ``begin_session`` chooses the pseudo rules' thresholds.
 - ``build_network(model, image_size, load_weights)`` (class method): the registered
   ``model.network``.
 - ``begin_session(context)``: grow the network (one head for the new classes).
@@ -31,239 +34,88 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
-from typing import Any, ClassVar
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Annotated, Any, ClassVar
 
-import numpy as np
 import torch
+from pydantic import Field, field_validator
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from mlcil.config.schema import LossConfig, ModelConfig, Params, TrainConfig
-from mlcil.data.base import ImageSource
-from mlcil.data.sessions import TargetedImages
+from mlcil.data.base import training_label_density
 from mlcil.errors import MlcilError
-from mlcil.inference import infer
-from mlcil.losses import asymmetric_loss, token_distillation_weight
+from mlcil.losses import asymmetric_loss, sigmoid_distillation, token_distillation_weight
+from mlcil.methods.context import (
+    MAIN_PHASE,
+    Batch,
+    EpochInfo,
+    ExemplarSet,
+    ExtraPhase,
+    Optimization,
+    SessionContext,
+    StepInfo,
+    StepOutput,
+    TrainingRows,
+)
 from mlcil.models import IncrementalNetwork, NetworkOutput, build_network
+from mlcil.old_classes import (
+    RULES_WITH_TEACHER,
+    RULES_WITH_THRESHOLD,
+    OldClassRule,
+    OldClassTargets,
+    PseudoLabelParams,
+    Thresholds,
+    choose_thresholds,
+    old_class_targets,
+)
 from mlcil.optim import decay_groups, one_cycle
 from mlcil.protocol import Session
-from mlcil.runtime import Runtime, derive_seed
+from mlcil.pseudo_labels import target_positives_per_image
+from mlcil.runtime import Runtime
 
-# The name of a session's main fit in ``StepInfo.phase`` and ``EpochInfo.phase``.
-MAIN_PHASE = "main"
+logger = logging.getLogger(__name__)
 
+__all__ = [
+    "MAIN_PHASE",
+    "Batch",
+    "EpochInfo",
+    "ExemplarSet",
+    "ExtraPhase",
+    "Method",
+    "MethodParams",
+    "Optimization",
+    "SessionContext",
+    "StepInfo",
+    "StepOutput",
+    "TrainingRows",
+    "eval_mode",
+    "frozen_copy",
+]
 
-@dataclasses.dataclass
-class Batch:
-    """One training batch. ``targets`` cover every class of the dataset; columns of classes not
-    labelled in this session are 0 (label absence), so methods slice ``[:, :seen]``.
-
-    ``exemplar_data`` is ``(B, E)`` only for a method that ``stores_exemplar_data``, once some
-    exemplar has data: each replayed exemplar's stored row, NaN-padded to the widest, and all
-    NaN for the session's own images."""
-
-    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
-    targets: torch.Tensor  # (B, num_classes) 0/1 float
-    exemplar_data: torch.Tensor | None = None  # (B, E) float32, NaN where none
-
-    def to(self, device: torch.device) -> Batch:
-        data = self.exemplar_data
-        return Batch(
-            self.images.to(device, non_blocking=True),
-            self.targets.to(device, non_blocking=True),
-            None if data is None else data.to(device, non_blocking=True),
-        )
+# The DPL threshold pass draws its own shuffle and augmentation, seeded apart from every epoch's.
+THRESHOLD_PASS_PHASE = 1_000_002
 
 
-@dataclasses.dataclass(frozen=True)
-class StepInfo:
-    """Where ``Method.after_step`` is called: after optimiser step ``step`` (0-based) of
-    ``steps`` in ``epoch`` of ``session``, in the main fit or the method's extra ``phase``."""
+class MethodParams(Params):
+    """Base of a method's own hyperparameters: the old-class rule every method honours
+    (``method.old_classes``, :mod:`mlcil.old_classes`). A method's ``Params`` sets its default
+    rule and lists the rules it cannot honour, with why, in ``refused_old_classes``."""
 
-    session: Session
-    phase: str
-    epoch: int
-    step: int
-    steps: int
+    old_classes: OldClassRule = "negative"
+    # pseudo-ignore: old entries per image left above the negative threshold (restored or
+    # undecided), in multiples of the DPL target; the rest are confident negatives.
+    negative_margin: Annotated[float, Field(ge=1)] = 2.0
 
+    refused_old_classes: ClassVar[dict[str, str]] = {}
 
-@dataclasses.dataclass(frozen=True)
-class EpochInfo:
-    """Where ``Method.after_epoch`` is called: ``epoch`` (0-based, counted on over the session's
-    phases) of ``epochs`` is finished; ``means`` are its loss parts' means per step."""
-
-    session: Session
-    phase: str
-    epoch: int
-    epochs: int
-    means: dict[str, float]
-
-
-@dataclasses.dataclass(frozen=True)
-class ExtraPhase:
-    """A second, short fit of a session after its main one (``Method.extra_phase``).
-
-    Attributes:
-        name: what logs and ``StepInfo.phase`` call it.
-        rows: rows of the session context's ``train_set``: held out of the main fit, they are
-            this phase's whole training set.
-        epochs: its epochs, numbered on after the main fit's (seeds and checkpoint names).
-        trains_network: False: the network stays in eval mode (batch-norm statistics frozen)
-            and only the phase's own parameters learn, their gradients averaged over processes.
-    """
-
-    name: str
-    rows: np.ndarray
-    epochs: int
-    trains_network: bool = False
-
-
-@dataclasses.dataclass
-class ExemplarSet:
-    """The exemplar memory after the session's update, as ``prepare_prediction`` sees it.
-
-    Attributes:
-        positions: ``(n,)`` sorted source positions of the stored images.
-        targets: ``(n, seen classes)`` 0/1, the labels replay trains them with.
-        compute_features: ``(n, F)`` pooled backbone features of their un-augmented images in
-            eval mode; the engine runs that pass only when :meth:`features` is first called.
-    """
-
-    positions: np.ndarray
-    targets: torch.Tensor
-    compute_features: Callable[[], torch.Tensor]
-    _features: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False)
-
-    def features(self) -> torch.Tensor:
-        if self._features is None:
-            self._features = self.compute_features()
-        return self._features
-
-
-class RowData(Dataset):
-    """A training set whose items also carry one float row each: ``(image, target, row)``."""
-
-    def __init__(self, dataset: TargetedImages, rows: np.ndarray) -> None:
-        if len(rows) != len(dataset):
-            raise MlcilError(f"{len(rows)} data rows for a training set of {len(dataset)} images")
-        self.dataset = dataset
-        self.rows = np.asarray(rows, dtype=np.float32)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        image, target = self.dataset[item]
-        return image, target, torch.from_numpy(self.rows[item])
-
-
-@dataclasses.dataclass
-class StepOutput:
-    """The loss to minimise and its parts (detached) for logging."""
-
-    loss: torch.Tensor
-    parts: dict[str, torch.Tensor]
-
-
-@dataclasses.dataclass
-class Optimization:
-    """What ``configure_optimization`` returns: stepped once per batch by the engine."""
-
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    grad_clip_norm: float | None = None  # clip the global gradient norm to this; None: never
-
-
-@dataclasses.dataclass
-class SessionContext:
-    """What a method may use while a session starts or ends.
-
-    Attributes:
-        session: the session being learned.
-        sessions: the run's whole plan of sessions.
-        train_set: the session's training images (its own, then the exemplars) with targets.
-        train_source: the whole training split (for dataset-level statistics).
-        runtime: device, precision and data loaders.
-        seed: the run's seed.
-        batch_size: images per forward pass of a method's own passes, per process.
-        own_images: the first ``own_images`` rows of ``train_set`` are the session's own
-            images, the rest replayed exemplars; None: every row is the session's own.
-        exemplar_data: ``(rows, E)`` the data stored with each exemplar row (NaN elsewhere),
-            for a method that ``stores_exemplar_data``; None when there is none.
-    """
-
-    session: Session
-    sessions: Sequence[Session]
-    train_set: TargetedImages
-    train_source: ImageSource
-    runtime: Runtime
-    seed: int
-    batch_size: int
-    own_images: int | None = None
-    exemplar_data: np.ndarray | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.runtime.device
-
-    @property
-    def exemplar_rows(self) -> np.ndarray:
-        """Rows of ``train_set`` that are replayed exemplars."""
-        own = len(self.train_set) if self.own_images is None else self.own_images
-        return np.arange(own, len(self.train_set))
-
-    def autocast(self) -> AbstractContextManager:
-        return self.runtime.autocast()
-
-    def training_data(self) -> Dataset:
-        """What a fit loads: ``train_set``, its items extended with the exemplar data rows."""
-        if self.exemplar_data is None:
-            return self.train_set
-        return RowData(self.train_set, self.exemplar_data)
-
-    def restricted(self, rows: np.ndarray) -> SessionContext:
-        """This context over some rows of its training set (taken in ascending order)."""
-        rows = np.unique(np.asarray(rows, dtype=np.int64))
-        if len(rows) and (rows[0] < 0 or rows[-1] >= len(self.train_set)):
-            raise MlcilError(f"rows {rows[0]}..{rows[-1]} outside a set of {len(self.train_set)}")
-        full = self.train_set
-        subset = TargetedImages(full.source, full.indices[rows], full.targets[rows], full.transform)
-        own = None if self.own_images is None else int((rows < self.own_images).sum())
-        data = None if self.exemplar_data is None else self.exemplar_data[rows]
-        return dataclasses.replace(self, train_set=subset, own_images=own, exemplar_data=data)
-
-    def batches(self, phase: int) -> Iterator[Batch]:
-        """One pass over the training set with an epoch's augmentation and shuffling.
-
-        Randomness is re-seeded from ``(run seed, session, phase)``, so a pass is reproducible on
-        its own; a method picks a ``phase`` distinct from epoch numbers for each of its passes.
-        Under data parallelism each process reads its shard: combine what a pass computes with
-        ``runtime.gather_rows``.
-        """
-        for items in self._pass_loader(phase, self.training_data()):
-            yield Batch(*items).to(self.runtime.device)
-
-    def _pass_loader(self, phase: int, dataset: Dataset) -> DataLoader:
-        phase_seed = derive_seed(self.seed, self.session.index, phase)
-        self.runtime.seed_process(phase_seed)
-        return self.runtime.loader(dataset, self.batch_size, shuffle=True, seed=phase_seed)
-
-    def score_pass(self, phase: int, score: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
-        """``score(batch)`` rows over one :meth:`batches` pass, from every process.
-
-        With one process the rows come in the pass's order; with several, every training image
-        once, in dataset order (the sampler's padding dropped), identical on every rank.
-        """
-        loader = self._pass_loader(phase, self.train_set)
-
-        def step(images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {"rows": score(Batch(images, targets).to(self.runtime.device))}
-
-        rows = infer(loader, step, self.runtime).get("rows")
-        return torch.zeros(0) if rows is None else torch.from_numpy(rows)
+    @field_validator("old_classes")
+    @classmethod
+    def _rule_honoured(cls, rule: str) -> str:
+        reason = cls.refused_old_classes.get(rule)
+        if reason is not None:
+            raise ValueError(f"this method cannot honour it ({reason})")
+        return rule
 
 
 class Method:
@@ -272,7 +124,10 @@ class Method:
     Attributes:
         name: registry name used by configs.
         Params: the method's own hyperparameters (YAML ``method:`` section).
-        keeps_old_network: keep a frozen copy of the network after each session.
+        keeps_old_network: keep a frozen copy of the network after each session (it is kept
+            anyway when the old-class rule reads the previous network).
+        distills_old_outputs: the method's own loss distils the old classes' outputs, so the
+            ``distill`` rule only takes the old columns out of its hard-label loss.
         single_session: learn every class at once (joint training) instead of the protocol.
         needs_memory: refuse to run without exemplar memory.
         stores_exemplar_data: the engine stores ``exemplar_data`` with every new exemplar.
@@ -280,11 +135,12 @@ class Method:
     """
 
     name: ClassVar[str] = ""
-    Params: ClassVar[type[Params]] = Params
+    Params: ClassVar[type[Params]] = MethodParams
     # The named parts ``training_step`` reports once there is old knowledge (the registry
     # smoke test checks them, so a method states its own loss wiring in its own file).
     loss_parts: ClassVar[frozenset[str]] = frozenset({"asl"})
     keeps_old_network: ClassVar[bool] = False
+    distills_old_outputs: ClassVar[bool] = False
     single_session: ClassVar[bool] = False
     needs_memory: ClassVar[bool] = False
     stores_exemplar_data: ClassVar[bool] = False
@@ -298,6 +154,7 @@ class Method:
         # Set by the experiment that builds the method (None when built by hand, e.g. in tests):
         # the teacher's precision follows it.
         self.runtime: Runtime | None = None
+        self.thresholds: Thresholds | None = None  # the session's, for the pseudo rules
 
     # --- the surface the engine calls ---------------------------------------------------------
 
@@ -309,9 +166,13 @@ class Method:
         return build_network(model, image_size, load_weights=load_weights)
 
     def begin_session(self, context: SessionContext) -> None:
-        """Grow the network for the session's new classes."""
+        """Grow the network for the session's new classes; under a ``pseudo`` rule, choose the
+        session's thresholds from the previous network's scores of its training images."""
         self.session = context.session
         self.network.add_session(len(context.session.new_classes))
+        previous, self.thresholds = self.thresholds, None
+        if self.old_network is not None and self.old_class_rule in RULES_WITH_THRESHOLD:
+            self.thresholds = self.choose_thresholds(context, previous)
 
     def configure_optimization(
         self, train: TrainConfig, session: Session, total_steps: int
@@ -381,17 +242,20 @@ class Method:
 
     def end_session(self, context: SessionContext) -> None:
         """Freeze a copy of the network as the teacher of the next session, if needed."""
-        if self.keeps_old_network:
+        if self.keeps_teacher:
             self.old_network = frozen_copy(self.network)
 
     @torch.no_grad()
     def restored_targets(self, images: torch.Tensor) -> torch.Tensor | None:
         """``(B, old classes)`` 0/1 old-class labels this method would add to these images'
-        targets in the current session (knowledge restore), or None if it adds none.
+        targets in the current session (knowledge restore), or None if it adds none: under a
+        ``pseudo`` rule, the old classes the previous network scores above the DPL threshold.
 
         Diagnostics compare them with the labels the protocol hid."""
-        del images
-        return None
+        if self.old_network is None or self.thresholds is None:
+            return None
+        scores = self.previous_logits(images).float().sigmoid()
+        return (scores > self.thresholds.positive).float()
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
@@ -401,11 +265,21 @@ class Method:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state of the method itself (not the network's weights): saved as JSON in
-        every checkpoint and reported per session in ``metrics.json``."""
-        return {}
+        every checkpoint and reported per session in ``metrics.json``. The base holds the
+        session's thresholds under a ``pseudo`` rule; an override adds its own keys to it."""
+        if self.old_class_rule not in RULES_WITH_THRESHOLD:
+            return {}
+        thresholds = self.thresholds
+        state: dict[str, Any] = {"pseudo_label_threshold": thresholds and thresholds.positive}
+        if self.old_class_rule == "pseudo-ignore":
+            state["negative_threshold"] = thresholds and thresholds.negative
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        del state
+        """Take back what :meth:`state_dict` saved (an override calls this too)."""
+        positive = state.get("pseudo_label_threshold")
+        negative = state.get("negative_threshold")
+        self.thresholds = None if positive is None else Thresholds(positive, negative)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The method's own tensors (not the network's weights), saved as
@@ -423,18 +297,136 @@ class Method:
     def restore(self, session: Session) -> None:
         """Re-enter the state right after ``session`` ended, once its weights are loaded."""
         self.session = session
-        if self.keeps_old_network:
+        if self.keeps_teacher:
             self.old_network = frozen_copy(self.network)
 
     def resume_session(self, session: Session, teacher: IncrementalNetwork | None) -> None:
         """Re-enter ``session`` mid-training (a mid-session checkpoint): the network is already
         grown and loaded, ``teacher`` is the frozen previous network, the method state loaded."""
         self.session = session
-        self.old_network = teacher if self.keeps_old_network else None
+        self.old_network = teacher if self.keeps_teacher else None
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The network's trainable parameters, split for weight decay."""
         return decay_groups(self.network.parameters())
+
+    # --- the old-class rule (mlcil.old_classes) ----------------------------------------------
+
+    @property
+    def old_class_rule(self) -> str | None:
+        """``method.old_classes``; None for a method whose ``Params`` do not derive from
+        :class:`MethodParams` (a plugin written before the rule): its own step decides."""
+        return getattr(self.params, "old_classes", None)
+
+    @property
+    def pseudo_label_threshold(self) -> float | None:
+        """The session's DPL threshold under a ``pseudo`` rule, else None."""
+        return None if self.thresholds is None else self.thresholds.positive
+
+    @property
+    def keeps_teacher(self) -> bool:
+        """Whether a frozen copy of the network is kept after each session: the method's own
+        need, or a rule that reads the previous network."""
+        return self.keeps_old_network or self.old_class_rule in RULES_WITH_TEACHER
+
+    def previous_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, old classes)`` the previous network's logits that the rules read (a method
+        whose predictions correct the logits, BiC, corrects them here)."""
+        teacher = self.teacher(images)
+        assert teacher is not None, "no previous network in the first session"
+        return teacher.logits
+
+    def rule_targets(self, batch: Batch, old_logits: torch.Tensor | None = None) -> OldClassTargets:
+        """The batch's classification targets over the seen classes under the rule.
+
+        ``old_logits``: the previous network's logits on the batch if the step has them
+        (:meth:`previous_logits` is called otherwise, when the rule needs them)."""
+        rule = self.old_class_rule or "negative"
+        if old_logits is None and rule in RULES_WITH_TEACHER and self.old_network is not None:
+            old_logits = self.previous_logits(batch.images)
+        targets = batch.targets[:, : self.seen]
+        thresholds = self.thresholds
+        return old_class_targets(
+            rule, targets, self.num_old, batch.exemplar, old_logits, thresholds
+        )
+
+    def classification_term(
+        self,
+        logits: torch.Tensor,
+        targets: OldClassTargets,
+        parts: dict[str, torch.Tensor],
+        images: int | None = None,
+    ) -> torch.Tensor:
+        """The classification loss under the rule, recording its parts in ``parts``: the run's
+        ASL over the entries the rule keeps (``asl``); for ``distill`` in a method without its
+        own distillation of old outputs, binary cross-entropy towards the previous network's
+        scores on the old columns (``kd``); under a pseudo rule, the restored positives per
+        image (``pseudo_pos``). Each term is ``R x`` a per-image mean over ``images``."""
+        first, mask = targets.first_column, targets.mask
+        loss = self.classification_loss(
+            logits[:, first:],
+            targets.targets[:, first:],
+            len(logits) if images is None else images,
+            mask=None if mask is None else mask[:, first:],
+        )
+        parts["asl"] = loss.detach()
+        old = self.num_old
+        if self.old_class_rule in RULES_WITH_THRESHOLD and old:
+            parts["pseudo_pos"] = (targets.targets[:, :old].sum() / len(logits)).detach()
+        if targets.soft_logits is not None and not self.distills_old_outputs:
+            summed = sigmoid_distillation(logits[:, :old], targets.soft_logits)
+            distillation = self.per_reference_images(
+                summed, len(logits) if images is None else images
+            )
+            loss = loss + distillation
+            parts["kd"] = distillation.detach()
+        return loss
+
+    def choose_thresholds(self, context: SessionContext, previous: Thresholds | None) -> Thresholds:
+        """One pass of the previous network over the session's training images (its own
+        seeded shuffle and augmentation, every process's shard), then the rule's thresholds."""
+
+        def old_class_scores(batch: Batch) -> torch.Tensor:
+            return self.previous_logits(batch.images).float().sigmoid()
+
+        old_scores = context.score_pass(THRESHOLD_PASS_PHASE, old_class_scores)
+        target = target_positives_per_image(self.label_density(context), self.num_old)
+        params = self.params
+        settings = params if isinstance(params, PseudoLabelParams) else PseudoLabelParams()
+        margin = getattr(params, "negative_margin", 2.0)
+        rule = self.old_class_rule or "pseudo"
+        thresholds = choose_thresholds(rule, old_scores, target, settings, margin, previous)
+        achieved = (old_scores > thresholds.positive).sum().item() / max(len(old_scores), 1)
+        logger.info(
+            "session %d: pseudo-label threshold %.4f gives %.3f old positives per image "
+            "(target %.3f over %d images)",
+            context.session.index,
+            thresholds.positive,
+            achieved,
+            target,
+            len(old_scores),
+        )
+        if thresholds.negative is not None:
+            undecided = (old_scores > thresholds.negative).sum().item() / max(len(old_scores), 1)
+            logger.info(
+                "session %d: negative threshold %.4f leaves %.3f old entries per image restored "
+                "or undecided",
+                context.session.index,
+                thresholds.negative,
+                undecided,
+            )
+        return thresholds
+
+    def label_density(self, context: SessionContext) -> float:
+        """DPL's prior: the configured value, the dataset's published one, or the training
+        split's own labels per image per class (docs/method.md, pseudo-labels)."""
+        configured = getattr(self.params, "label_density", None)
+        if configured is not None:
+            return float(configured)
+        source = context.train_source
+        if source.label_density is not None:
+            return source.label_density
+        return training_label_density(source.labels)
 
     # --- shared pieces ------------------------------------------------------------------------
 
@@ -453,10 +445,15 @@ class Method:
         return self.network.num_sessions - 1
 
     def classification_loss(
-        self, logits: torch.Tensor, targets: torch.Tensor, images: int | None = None
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        images: int | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The asymmetric loss with the run's settings: ``R x`` its per-image mean (over
-        ``images``, default the rows given: a term over some rows of a batch passes the batch's).
+        ``images``, default the rows given: a term over some rows of a batch passes the batch's),
+        over the entries of ``mask`` (default all).
 
         ``R`` is ``loss.reference_images``. Every term a method returns is a per-image mean over
         its micro-batch; the engine weighs each micro-batch by its share of the global step (see
@@ -470,6 +467,7 @@ class Method:
             gamma_neg=config.gamma_neg,
             gamma_pos=config.gamma_pos,
             clip=config.clip,
+            mask=mask,
         )
         return self.per_reference_images(total, len(logits) if images is None else images)
 

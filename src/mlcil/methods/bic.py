@@ -18,9 +18,17 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from mlcil.config.schema import Params, TrainConfig
+from mlcil.config.schema import TrainConfig
 from mlcil.losses import sigmoid_distillation
-from mlcil.methods.base import Batch, ExtraPhase, Method, Optimization, SessionContext, StepOutput
+from mlcil.methods.base import (
+    Batch,
+    ExtraPhase,
+    Method,
+    MethodParams,
+    Optimization,
+    SessionContext,
+    StepOutput,
+)
 from mlcil.methods.registry import register_method
 from mlcil.protocol import Session
 from mlcil.runtime import derive_seed
@@ -28,7 +36,7 @@ from mlcil.runtime import derive_seed
 SPLIT_PHASE = 1_000_005  # the validation split's seed, apart from every epoch and pass
 
 
-class BiCParams(Params):
+class BiCParams(MethodParams):
     temperature: Annotated[float, Field(gt=0)] = 2.0  # distillation temperature T
     distillation_weight: Annotated[float, Field(ge=0, le=1)] | None = None  # None: old / seen
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # BiC's 9:1 train/validation split
@@ -73,6 +81,7 @@ class BiC(Method):
     name = "bic"
     Params = BiCParams
     keeps_old_network = True
+    distills_old_outputs = True
     needs_memory = True
     loss_parts = frozenset({"asl", "kd"})
 
@@ -91,15 +100,19 @@ class BiC(Method):
             pairs.append(self.bias.to(logits.device))
         return correct(logits.float(), list(self.network.session_sizes), pairs)
 
+    def previous_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The previous network's logits as BiC predicts with them: corrected."""
+        return self.corrected(super().previous_logits(images), current=False)
+
     def training_step(self, batch: Batch) -> StepOutput:
         logits = self.corrected(self.network(batch.images).logits, current=False)
-        loss = self.classification_loss(logits, batch.targets[:, : self.seen])
-        parts = {"asl": loss.detach()}
         teacher = self.teacher(batch.images)
-        if teacher is not None:
+        previous = None if teacher is None else self.corrected(teacher.logits, current=False)
+        parts: dict[str, torch.Tensor] = {}
+        loss = self.classification_term(logits, self.rule_targets(batch, previous), parts)
+        if previous is not None:
             old, temperature = self.num_old, self.params.temperature
-            targets = self.corrected(teacher.logits, current=False)
-            soft = sigmoid_distillation(logits[:, :old] / temperature, targets / temperature)
+            soft = sigmoid_distillation(logits[:, :old] / temperature, previous / temperature)
             distillation = self.per_reference_images(soft, len(logits))
             weight = self.params.distillation_weight
             weight = old / self.seen if weight is None else weight
@@ -142,9 +155,11 @@ class BiC(Method):
     def state_dict(self) -> dict[str, Any]:
         bias = None if self.bias is None else self.bias.detach().cpu().tolist()
         # Copies: the engine keeps each session's state in its results while the list grows.
-        return {"corrections": [list(pair) for pair in self.corrections], "bias": bias}
+        corrections = [list(pair) for pair in self.corrections]
+        return {"corrections": corrections, "bias": bias, **super().state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self.corrections = [[float(a), float(b)] for a, b in state.get("corrections", [])]
         bias = state.get("bias")
         self.bias = None if bias is None else torch.nn.Parameter(torch.tensor(bias))

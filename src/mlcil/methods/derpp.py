@@ -10,10 +10,11 @@ then). Whenever an exemplar is replayed the loss adds
   stored with (the multi-label form of DER++'s cross-entropy on replayed labels: sigmoid and
   BCE instead of softmax);
 
-the session's own images get the run's classification loss (ASL) over every seen class, as in
-replay. Adaptation: the paper fills its buffer by reservoir sampling along a stream and draws
-separate buffer batches; here the memory is chosen at session end by ``memory.policy`` and its
-exemplars are mixed into the training batches. Every term is ``R x`` a per-image mean over the
+the session's own images get the run's classification loss (ASL) under the old-class rule (by
+default ``negative``: over every seen class, as in replay). Adaptation: the paper fills its
+buffer by reservoir sampling along a stream and draws separate buffer batches; here the memory
+is chosen at session end by ``memory.policy`` and its exemplars are mixed into the training
+batches. Every term is ``R x`` a per-image mean over the
 whole batch (``R``: ``loss.reference_images``), so the objective does not depend on how a step
 is split, and ``alpha = 0, beta = 1`` with a plain-BCE loss section is replay.
 """
@@ -26,12 +27,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from mlcil.config.schema import Params
-from mlcil.methods.base import Batch, Method, StepOutput
+from mlcil.methods.base import Batch, Method, MethodParams, StepOutput
 from mlcil.methods.registry import register_method
 
 
-class DERppParams(Params):
+class DERppParams(MethodParams):
     alpha: Annotated[float, Field(ge=0)] = 0.2  # weight of the stored-logit squared error
     beta: Annotated[float, Field(ge=0)] = 0.5  # weight of the BCE on replayed labels
 
@@ -69,19 +69,20 @@ class DERpp(Method):
     def training_step(self, batch: Batch) -> StepOutput:
         logits = self.network(batch.images).logits  # (B, seen)
         targets = batch.targets[:, : self.seen]
+        ruled = self.rule_targets(batch)
         stored = batch.exemplar_data
+        parts: dict[str, torch.Tensor] = {}
         if stored is None:  # no exemplar has logits yet (the first session)
-            loss = self.classification_loss(logits, targets)
-            return StepOutput(loss, {"asl": loss.detach()})
+            return StepOutput(self.classification_term(logits, ruled, parts), parts)
         images = len(logits)
         replayed = torch.isfinite(stored).any(dim=1)  # (B,) rows that are exemplars
         own = ~replayed
-        asl = self.classification_loss(logits[own], targets[own], images)
+        asl = self.classification_term(logits[own], ruled.rows(own), parts, images)
         error = self.per_reference_images(logit_replay_error(logits, stored), images)
         bce = F.binary_cross_entropy_with_logits(
             logits[replayed].float(), targets[replayed].float(), reduction="sum"
         )
         bce = self.per_reference_images(bce, images)
         loss = asl + self.params.alpha * error + self.params.beta * bce
-        parts = {"asl": asl.detach(), "logit_mse": error.detach(), "replay_bce": bce.detach()}
+        parts.update(logit_mse=error.detach(), replay_bce=bce.detach())
         return StepOutput(loss, parts)

@@ -1,11 +1,14 @@
 """Fine-tuning: the lower bound.
 
 Each session grows a head and trains on the session's labels alone with the asymmetric loss over
-every seen class. Old classes are absent from the new images' labels, so they are pushed towards
-"no", which is exactly the label-absence forgetting the other methods fight.
+every seen class (the default old-class rule, ``negative``): old classes are absent from the new
+images' labels, so they are pushed towards "no", which is exactly the label-absence forgetting the
+other methods fight. Any other rule of ``method.old_classes`` applies as well (mlcil.old_classes).
 """
 
 from __future__ import annotations
+
+import torch
 
 from mlcil.methods.base import Batch, Method, StepOutput
 from mlcil.methods.registry import register_method
@@ -17,5 +20,6 @@ class Finetune(Method):
 
     def training_step(self, batch: Batch) -> StepOutput:
         logits = self.network(batch.images).logits  # (B, seen)
-        loss = self.classification_loss(logits, batch.targets[:, : self.seen])
-        return StepOutput(loss, {"asl": loss.detach()})
+        parts: dict[str, torch.Tensor] = {}
+        loss = self.classification_term(logits, self.rule_targets(batch), parts)
+        return StepOutput(loss, parts)

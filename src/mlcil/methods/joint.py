@@ -6,11 +6,23 @@ evaluated with the same metrics. The protocol of the config is ignored apart fro
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+from mlcil.methods.base import MethodParams
 from mlcil.methods.finetune import Finetune
 from mlcil.methods.registry import register_method
+
+_NO_OLD_CLASSES = "joint training learns every class in one session: there are no old classes"
+
+
+class JointParams(MethodParams):
+    refused_old_classes: ClassVar[dict[str, str]] = {
+        rule: _NO_OLD_CLASSES for rule in ("ignore", "distill", "pseudo", "pseudo-ignore")
+    }
 
 
 @register_method
 class Joint(Finetune):
     name = "joint"
+    Params = JointParams
     single_session = True

@@ -1,20 +1,25 @@
 """Learning without Forgetting for multi-label outputs.
 
-The asymmetric loss covers only the session's new classes (the only ones labelled); on the old
-classes the network instead matches the previous network's sigmoid outputs (binary
+On the old classes the network matches the previous network's sigmoid outputs (binary
 cross-entropy with soft targets, summed over classes and taken per image times
-``loss.reference_images`` like the ASL, so the weight is scale-free and batch-independent).
+``loss.reference_images`` like the ASL, so the weight is scale-free and batch-independent), on
+every image. The asymmetric loss covers what the old-class rule gives it: by default
+(``distill``, LwF's own) only the session's new classes, the only ones labelled; ``negative``
+adds the old classes as negatives, as the released baselines of KRT's comparison do.
 """
 
 from __future__ import annotations
 
-from mlcil.config.schema import Params
+import torch
+
 from mlcil.losses import sigmoid_distillation
-from mlcil.methods.base import Batch, Method, StepOutput
+from mlcil.methods.base import Batch, Method, MethodParams, StepOutput
 from mlcil.methods.registry import register_method
+from mlcil.old_classes import OldClassRule
 
 
-class LwFParams(Params):
+class LwFParams(MethodParams):
+    old_classes: OldClassRule = "distill"
     distillation_weight: float = 1.0
 
 
@@ -23,14 +28,16 @@ class LwF(Method):
     name = "lwf"
     Params = LwFParams
     keeps_old_network = True
+    distills_old_outputs = True
     loss_parts = frozenset({"asl", "kd"})
 
     def training_step(self, batch: Batch) -> StepOutput:
         logits = self.network(batch.images).logits  # (B, seen)
         old = self.num_old
-        loss = self.classification_loss(logits[:, old:], batch.targets[:, old : self.seen])
-        parts = {"asl": loss.detach()}
         teacher = self.teacher(batch.images)
+        targets = self.rule_targets(batch, None if teacher is None else teacher.logits)
+        parts: dict[str, torch.Tensor] = {}
+        loss = self.classification_term(logits, targets, parts)
         if teacher is not None:
             summed = sigmoid_distillation(logits[:, :old], teacher.logits)
             distillation = self.per_reference_images(summed, len(logits))

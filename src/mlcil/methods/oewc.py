@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from mlcil.config.schema import Params
-from mlcil.methods.base import Batch, Method, SessionContext, StepOutput, eval_mode
+from mlcil.methods.base import Batch, Method, MethodParams, SessionContext, StepOutput, eval_mode
 from mlcil.methods.registry import register_method
 from mlcil.models import IncrementalNetwork
 from mlcil.protocol import Session
@@ -33,7 +32,7 @@ from mlcil.runtime import derive_seed, seed_everything
 FISHER_PHASE = 1_000_004
 
 
-class OnlineEWCParams(Params):
+class OnlineEWCParams(MethodParams):
     penalty_weight: Annotated[float, Field(ge=0)] = 5000.0  # lambda
     gamma: Annotated[float, Field(gt=0, le=1)] = 1.0  # decay of the running Fisher
     fisher_images: Annotated[int, Field(gt=0)] = 512  # images of each session's Fisher estimate
@@ -80,8 +79,8 @@ class OnlineEWC(Method):
 
     def training_step(self, batch: Batch) -> StepOutput:
         logits = self.network(batch.images).logits
-        loss = self.classification_loss(logits, batch.targets[:, : self.seen])
-        parts = {"asl": loss.detach()}
+        parts: dict[str, torch.Tensor] = {}
+        loss = self.classification_term(logits, self.rule_targets(batch), parts)
         if self.penalised:
             device = logits.device
             if self.penalised[0][1].device != device:  # moved once, after the network moved

@@ -7,13 +7,14 @@ network's; POD-flat keeps the pooled embedding's direction. Both weights grow wi
 
 from __future__ import annotations
 
-from mlcil.config.schema import Params
+import torch
+
 from mlcil.losses import pod_flat, pod_spatial
-from mlcil.methods.base import Batch, Method, StepOutput
+from mlcil.methods.base import Batch, Method, MethodParams, StepOutput
 from mlcil.methods.registry import register_method
 
 
-class PODNetParams(Params):
+class PODNetParams(MethodParams):
     spatial_weight: float = 30.0
     flat_weight: float = 30.0
 
@@ -35,9 +36,10 @@ class PODNet(Method):
     def training_step(self, batch: Batch) -> StepOutput:
         stages = self.distilled_stages()
         output = self.network(batch.images, stage_indices=stages)
-        loss = self.classification_loss(output.logits, batch.targets[:, : self.seen])
-        parts = {"asl": loss.detach()}
         teacher = self.teacher(batch.images, stage_indices=stages)
+        targets = self.rule_targets(batch, None if teacher is None else teacher.logits)
+        parts: dict[str, torch.Tensor] = {}
+        loss = self.classification_term(output.logits, targets, parts)
         if teacher is not None:
             assert teacher.stages is not None and output.stages is not None
             spatial = pod_spatial(teacher.stages, output.stages)
