@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import random
 from collections.abc import Iterator
@@ -26,13 +27,23 @@ from mlcil.config.schema import TrainConfig
 from mlcil.errors import ConfigError
 
 
-def derive_seed(seed: int, *parts: int) -> int:
+def stream_key(name: str) -> int:
+    """The stable number of a named random stream: the first 8 bytes of the SHA-256 of its name
+    (so no two names coincide in practice, and none with an epoch, session or rank number)."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big")
+
+
+def derive_seed(seed: int, *parts: int | str) -> int:
     """A 31-bit seed for ``parts`` (e.g. session, epoch) derived from the run seed.
 
     Seeding every epoch from ``(seed, session, epoch)`` makes each epoch reproducible on its own,
-    independent of what ran before it, which is what exact resume needs.
+    independent of what ran before it, which is what exact resume needs. A pass that is not an
+    epoch names its stream (``derive_seed(seed, session, "agcn/statistics")``): a text part
+    enters as :func:`stream_key` of it. Modules keep their stream names in ``*_STREAM``
+    constants (tests/unit/test_architecture.py checks that no two coincide).
     """
-    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFFFFFF)
+    keys = [stream_key(part) if isinstance(part, str) else part for part in parts]
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def environment_rank() -> int:

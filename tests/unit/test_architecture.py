@@ -254,3 +254,40 @@ def test_the_run_plan_is_frozen_and_the_experiment_exposes_it_read_only() -> Non
     for name in ("sessions", "class_names", "train_source", "test_source"):
         attribute = getattr(Experiment, name)
         assert isinstance(attribute, property) and attribute.fset is None, name
+
+
+def stream_constants() -> dict[str, str]:
+    """Every module-level ``*_STREAM = "name"`` of the package: ``module.CONSTANT -> name``."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if (
+                isinstance(node, ast.Assign)
+                and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id.endswith("_STREAM")
+                and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)
+            ):
+                found[f"{module_name(path)}.{node.targets[0].id}"] = node.value.value
+    return found
+
+
+def test_named_random_streams_never_coincide() -> None:
+    from mlcil.runtime import stream_key
+
+    streams = stream_constants()
+    assert len(streams) >= 6, streams  # growth, memory, threshold pass, AGCN, oEWC, BiC
+    names = list(streams.values())
+    assert len(set(names)) == len(names), streams
+    keys = [stream_key(name) for name in names]
+    assert len(set(keys)) == len(keys)
+    # Far from every epoch, session or rank number a seed is also derived from.
+    assert min(keys) > 2**32
+    # No numbered offset is left: every derive_seed part is a name or a position variable.
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("derive_seed"):
+                for argument in node.args[1:]:
+                    literal = isinstance(argument, ast.Constant)
+                    assert not (literal and isinstance(argument.value, int)), ast.unparse(node)

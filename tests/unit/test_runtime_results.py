@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import torch
 from mlcil.config import TrainConfig
 from mlcil.errors import ConfigError
 from mlcil.results import summarize, write_results
-from mlcil.runtime import Runtime, derive_seed, seed_everything
+from mlcil.runtime import Runtime, derive_seed, seed_everything, stream_key
 
 
 def test_derived_seeds_are_stable_distinct_and_31_bit() -> None:
@@ -22,6 +23,15 @@ def test_derived_seeds_are_stable_distinct_and_31_bit() -> None:
     assert len(seeds) == 160
     assert all(0 <= s < 2**31 for s in seeds)
     assert derive_seed(3407, 2, 5) == derive_seed(3407, 2, 5) != derive_seed(3408, 2, 5)
+
+
+def test_a_named_stream_enters_as_its_stable_hash() -> None:
+    # The key is the first 8 bytes of the name's SHA-256, big-endian.
+    digest = hashlib.sha256(b"engine/growth").digest()
+    assert stream_key("engine/growth") == int.from_bytes(digest[:8], "big")
+    named = derive_seed(3407, 2, "engine/growth")
+    assert named == derive_seed(3407, 2, stream_key("engine/growth"))
+    assert named != derive_seed(3407, 2, "engine/memory") and 0 <= named < 2**31
 
 
 def test_seed_everything_makes_torch_and_numpy_repeat() -> None:

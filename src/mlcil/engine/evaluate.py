@@ -20,8 +20,8 @@ from mlcil.metrics.multilabel import subset_maps
 from mlcil.protocol import Session
 from mlcil.runtime import Runtime, derive_seed
 
-# The memory policy's randomness is seeded apart from every epoch and method pass.
-MEMORY_PHASE = 1_000_003
+# The memory policy's random stream, apart from every epoch and method pass.
+MEMORY_STREAM = "engine/memory"
 
 
 def predict_scores(
@@ -68,7 +68,7 @@ def update_memory(
         loader = experiment.eval_loader(experiment.plain_images(own))
         features = pooled_features(method, loader, runtime)
     if runtime.is_main:
-        seed = derive_seed(config.seed, session.index, MEMORY_PHASE)
+        seed = derive_seed(config.seed, session.index, MEMORY_STREAM)
         memory.update(session, own, features, source.labels, source.image_refs, policy, seed)
     if runtime.world_size > 1:
         plain, data = runtime.broadcast((memory.to_dict(), memory.data))

@@ -43,8 +43,8 @@ from mlcil.runtime import derive_seed, seed_everything
 
 logger = logging.getLogger(__name__)
 
-# Offset that keeps the seed of a session's growth step (new head, new tokens) apart from epochs.
-_GROWTH_PHASE = 1_000_001
+# The random stream of a session's growth step (new head, new tokens), apart from epochs.
+GROWTH_STREAM = "engine/growth"
 
 
 class Trainer:
@@ -158,7 +158,7 @@ class Trainer:
         self.callbacks.session_starting(self.run_folder, state, session, resume is not None)
         if resume is None:  # else the network is grown, loaded and the method state restored
             with timed(observer, session, "begin_session", experiment.runtime):
-                seed_everything(derive_seed(self.config.seed, session.index, _GROWTH_PHASE))
+                seed_everything(derive_seed(self.config.seed, session.index, GROWTH_STREAM))
                 method.begin_session(context)
                 method.network.to(experiment.runtime.device)
                 experiment.runtime.synchronize_parameters(method.network)  # new head, tokens

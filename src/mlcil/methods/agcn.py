@@ -52,9 +52,8 @@ from mlcil.protocol import Session
 
 logger = logging.getLogger(__name__)
 
-# The label-statistics pass draws its own shuffle and augmentation, apart from every epoch's
-# (and from KRT's threshold pass, 1_000_002).
-STATISTICS_PASS_PHASE = 1_000_003
+# The label-statistics pass draws its own shuffle and augmentation, apart from every epoch's.
+STATISTICS_STREAM = "agcn/statistics"
 
 
 class AGCNParams(MethodParams):
@@ -137,7 +136,7 @@ class AGCN(Method):
             return torch.cat([soft, targets[:, old:]], dim=1)
 
         # Every process scores its shard; all of them get every row, so their graphs agree.
-        rows = context.score_pass(STATISTICS_PASS_PHASE, evidence)
+        rows = context.score_pass(STATISTICS_STREAM, evidence)
         return rows.reshape(-1, seen)
 
     def training_step(self, batch: Batch) -> StepOutput:

@@ -94,7 +94,7 @@ __all__ = [
 ]
 
 # The DPL threshold pass draws its own shuffle and augmentation, seeded apart from every epoch's.
-THRESHOLD_PASS_PHASE = 1_000_002
+THRESHOLD_PASS_STREAM = "old-classes/threshold-pass"
 
 
 class MethodParams(Params):
@@ -389,7 +389,7 @@ class Method:
         def old_class_scores(batch: Batch) -> torch.Tensor:
             return self.previous_logits(batch.images).float().sigmoid()
 
-        old_scores = context.score_pass(THRESHOLD_PASS_PHASE, old_class_scores)
+        old_scores = context.score_pass(THRESHOLD_PASS_STREAM, old_class_scores)
         target = target_positives_per_image(self.label_density(context), self.num_old)
         params = self.params
         settings = params if isinstance(params, PseudoLabelParams) else PseudoLabelParams()

@@ -33,7 +33,7 @@ from mlcil.methods.registry import register_method
 from mlcil.protocol import Session
 from mlcil.runtime import derive_seed
 
-SPLIT_PHASE = 1_000_005  # the validation split's seed, apart from every epoch and pass
+SPLIT_STREAM = "bic/validation-split"  # the validation split's seed
 
 
 class BiCParams(MethodParams):
@@ -123,7 +123,7 @@ class BiC(Method):
     def extra_phase(self, context: SessionContext) -> ExtraPhase | None:
         if self.bias is None or context.own_images is None or not len(context.exemplar_rows):
             return None
-        seed = derive_seed(context.seed, context.session.index, SPLIT_PHASE)
+        seed = derive_seed(context.seed, context.session.index, SPLIT_STREAM)
         targets, fraction = context.train_set.targets[:, : self.seen], self.params.val_fraction
         rows = validation_rows(targets, context.own_images, self.num_old, fraction, seed)
         return ExtraPhase("bias", rows, self.params.bias_epochs) if len(rows) else None

@@ -220,23 +220,24 @@ class SessionContext:
         data = None if self.exemplar_data is None else self.exemplar_data[rows]
         return dataclasses.replace(self, train_set=subset, own_images=own, exemplar_data=data)
 
-    def batches(self, phase: int) -> Iterator[Batch]:
+    def batches(self, phase: int | str) -> Iterator[Batch]:
         """One pass over the training set with an epoch's augmentation and shuffling.
 
         Randomness is re-seeded from ``(run seed, session, phase)``, so a pass is reproducible on
-        its own; a method picks a ``phase`` distinct from epoch numbers for each of its passes.
+        its own; a method names each of its passes' streams (``phase="mymethod/statistics"``,
+        kept in a module-level ``*_STREAM`` constant) so that none coincides with an epoch's.
         Under data parallelism each process reads its shard: combine what a pass computes with
         ``runtime.gather_rows``.
         """
         for items in self._pass_loader(phase, self.training_data()):
             yield Batch.from_items(items).to(self.runtime.device)
 
-    def _pass_loader(self, phase: int, dataset: Dataset) -> DataLoader:
+    def _pass_loader(self, phase: int | str, dataset: Dataset) -> DataLoader:
         phase_seed = derive_seed(self.seed, self.session.index, phase)
         self.runtime.seed_process(phase_seed)
         return self.runtime.loader(dataset, self.batch_size, shuffle=True, seed=phase_seed)
 
-    def score_pass(self, phase: int, score: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
+    def score_pass(self, phase: int | str, score: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
         """``score(batch)`` rows over one :meth:`batches` pass, from every process.
 
         With one process the rows come in the pass's order; with several, every training image

@@ -29,7 +29,7 @@ from mlcil.protocol import Session
 from mlcil.runtime import derive_seed, seed_everything
 
 # The Fisher's image draw and augmentation are seeded apart from every epoch and pass.
-FISHER_PHASE = 1_000_004
+FISHER_STREAM = "oewc/fisher"
 
 
 class OnlineEWCParams(MethodParams):
@@ -108,7 +108,7 @@ class OnlineEWC(Method):
     def estimate_fisher(self, context: SessionContext) -> dict[str, torch.Tensor]:
         """Mean squared per-image gradient of the BCE over the seen classes, on a seeded draw
         of training images (the same on every process, so no exchange is needed)."""
-        seed = derive_seed(context.seed, context.session.index, FISHER_PHASE)
+        seed = derive_seed(context.seed, context.session.index, FISHER_STREAM)
         seed_everything(seed)  # the training transform's augmentation
         rows = np.random.default_rng(seed).permutation(len(context.train_set))
         rows = rows[: self.params.fisher_images]
