@@ -6,6 +6,7 @@ Usage::
     python benchmarks/speed.py --heavy         # also a TResNet-M 224x224 training step
     python benchmarks/speed.py --output benchmarks/results/speed.json
     python benchmarks/speed.py --only krt-step    # KRT's step vs fine-tuning's, taken apart
+    python benchmarks/speed.py --only cpu-paths   # ImageNet regime's KRT step: fp32/bf16/compile
 
 Each entry is timed over several repetitions after a warm-up and reports the median. These are
 the figures the README quotes; timed assertions never go in the test suite.
@@ -231,13 +232,17 @@ DEMO_CONFIGS = {
     # speed, so they stay random (model.pretrained=null: no pretraining run is triggered).
     "finetune": REPO / "configs" / "digits_pretrained" / "finetune.yaml",
     "krt": REPO / "configs" / "digits_pretrained" / "krt.yaml",
+    # The ImageNet regime (EfficientNet-Lite0 at 96 px, channels-last): the grid's slowest runs.
+    "krt-imagenet": REPO / "configs" / "digits_imagenet" / "krt.yaml",
 }
 
 
-def _demo_method(name: str, device: torch.device) -> tuple[Method, SessionContext, RunConfig]:
+def _demo_method(
+    name: str, device: torch.device, overrides: tuple[str, ...] = ()
+) -> tuple[Method, SessionContext, RunConfig]:
     """The demo config's method in its second session on random in-memory images of the demo's
     size (one batch of them), the teacher and DPL threshold in place for KRT."""
-    config = load_config(DEMO_CONFIGS[name], ["model.pretrained=null"])
+    config = load_config(DEMO_CONFIGS[name], ["model.pretrained=null", *overrides])
     torch.manual_seed(0)
     method_class = METHODS.get_class(config.method.name)
     size, batch = config.data.image_size, config.train.batch_size
@@ -252,7 +257,12 @@ def _demo_method(name: str, device: torch.device) -> tuple[Method, SessionContex
         images=rng.integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8),
         labels=(rng.random((batch, 10)) < 0.3).astype(np.uint8) | np.eye(batch, 10, dtype=np.uint8),
     )
-    runtime = Runtime(device=device, precision="fp32")
+    runtime = Runtime(
+        device=device,
+        precision="fp32" if config.train.precision == "auto" else config.train.precision,
+        channels_last=config.train.channels_last is True,
+        compile=config.train.compile,
+    )
     context = None
     for session in protocol[:2]:
         train_set = session_train_set(source, session, protocol, to_unit_tensor)
@@ -448,6 +458,48 @@ def bench_krt_vs_finetune(device: torch.device, repeats: int = 30) -> tuple[list
     return rows, breakdown
 
 
+def bench_cpu_paths(repeats: int = 10, with_compile: bool = False) -> list[dict]:
+    """The ImageNet regime's KRT step (second session) on the CPU in fp32, under bf16 autocast
+    (this CPU has avx512_bf16) and, with ``with_compile``, through ``torch.compile``: the
+    options a CPU grid could run faster with. Timed in CPU seconds of this process (one thread),
+    which other processes on the machine disturb far less than wall time."""
+    rows = []
+    variants = [("fp32", ()), ("bf16 autocast", ("train.precision=bf16",))]
+    if with_compile:
+        variants.append(("torch.compile (fp32)", ("train.compile=true",)))
+    for label, overrides in variants:
+        method, context, config = _demo_method("krt-imagenet", torch.device("cpu"), overrides)
+        batch = _demo_batch(config, torch.device("cpu"))
+        optimization = method.configure_optimization(config.train, context.session, 10_000)
+        scaler = context.runtime.grad_scaler()
+        network = method.network
+        method.network = context.runtime.prepare_for_training(network)
+
+        def step(
+            method: Method = method, optimization: Any = optimization, scaler: Any = scaler,
+            context: SessionContext = context, batch: Batch = batch,
+        ) -> None:  # fmt: skip
+            method.network.train()
+            train_step(method, [batch], optimization, scaler, context, len(batch.images))
+
+        started = time.process_time()
+        step()  # the first step (torch.compile: the compilation)
+        first = time.process_time() - started
+        for _ in range(2):
+            step()
+        samples = []
+        for _ in range(repeats):
+            started = time.process_time()
+            step()
+            samples.append(time.process_time() - started)
+        method.network = network
+        shape = f"{config.model.backbone} at {config.data.image_size} px, batch {len(batch.images)}"
+        rows.append({"name": f"KRT step, ImageNet regime ({shape}), {label}", "unit": "CPU ms",
+                     "value": statistics.median(samples) * 1e3})  # fmt: skip
+        rows.append({"name": f"  its first step, {label}", "unit": "CPU s", "value": first})
+    return rows
+
+
 def breakdown_table(breakdown: dict) -> str:
     """Each part's median milliseconds for fine-tuning and KRT, and KRT's extra."""
     finetune, krt = breakdown["parts_ms"]["finetune"], breakdown["parts_ms"]["krt"]
@@ -471,10 +523,12 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/speed.json")
     parser.add_argument(
         "--only",
-        choices=["dpl", "krt-step"],
+        choices=["dpl", "krt-step", "cpu-paths"],
         help="run one group of benchmarks (dpl: DPL threshold; krt-step: KRT's step against "
-        "fine-tuning's on the demo network, with its breakdown)",
+        "fine-tuning's on the demo network, with its breakdown; cpu-paths: the ImageNet "
+        "regime's KRT step in fp32, bf16 and, with --compile, compiled)",
     )
+    parser.add_argument("--compile", action="store_true", help="cpu-paths: also torch.compile")
     args = parser.parse_args()
     device = torch.device(args.device)
     breakdown = None
@@ -482,6 +536,9 @@ def main() -> None:
         rows = bench_dpl_selection()
     elif args.only == "krt-step":
         rows, breakdown = bench_krt_vs_finetune(device)
+    elif args.only == "cpu-paths":
+        torch.set_num_threads(1)  # the grid's setting: one thread per run, two runs at a time
+        rows = bench_cpu_paths(with_compile=args.compile)
     else:
         rows = bench_ica(device) + bench_training(device, args.heavy) + bench_pure_functions()
         rows += bench_dpl_selection()

@@ -191,7 +191,9 @@ def token_distillation_weight(
     return float(base_weight) * math.sqrt(num_seen_classes / num_new_classes)
 
 
-def sigmoid_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
+def sigmoid_distillation(
+    new_logits: torch.Tensor, old_logits: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """LwF-style distillation for multi-label outputs, summed over batch and classes.
 
     Binary cross-entropy of ``sigmoid(new_logits)`` against the soft targets
@@ -202,6 +204,8 @@ def sigmoid_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor) -> 
     Args:
         new_logits: ``(B, K)`` logits of the current model on the old classes.
         old_logits: ``(B, K)`` logits of the frozen old model (detached).
+        mask: ``(B, K)`` bool, the entries summed; None: all (a left-out entry adds exactly
+            zero to the loss and the gradients).
 
     Returns:
         A float32 scalar tensor.
@@ -214,7 +218,13 @@ def sigmoid_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor) -> 
         raise MlcilError(f"logits must have shape (B, K), got {tuple(new_logits.shape)}")
     soft_targets = torch.sigmoid(old_logits.detach().float())  # (B, K)
     # The with-logits form uses log-sigmoid internally, stable for confident logits.
-    return F.binary_cross_entropy_with_logits(new_logits.float(), soft_targets, reduction="sum")
+    if mask is None:
+        return F.binary_cross_entropy_with_logits(new_logits.float(), soft_targets, reduction="sum")
+    _check_same_shape("new_logits", new_logits, "mask", mask)
+    elements = F.binary_cross_entropy_with_logits(
+        new_logits.float(), soft_targets, reduction="none"
+    )
+    return elements[mask.to(device=elements.device, dtype=torch.bool)].sum()
 
 
 def _pod_pool(features: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,9 @@ other choices, so every method honours one shared setting (docs/baselines.md):
 - ``pseudo-ignore``: positives as ``pseudo``; on the session's own images an old column is a
   negative only where the previous network is confident the class is absent (its score is at
   or below the *negative threshold*) and is left out in between.
+- ``pseudo-soft``: positives as ``pseudo``; every other old column of the session's own images
+  takes the previous network's score as a soft target (``distill``) instead of a hard negative
+  (beyond KRT's paper: docs/baselines.md says why).
 
 The negative threshold is chosen by the same exact order statistic as the DPL threshold: the
 DPL threshold makes the old positives per image match the label density prior ``rho x old
@@ -42,7 +45,7 @@ from mlcil.config.schema import Params
 from mlcil.errors import MlcilError
 from mlcil.pseudo_labels import apply_pseudo_labels, dpl_threshold, iterative_dpl_threshold
 
-OldClassRule = Literal["negative", "ignore", "distill", "pseudo", "pseudo-ignore"]
+OldClassRule = Literal["negative", "ignore", "distill", "pseudo", "pseudo-ignore", "pseudo-soft"]
 OLD_CLASS_RULES: tuple[str, ...] = get_args(OldClassRule)
 
 # One line each, for `mlcil list` and the docs.
@@ -52,12 +55,13 @@ RULE_SUMMARIES: dict[str, str] = {
     "distill": "old columns take the previous network's scores as soft targets",
     "pseudo": "previous network's confident old classes become positives, the rest negatives",
     "pseudo-ignore": "pseudo positives; negatives only where the previous network is sure",
+    "pseudo-soft": "pseudo positives; the previous network's scores as soft targets elsewhere",
 }
 
 # Rules that read the previous network's scores during training.
-RULES_WITH_TEACHER = frozenset({"distill", "pseudo", "pseudo-ignore"})
+RULES_WITH_TEACHER = frozenset({"distill", "pseudo", "pseudo-ignore", "pseudo-soft"})
 # Rules that need the DPL threshold chosen before each incremental session.
-RULES_WITH_THRESHOLD = frozenset({"pseudo", "pseudo-ignore"})
+RULES_WITH_THRESHOLD = frozenset({"pseudo", "pseudo-ignore", "pseudo-soft"})
 
 
 class PseudoLabelParams(Params):
@@ -73,6 +77,11 @@ class PseudoLabelParams(Params):
     # DPL prior rho, labels per image per class; None: the dataset's published value (COCO
     # 2.9/80, VOC 1.4/20), else the training split's own label density.
     label_density: Annotated[float, Field(gt=0, le=1)] | None = None
+    # The images the threshold pass scores: "all" the session's training rows, replayed
+    # exemplars included, as the release does; "own" the session's own images only, the ones
+    # whose old labels are unknown (exemplars are old-class images: counted in, they pull the
+    # threshold down and restore more labels on new images than the prior asks for).
+    threshold_images: Literal["all", "own"] = "all"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +102,9 @@ class OldClassTargets:
         mask: ``(B, seen)`` bool, True where an entry is in the hard-label loss; None: every
             entry is.
         soft_logits: ``(B, old)`` the previous network's logits, whose sigmoids are the soft
-            targets of the old columns (``distill``); None otherwise.
+            targets of the old columns (``distill``, ``pseudo-soft``); None otherwise.
+        soft_mask: ``(B, old)`` bool, the old entries that take soft targets; None: all of
+            them (when ``soft_logits`` is given).
         first_column: columns before it are out of the hard-label loss on every row (the old
             ones, for ``distill`` and for ``ignore`` on a batch without exemplars): the loss is
             then taken over the remaining columns only, which is the same loss as the mask's and
@@ -104,6 +115,7 @@ class OldClassTargets:
     mask: torch.Tensor | None = None
     soft_logits: torch.Tensor | None = None
     first_column: int = 0
+    soft_mask: torch.Tensor | None = None
 
     def rows(self, selected: torch.Tensor) -> OldClassTargets:
         """The same targets for some rows (a boolean or index selection)."""
@@ -112,6 +124,7 @@ class OldClassTargets:
             None if self.mask is None else self.mask[selected],
             None if self.soft_logits is None else self.soft_logits[selected],
             self.first_column,
+            None if self.soft_mask is None else self.soft_mask[selected],
         )
 
     def kept_mask(self) -> torch.Tensor:
@@ -171,6 +184,13 @@ def old_class_targets(
     restored = apply_pseudo_labels(targets, scores, thresholds.positive)
     if rule == "pseudo":
         return OldClassTargets(restored)
+    if rule == "pseudo-soft":
+        # Own images: restored positives stay hard, every other old entry is soft; exemplar
+        # rows keep hard labels everywhere (their stored ones plus the restored ones).
+        hard = (scores > thresholds.positive) | ~own[:, None]
+        mask = torch.ones(targets.shape, dtype=torch.bool, device=targets.device)
+        mask[:, :num_old] = hard
+        return OldClassTargets(restored, mask, old_logits.detach(), soft_mask=~hard)
     if thresholds.negative is None:
         raise MlcilError("old-class rule 'pseudo-ignore' needs the session's negative threshold")
     decided = (scores > thresholds.positive) | (scores <= thresholds.negative)

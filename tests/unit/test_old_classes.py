@@ -107,6 +107,18 @@ def test_pseudo_ignore_keeps_only_confident_negatives_on_own_images() -> None:
     assert torch.equal(out.kept_mask(), expected)
 
 
+def test_pseudo_soft_keeps_restored_positives_hard_and_the_rest_soft() -> None:
+    out = old_class_targets("pseudo-soft", TARGETS, NUM_OLD, EXEMPLAR, OLD_LOGITS, THRESHOLDS)
+    pseudo = old_class_targets("pseudo", TARGETS, NUM_OLD, EXEMPLAR, OLD_LOGITS, THRESHOLDS)
+    assert torch.equal(out.targets, pseudo.targets)
+    hard = torch.ones(4, 5, dtype=torch.bool)
+    hard[0, 1:3] = False  # 0.5 and 0.1: not restored, soft
+    hard[1, 0] = hard[1, 2] = False  # 0.3 and 0.2
+    assert torch.equal(out.kept_mask(), hard)
+    assert out.soft_mask is not None and torch.equal(out.soft_mask, ~hard[:, :3])
+    assert out.soft_logits is not None
+
+
 def test_first_session_and_bad_calls() -> None:
     for rule in OLD_CLASS_RULES:  # no old classes: every rule is "negative"
         out = old_class_targets(rule, TARGETS[:, 3:], 0, EXEMPLAR)
@@ -171,20 +183,25 @@ def test_every_rule_through_a_method_zeroes_left_out_gradients(rule: str) -> Non
     loss.backward()
     assert logits.grad is not None
     left_out = ~kept(rule)
-    if rule == "distill":
-        # The old columns learn from the soft targets alone: d/dlogit = (s(new) - s(old)) R/B.
-        expected = (logits.detach()[:, :3].sigmoid() - SCORES) * (4 / 4)
-        assert torch.allclose(logits.grad[:, :3], expected, atol=1e-6)
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits.detach()[:, :3], SCORES, reduction="sum"
+    if rule in ("distill", "pseudo-soft"):
+        soft = (
+            torch.ones(4, 3, dtype=torch.bool) if targets.soft_mask is None else targets.soft_mask
         )
-        assert float(parts["kd"]) == pytest.approx(float(bce), rel=1e-5)
+        # A soft entry learns from its soft target alone: d/dlogit = (s(new) - s(old)) R/B.
+        expected = (logits.detach()[:, :3].sigmoid() - SCORES) * (4 / 4)
+        assert torch.allclose(logits.grad[:, :3][soft], expected[soft], atol=1e-6)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits.detach()[:, :3], SCORES, reduction="none"
+        )
+        assert float(parts["kd"]) == pytest.approx(float(bce[soft].sum()), rel=1e-5)
+        neither = left_out[:, :3] & ~soft  # out of both losses: no gradient at all
+        assert torch.equal(logits.grad[:, :3][neither], torch.zeros(int(neither.sum())))
     else:
         assert torch.equal(logits.grad[left_out], torch.zeros(int(left_out.sum())))
         assert "kd" not in parts
     hard = asymmetric_loss(logits.detach(), targets.targets, mask=kept(rule))
     assert float(parts["asl"]) == pytest.approx(float(hard), rel=1e-6)  # R/B = 1
-    assert ("pseudo_pos" in parts) == (rule in {"pseudo", "pseudo-ignore"})
+    assert ("pseudo_pos" in parts) == (rule in {"pseudo", "pseudo-ignore", "pseudo-soft"})
 
 
 def test_thresholds_by_order_statistics() -> None:
@@ -216,14 +233,14 @@ def test_method_state_keeps_both_thresholds() -> None:
 def test_a_rule_that_reads_the_previous_network_keeps_it() -> None:
     assert not finetune("negative").keeps_teacher  # type: ignore[attr-defined]
     assert not finetune("ignore").keeps_teacher  # type: ignore[attr-defined]
-    for rule in ("distill", "pseudo", "pseudo-ignore"):
+    for rule in ("distill", "pseudo", "pseudo-ignore", "pseudo-soft"):
         assert finetune(rule).keeps_teacher  # type: ignore[attr-defined]
 
 
 def test_joint_refuses_every_rule_but_negative_by_name() -> None:
     config = CONFIGS / "methods" / "joint.yaml"
     assert load_config(config, ["method.old_classes=negative"]).method.params.old_classes
-    for rule in ("ignore", "distill", "pseudo", "pseudo-ignore"):
+    for rule in ("ignore", "distill", "pseudo", "pseudo-ignore", "pseudo-soft"):
         with pytest.raises(ConfigError, match=r"method\.old_classes: this method cannot honour"):
             load_config(config, [f"method.old_classes={rule}"])
 
@@ -265,3 +282,45 @@ def test_training_rows_say_which_rows_are_exemplars() -> None:
     batch = Batch.from_items([torch.stack(x) for x in zip(*items, strict=True)])
     assert batch.exemplar is not None and batch.exemplar.tolist() == [0, 0, 0, 1, 1]
     assert batch.exemplar_data is not None and math.isclose(float(batch.exemplar_data[4, 1]), 9)
+
+
+@pytest.mark.parametrize("images", ["all", "own"])
+def test_the_threshold_pass_scores_all_rows_or_the_sessions_own(
+    images: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from mlcil.data.sessions import TargetedImages
+    from mlcil.methods import base as base_module
+    from mlcil.protocol import sessions
+    from tiny import in_memory_context
+
+    protocol = sessions(6, 3, 3)
+    labels = (np.random.default_rng(0).random((12, 6)) < 0.5).astype(np.uint8)
+    labels[:, 0] = 1  # every image shows an old class: all are exemplar candidates
+    krt = METHODS["krt"]
+    model = ModelConfig(backbone="resnet18", feature_stage=2, network="linear", pretrained=None)
+    method = krt(krt.Params(threshold_images=images), build_network(model, 32, False), LossConfig())
+    first = in_memory_context(protocol[0], protocol, labels)
+    method.begin_session(first)
+    method.end_session(first)
+    second = in_memory_context(protocol[1], protocol, labels)
+    own = len(second.train_set)
+    exemplar_rows = np.arange(4)  # four stored images of the first session, appended
+    full = TargetedImages(
+        second.train_source,
+        np.concatenate([second.train_set.indices, exemplar_rows]),
+        np.concatenate([second.train_set.targets, labels[exemplar_rows].astype(np.float32)]),
+        second.train_set.transform,
+    )
+    second = dataclasses.replace(second, train_set=full, own_images=own)
+    scored: list[int] = []
+
+    def spy(rule: str, old_scores: torch.Tensor, *args: object) -> Thresholds:
+        scored.append(len(old_scores))
+        return Thresholds(0.5)
+
+    monkeypatch.setattr(base_module, "choose_thresholds", spy)
+    method.begin_session(second)
+    assert scored == [own + 4 if images == "all" else own]
+    assert method.thresholds == Thresholds(0.5)

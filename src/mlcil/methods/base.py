@@ -38,6 +38,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Annotated, Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator
 from torch import nn
@@ -374,7 +375,7 @@ class Method:
         if self.old_class_rule in RULES_WITH_THRESHOLD and old:
             parts["pseudo_pos"] = (targets.targets[:, :old].sum() / len(logits)).detach()
         if targets.soft_logits is not None and not self.distills_old_outputs:
-            summed = sigmoid_distillation(logits[:, :old], targets.soft_logits)
+            summed = sigmoid_distillation(logits[:, :old], targets.soft_logits, targets.soft_mask)
             distillation = self.per_reference_images(
                 summed, len(logits) if images is None else images
             )
@@ -384,15 +385,19 @@ class Method:
 
     def choose_thresholds(self, context: SessionContext, previous: Thresholds | None) -> Thresholds:
         """One pass of the previous network over the session's training images (its own
-        seeded shuffle and augmentation, every process's shard), then the rule's thresholds."""
+        seeded shuffle and augmentation, every process's shard; ``threshold_images: own``: the
+        session's own images only), then the rule's thresholds."""
 
         def old_class_scores(batch: Batch) -> torch.Tensor:
             return self.previous_logits(batch.images).float().sigmoid()
 
-        old_scores = context.score_pass(THRESHOLD_PASS_STREAM, old_class_scores)
-        target = target_positives_per_image(self.label_density(context), self.num_old)
         params = self.params
         settings = params if isinstance(params, PseudoLabelParams) else PseudoLabelParams()
+        scored = context
+        if settings.threshold_images == "own" and context.own_images is not None:
+            scored = context.restricted(np.arange(context.own_images))
+        old_scores = scored.score_pass(THRESHOLD_PASS_STREAM, old_class_scores)
+        target = target_positives_per_image(self.label_density(context), self.num_old)
         margin = getattr(params, "negative_margin", 2.0)
         rule = self.old_class_rule or "pseudo"
         thresholds = choose_thresholds(rule, old_scores, target, settings, margin, previous)

@@ -11,13 +11,14 @@ from typing import ClassVar
 from mlcil.methods.base import MethodParams
 from mlcil.methods.finetune import Finetune
 from mlcil.methods.registry import register_method
+from mlcil.old_classes import OLD_CLASS_RULES
 
 _NO_OLD_CLASSES = "joint training learns every class in one session: there are no old classes"
 
 
 class JointParams(MethodParams):
     refused_old_classes: ClassVar[dict[str, str]] = {
-        rule: _NO_OLD_CLASSES for rule in ("ignore", "distill", "pseudo", "pseudo-ignore")
+        rule: _NO_OLD_CLASSES for rule in OLD_CLASS_RULES if rule != "negative"
     }
 
 
