@@ -62,10 +62,11 @@ def check_contents(wheel: Path) -> None:
     for config in (REPO / "configs").rglob("*.yaml"):
         assert f"mlcil/configs/{config.relative_to(REPO / 'configs').as_posix()}" in names
     assert "mlcil/py.typed" in names
+    assert "mlcil/report/templates/report.html.j2" in names  # the report's page (package data)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     lines = text.splitlines()
     assert "License-Expression: MIT" in lines and "License-File: LICENSE" in lines
-    assert "Requires-Dist: timm>=1.0.16" in lines
+    assert "Requires-Dist: timm>=1.0.16" in lines and "Requires-Dist: jinja2>=3.1" in lines
     for extra, requirement in (("coco", "pycocotools"), ("digits", "mlxtend"),
                                ("tensorboard", "tensorboard")):  # fmt: skip
         assert f"Provides-Extra: {extra}" in lines
