@@ -119,4 +119,9 @@ def test_the_wheel_trains_a_shipped_config_by_name_outside_the_repository(tmp_pa
     assert trained.returncode == 0, trained.stderr
     assert "stopped after session 0" in trained.stdout
     assert (run_dir / "checkpoints" / "session_00" / "model.safetensors").is_file()
+    # Stopped early, the run has its results so far, and the report renders them with the
+    # wheel's own page template.
+    reported = mlcil("report", str(run_dir), "--output", str(elsewhere / "report"))
+    assert reported.returncode == 0, reported.stderr
+    assert "krt (unfinished: 1 of 5)" in (elsewhere / "report" / "report.html").read_text()
     assert not (elsewhere / "configs").exists()

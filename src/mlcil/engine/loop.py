@@ -216,6 +216,8 @@ class Trainer:
             run, index = self.run_folder, session.index
             folder = save_checkpoint(run, index, network, payload, memory, tensors)
             self.callbacks.checkpoint_written(folder)
+            if state.next_session < len(self.experiment.sessions):  # else _finish writes it
+                write_results(self.run_dir, self._summary(state))  # marked unfinished
         self.experiment.runtime.barrier()
 
     def _payload(self, state: RunState) -> dict[str, Any]:
