@@ -109,7 +109,7 @@ def check_training() -> str:
             assert needed in files, f"{needed} not written"
         assert any(name.startswith("events.out.tfevents") for name in files), "no TensorBoard"
         assert run.metrics is not None
-        return f"last mAP {run.metrics['last_map']:.1f}"
+        return f"last mAP {run.metrics.last_map:.1f}"
 
 
 def check_coco() -> str:

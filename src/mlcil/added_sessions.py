@@ -49,6 +49,7 @@ from mlcil.errors import ConfigError, DataError, WeightsError
 from mlcil.experiment import RunPlan
 from mlcil.fileio import write_text_atomic
 from mlcil.protocol import Session
+from mlcil.record import AddedSessionEntry, RunMetrics
 from mlcil.results import write_results
 from mlcil.rundir import ADDED_SESSIONS
 
@@ -215,13 +216,16 @@ def extended_plan(plan: RunPlan, added: Sequence[AddedSession]) -> RunPlan:
     )
 
 
-def annotate_metrics(run_dir: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Record a run's added sessions in its ``metrics.json`` (key ``added_sessions``), so that a
-    report reader sees that its last sessions are not its protocol's. No-op without any."""
-    added = read_added_sessions(run_dir)
-    if not added:
+def annotate_metrics(run_dir: str | Path, metrics: RunMetrics) -> RunMetrics:
+    """Record a run's added sessions in its record (``added_sessions``) and ``metrics.json``,
+    so that a report reader sees that its last sessions are not its protocol's. No-op without
+    any, or when the record already holds them."""
+    added = [
+        AddedSessionEntry.model_validate(item.to_json()) for item in read_added_sessions(run_dir)
+    ]
+    if not added or metrics.added_sessions == added:
         return metrics
-    metrics["added_sessions"] = [item.to_json() for item in added]
+    metrics.added_sessions = added
     write_results(Path(run_dir), metrics)
     return metrics
 

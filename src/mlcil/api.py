@@ -8,7 +8,7 @@
     import mlcil
 
     run = mlcil.train("digits-b0-c2", overrides={"train.epochs": 1}, run_dir="runs/try")
-    print(run.metrics["last_map"])
+    print(run.metrics.last_map)
     model = run.load()
 
 ``load`` rebuilds the run exactly as ``mlcil train --resume`` and ``mlcil eval`` do (its config,
@@ -55,6 +55,8 @@ from mlcil.predict import (
     make_predictions,
     read_thresholds,
 )
+from mlcil.record import RunMetrics
+from mlcil.results import read_metrics
 from mlcil.runs import Launch, open_run, resume_run, start_run
 
 ImageInput = str | Path | Image.Image
@@ -77,15 +79,24 @@ class TrainedModel:
         skipped: ``(path or input, reason)`` of what the last ``predict`` call skipped.
         checkpoint: the checkpoint folder the weights come from (``session_03``: the run's last
             finished session).
+        metrics: the run's record (``metrics.json``: ``metrics.last_map``,
+            ``metrics.sessions[0].ap``...; ``metrics.finished`` is False for a run stopped
+            early), None when the folder holds none.
     """
 
     def __init__(
-        self, run_dir: Path, experiment: Experiment, state: RunState, checkpoint: str = ""
+        self,
+        run_dir: Path,
+        experiment: Experiment,
+        state: RunState,
+        checkpoint: str = "",
+        metrics: RunMetrics | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.experiment = experiment
         self.state = state
         self.checkpoint = checkpoint
+        self.metrics = metrics
         session = experiment.sessions[state.next_session - 1]
         self.classes = [experiment.class_names[c] for c in session.seen_classes]
         self.skipped: list[Problem] = []
@@ -198,14 +209,20 @@ def load(run_dir: str | Path, device: str | None = None) -> TrainedModel:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default the run's ``train.device``.
 
     Raises:
-        ConfigError: when the folder is not a run or has no finished session yet.
+        ConfigError: when the folder is not a run or has no finished session yet (a damaged
+            ``metrics.json`` is only logged: ``metrics`` is then None).
         WeightsError: when the checkpoint is damaged or does not fit the run's config.
     """
     overrides = [] if device is None else [f"train.device={device}"]
     opened, _ = open_run(run_dir, overrides)
+    try:
+        metrics = read_metrics(opened.run.path)
+    except ConfigError as error:  # the weights predict all the same
+        logger.warning("%s; model.metrics is None", error)
+        metrics = None
     folder, state = opened.restore(session_end=True)
     logger.info("%s: predicting with checkpoint %s", opened.run.path, folder.name)
-    return TrainedModel(opened.run.path, opened.experiment, state, folder.name)
+    return TrainedModel(opened.run.path, opened.experiment, state, folder.name, metrics)
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -218,16 +235,17 @@ class TrainedRun:
     Attributes:
         run_dir: the run folder (``config.yaml``, ``metrics.json``, ``checkpoints/``...).
         config: the run's resolved config.
-        metrics: the content of ``metrics.json`` (``last_map``, ``avg_map``, ``sessions``...)
-            once every session is done; None when the run stopped earlier (``max_sessions``, a
-            SIGTERM) and can be continued with :func:`resume`.
+        metrics: the run's record, as in ``metrics.json`` (``metrics.last_map``,
+            ``metrics.sessions[-1].seen_map``...), once every session is done; None when the
+            run stopped earlier (``max_sessions``, a SIGTERM) and can be continued with
+            :func:`resume` (its ``metrics.json`` then holds the sessions done, unfinished).
         sessions_done: the sessions learned so far.
         stopped: why the run stopped early (None when it did not, or only ``max_sessions``).
     """
 
     run_dir: Path
     config: RunConfig
-    metrics: dict[str, Any] | None
+    metrics: RunMetrics | None
     sessions_done: int
     stopped: str | None = None
 
@@ -307,8 +325,8 @@ def train(
         max_sessions: stop after this many sessions (continue with :func:`resume`).
 
     Returns:
-        The run: its folder, config, ``metrics.json`` content (None until every session is
-        learned) and ``load()`` for predictions.
+        The run: its folder, config, record (``metrics``, None until every session is learned)
+        and ``load()`` for predictions.
 
     Raises:
         MlcilError: (``ConfigError``, ``DataError``, ``WeightsError``) naming the file, key or

@@ -18,7 +18,6 @@ from mlcil.safety import finite_non_negative, positive_int, unit_interval
 from mlcil.version import __version__
 
 if TYPE_CHECKING:
-    from mlcil.experiment import Experiment
     from mlcil.runs import Launch
 
 logger = logging.getLogger("mlcil.cli")
@@ -100,6 +99,8 @@ def _new_launch(args: argparse.Namespace, overrides: list[str]) -> Launch | None
     config = load_config(args.config, overrides)
     runtime = make_runtime(config)
     if args.dry_run:
+        from mlcil.report import dry_run_summary
+
         run = (
             RunDir(args.run_dir)
             if args.run_dir
@@ -124,83 +125,28 @@ def _resumed_launch(args: argparse.Namespace, overrides: list[str]) -> Launch | 
         raise MlcilError("--test-manifest goes with --add-session TRAIN_MANIFEST")
     manifests = {"add_session": args.add_session, "test_manifest": args.test_manifest}
     if args.dry_run:
+        from mlcil.report import dry_run_summary
+
         opened, _ = open_run(args.resume, overrides, resuming=True, **manifests)
         print(dry_run_summary(opened.experiment, opened.run.path))
         return None
     return resume_run(args.resume, overrides, **manifests)
 
 
-def dry_run_summary(experiment: Experiment, run_dir: Path) -> str:
-    """Sessions, set sizes, weights file status and a model summary, without training."""
-    config = experiment.config
-    lines = [
-        f"run: {config.run_name} -> {run_dir}",
-        f"method: {config.method.to_dict()}",
-        f"dataset: {config.data.dataset} ({len(experiment.train_source)} train / "
-        f"{len(experiment.test_source)} test images, {len(experiment.class_names)} classes), "
-        f"protocol {config.protocol}, overlap {config.data.overlap}",
-        f"device: {experiment.runtime.device} ({experiment.runtime.precision})",
-        f"classes ({len(experiment.class_names)}): {', '.join(experiment.class_names)}",
-        "",
-        "session  new  classes                          train  test",
-    ]
-    for session, sizes in zip(experiment.sessions, experiment.session_sizes(), strict=True):
-        names = ", ".join(experiment.class_names[c] for c in session.new_classes)
-        if len(names) > 31:
-            names = names[:28] + "..."
-        lines.append(
-            f"{session.index:>7}  {len(session.new_classes):>3}  {names:<31} "
-            f"{sizes['train_images']:>6} {sizes['test_images']:>5}"
-        )
-    memory = config.memory
-    if memory.enabled:
-        budget = (
-            f"{memory.per_class} per class" if memory.total is None else f"{memory.total} total"
-        )
-        lines.append(f"exemplar memory: {budget}, labels {memory.labels}")
-    else:
-        lines.append("exemplar memory: off")
-    pretrained = config.model.pretrained
-    if pretrained and pretrained.startswith(("pretrain:", "imagenet:")):
-        lines.append(f"pretrained weights: {pretrained} [made on first use, then cached]")
-    elif pretrained:
-        status = "found" if Path(pretrained).is_file() else "MISSING (training would stop here)"
-        lines.append(f"pretrained weights: {pretrained} [{status}]")
-    else:
-        lines.append("pretrained weights: none (random initialisation)")
-    method = experiment.build_method(load_weights=False)
-    for session in experiment.sessions:
-        method.network.add_session(len(session.new_classes))
-    lines.append("")
-    lines.append(f"model after the last session ({config.model.backbone}, {config.model.network}):")
-    total = trainable = 0
-    for name, count, grad in method.network.summary():
-        lines.append(f"  {name:<20} {count:>12,d} parameters ({grad:,d} trainable)")
-        total += count
-        trainable += grad
-    lines.append(f"  {'total':<20} {total:>12,d} parameters ({trainable:,d} trainable)")
-    return "\n".join(lines)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mlcil.report import validate_metrics
-    from mlcil.rundir import RunDir
-    from mlcil.runs import evaluate_run, load_run
+    from mlcil.runs import evaluate_run
 
-    _, metrics = load_run(args.run)
-    if metrics:
-        validate_metrics(metrics, RunDir(args.run).metrics_file)
     result = evaluate_run(args.run)
-    recorded = result["recorded_last_map"]
+    recorded = result["recorded_map"]
     print(
         f"{args.run}: session {result['session']} seen mAP {result['seen_map']:.4f} "
         f"(base {result['base_map']:.4f})"
     )
     if recorded is None:
-        print("metrics.json has no last_map to compare with")
+        print(f"metrics.json has no {result['recorded_key']} to compare with")
         return 0
     difference = abs(result["seen_map"] - recorded)
-    print(f"recorded last_map {recorded:.4f}: difference {difference:.2e}")
+    print(f"recorded {result['recorded_key']} {recorded:.4f}: difference {difference:.2e}")
     if not difference <= args.tolerance:
         print(f"NOT reproduced (tolerance {args.tolerance})")
         return 1
@@ -394,7 +340,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     paths = write_report(args.runs, args.output)
     print(Path(paths["markdown"]).read_text())
-    print(f"report: {paths['markdown']}")
+    print(
+        f"report: {paths['html']} (tables also in {paths['markdown'].name}, {paths['json'].name})"
+    )
     return 0
 
 
@@ -548,9 +496,18 @@ def build_parser() -> argparse.ArgumentParser:
     _compare_parser(commands)
     _pretrain_parser(commands)
 
-    report = commands.add_parser("report", help="markdown table and plot over finished runs")
-    report.add_argument("runs", nargs="+", help="run folders")
-    report.add_argument("--output", default="runs/report", help="where report.md goes")
+    report = commands.add_parser(
+        "report",
+        help="an HTML page comparing runs (tables, curves, per-class charts, each run's settings "
+        "with those that differ highlighted), with report.md and report.json",
+    )
+    report.add_argument("runs", nargs="+", help="run folders, finished or not")
+    report.add_argument(
+        "--output",
+        default="runs/report",
+        help="the report folder: report.html, report.md, report.json and one curve PNG per "
+        "dataset and protocol (nothing is written elsewhere)",
+    )
     report.set_defaults(func=cmd_report)
     return parser
 

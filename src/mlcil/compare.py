@@ -3,7 +3,7 @@
 The grid is protocols x configurations x seeds. Each configuration is one YAML file (or a shipped
 config's name), or several stacked with ``+`` (``a.yaml+b.yaml``), with an optional ``--base``
 file stacked underneath every one. Runs land in ``<output>/runs/<run name>``;
-a run that already has ``metrics.json`` is reused and one with a checkpoint is resumed, so an
+a finished run (its ``metrics.json`` says so) is reused and one with a checkpoint is resumed, so an
 interrupted comparison continues where it stopped. A finished or resumable run is reused only if
 it was made with the same settings, run-time settings (device, progress bars, data root...)
 apart: those never change results (``mlcil.safety.RESUME_SAFE_KEYS``).
@@ -30,6 +30,7 @@ from mlcil.errors import ConfigError, MlcilError
 from mlcil.experiment import Experiment, build_config, load_config
 from mlcil.plugins import load_plugins, loaded_plugins
 from mlcil.report import write_report
+from mlcil.results import run_finished
 from mlcil.rundir import RunDir
 from mlcil.runs import resume_run, start_run
 from mlcil.safety import RESUME_SAFE_KEYS
@@ -85,7 +86,7 @@ def plan_comparison(
     planned = []
     for spec, config in plans:
         run_dir = output_dir / "runs" / config.run_name
-        if RunDir(run_dir).metrics_file.is_file():
+        if run_finished(run_dir):
             status = "finished"
         else:
             status = "resume" if latest_checkpoint(run_dir) is not None else "new"
@@ -221,7 +222,7 @@ def _check_plans(
         seen[run_dir] = spec
         if RunDir(run_dir).config_file.is_file():
             _check_same_config(run_dir, config)
-            if RunDir(run_dir).metrics_file.is_file():
+            if run_finished(run_dir):
                 experiments.append(None)
                 continue
         elif latest_checkpoint(run_dir) is None and RunDir(run_dir).found_run_files():

@@ -1,4 +1,6 @@
-"""Result files of a run: ``metrics.json``, ``metrics.csv`` and ``map_per_session.png``."""
+"""Result files of a run: ``metrics.json`` (the typed record of :mod:`mlcil.record`),
+``metrics.csv`` and ``map_per_session.png``, written after every session; and the header that
+says what the numbers may depend on."""
 
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ from typing import Any
 import torch
 
 from mlcil.config.schema import RunConfig
+from mlcil.errors import ConfigError
 from mlcil.fileio import write_text_atomic
 from mlcil.metrics import average_map, f1_scores, forgetting, last_map
+from mlcil.plots import plot_sessions
+from mlcil.record import FORMAT, VERSION, RunMetrics, SessionResult
 from mlcil.rundir import METRICS_CSV, METRICS_JSON, PLOT
 from mlcil.version import __version__
 
@@ -87,149 +92,106 @@ def device_name(device: Any) -> str:
 
 
 def summarize(
-    sessions: Sequence[dict[str, Any]],
+    sessions: Sequence[SessionResult | dict[str, Any]],
     final_scores: Any,
     final_targets: Any,
     f1_threshold: float,
     header: dict[str, Any],
     wall_time_s: float,
-) -> dict[str, Any]:
-    """Assemble ``metrics.json`` from the per-session results and the final scores."""
-    maps = [s["seen_map"] for s in sessions]
-    history = [[ap / 100.0 for ap in s["ap"].values()] for s in sessions]
+    planned_sessions: int | None = None,
+) -> RunMetrics:
+    """The run's record after the sessions done so far: the per-session results, the maps over
+    them, and F1 on the last session's test scores.
+
+    Args:
+        sessions: the sessions' results (the checkpoint's plain entries are checked here).
+        final_scores: the last session's test scores; ``final_targets`` its targets.
+        f1_threshold: the decision threshold of the F1 scores.
+        header: :func:`run_header` and what features added to it (``pretrained``...).
+        wall_time_s: the run's training time so far.
+        planned_sessions: the run's sessions in all (default: those done, a finished run).
+    """
+    entries = [SessionResult.model_validate(entry) for entry in sessions]
+    maps = [entry.seen_map for entry in entries]
+    history = [[_fraction(ap) for ap in (entry.ap or {}).values()] for entry in entries]
     final = f1_scores(final_scores, final_targets, threshold=f1_threshold)
-    return {
-        **header,
-        "sessions": list(sessions),
-        "avg_map": average_map(maps),
-        "last_map": last_map(maps),
-        "final": {**final, "threshold": f1_threshold},
-        "forgetting": forgetting(history),
-        "wall_time_s": wall_time_s,
-    }
+    planned = len(entries) if planned_sessions is None else planned_sessions
+    return RunMetrics.model_validate(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "finished": len(entries) >= planned,
+            "planned_sessions": planned,
+            **header,
+            "sessions": entries,
+            "avg_map": average_map(maps),
+            "last_map": last_map(maps),
+            "final": {**final, "threshold": f1_threshold},
+            "forgetting": forgetting(history),
+            "wall_time_s": wall_time_s,
+        }
+    )
 
 
-def _clean(value: Any) -> Any:
-    """JSON has no NaN: write None instead so every file parses with strict readers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
+def _fraction(ap: float | None) -> float:
+    return math.nan if ap is None else ap / 100.0  # NaN: forgetting() names the session
 
 
-def write_results(run_dir: Path, metrics: dict[str, Any]) -> None:
-    """Write the three result files of a run (atomically)."""
+def write_results(run_dir: Path, metrics: RunMetrics) -> None:
+    """Write the three result files of a run (atomically): ``metrics.json``, ``metrics.csv``
+    (one row per session done) and ``map_per_session.png``."""
     run_dir = Path(run_dir)
-    write_text_atomic(run_dir / METRICS_JSON, json.dumps(_clean(metrics), indent=1))
+    write_text_atomic(run_dir / METRICS_JSON, metrics.to_json())
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
-    for entry in metrics["sessions"]:
+    for entry in metrics.sessions:
+        row = entry.plain()
         writer.writerow(
             {
-                **entry,
-                "session": entry["index"],
-                "classes": " ".join(entry["classes"]),
-                **{k: _fmt(entry.get(k)) for k in ("seen_map", "base_map", "new_map")},
-                **{k: _fmt(entry.get(k)) for k in ("base_map_subset", "new_map_subset")},
+                **row,
+                "session": entry.index,
+                "classes": " ".join(entry.classes),
+                **{k: _fmt(row.get(k)) for k in ("seen_map", "base_map", "new_map")},
+                **{k: _fmt(row.get(k)) for k in ("base_map_subset", "new_map_subset")},
             }
         )
     write_text_atomic(run_dir / METRICS_CSV, buffer.getvalue())
-    plot_sessions({metrics.get("method", "run"): metrics}, run_dir / PLOT)
+    points = [(entry.num_seen, entry.seen_map) for entry in metrics.sessions]
+    plot_sessions({metrics.method: points}, run_dir / PLOT, f"{metrics.dataset} {metrics.protocol}")
+
+
+def read_metrics(run_dir: str | Path) -> RunMetrics | None:
+    """The record in a run folder's ``metrics.json``; None when the file does not exist (no
+    session of the run is done yet).
+
+    Raises:
+        ConfigError: naming the file and the key at fault when it cannot be read or checked
+            (:meth:`mlcil.record.RunMetrics.from_json`).
+    """
+    path = Path(run_dir) / METRICS_JSON
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read: {error}") from None
+    return RunMetrics.from_json(text, path)
+
+
+def run_finished(run_dir: str | Path) -> bool:
+    """Whether a run folder's ``metrics.json`` says every session is done (a file without the
+    flag was written at the end of a run, by version 1). Only the flag is looked at: the
+    file's content is checked by whoever reads it."""
+    path = Path(run_dir) / METRICS_JSON
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError, ValueError):
+        return True  # a file there but unreadable: reported by its reader, not trained over
+    return not (isinstance(data, dict) and data.get("finished") is False)
 
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
-
-
-def plot_sessions(runs: dict[str, dict[str, Any]], path: Path, title: str | None = None) -> None:
-    """Save one mAP-per-session curve per entry of ``runs`` (label -> metrics dict) as a PNG
-    (see :func:`session_figure`)."""
-    save_figure(session_figure(runs, title), path)
-
-
-def session_figure(runs: dict[str, dict[str, Any]], title: str | None = None) -> Any:
-    """A matplotlib figure of seen mAP after each session, one curve per entry of ``runs``.
-
-    The y axis spans the values (with a margin), not 0-100: runs that differ by a point must
-    look different. The legend sits below the axes, where it cannot cover a point; a single
-    curve is labelled with its values.
-    """
-    plt = pyplot()
-    figure, axis = plt.subplots(figsize=(6.4, 4.4), dpi=110, layout="constrained")
-    values: list[float] = []
-    ticks: set[int] = set()
-    for label, metrics in runs.items():
-        sessions = metrics["sessions"]
-        seen = [s["num_seen"] for s in sessions]
-        maps = [s["seen_map"] for s in sessions]
-        # clip_on=False: a point at the top of the range (100 mAP) is drawn whole.
-        axis.plot(seen, maps, marker="o", label=label, clip_on=False)
-        values += maps
-        ticks.update(seen)
-        if len(runs) == 1:
-            for x, y in zip(seen, maps, strict=True):
-                label_at = {"textcoords": "offset points", "xytext": (0, 7), "ha": "center"}
-                axis.annotate(f"{y:.1f}", (x, y), fontsize=8, **label_at)
-    set_percent_range(axis, values)
-    axis.set_xticks(sorted(ticks))
-    axis.set_xlabel("classes seen")
-    axis.set_ylabel("mAP (%)")
-    axis.grid(alpha=0.3)
-    if title is None:
-        first = next(iter(runs.values()))
-        title = f"{first.get('dataset', '')} {first.get('protocol', '')}".strip()
-    axis.set_title(title)
-    figure.legend(loc="outside lower center", ncol=min(len(runs), 4), fontsize=8, frameon=False)
-    return figure
-
-
-def percent_range(values: Sequence[float]) -> tuple[float, float]:
-    """Axis limits for percentages: the values' range with a margin of 15% of it (at least one
-    point each side), not below 0; above 100 only by a little headroom for a point at 100."""
-    low, high = min(values), max(values)
-    margin = max(0.15 * (high - low), 1.0)
-    top = high + margin if high + margin <= 100.0 else max(high, 100.0) + min(margin, 4.0)
-    return max(0.0, low - margin), top
-
-
-def set_percent_range(axis: Any, values: Sequence[float]) -> None:
-    """Limit ``axis``'s y range to :func:`percent_range` of ``values``, with no tick above
-    100."""
-    from matplotlib.ticker import MaxNLocator
-
-    low, high = percent_range(values)
-    axis.set_ylim(low, high)
-    axis.yaxis.set_major_locator(MaxNLocator(nbins=6))
-    axis.set_yticks([t for t in axis.get_yticks() if low <= t <= min(high, 100.0)])
-    axis.set_ylim(low, high)  # set_yticks may widen the limits to its ticks
-
-
-def pyplot() -> Any:
-    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(figure: Any, path: Path) -> None:
-    """Write ``figure`` as a PNG atomically (through a temporary sibling) and close it."""
-    plt = pyplot()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.png")
-    try:
-        figure.savefig(temporary)
-    finally:
-        plt.close(figure)
-    temporary.replace(path)
-
-
-def read_metrics(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / METRICS_JSON
-    return json.loads(path.read_text())

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from mlcil.added_sessions import (
     AddedSession,
@@ -32,6 +32,7 @@ from mlcil.added_sessions import (
     recorded_until_learned,
     run_plan,
 )
+from mlcil.config.loading import flatten, parse_yaml
 from mlcil.config.schema import ModelConfig, RunConfig
 from mlcil.diagnostics import SessionDiagnostics
 from mlcil.engine.callbacks import SessionCallback
@@ -39,10 +40,12 @@ from mlcil.engine.checkpoint import RunState, restore_run
 from mlcil.engine.evaluate import evaluate_session, session_result
 from mlcil.engine.loop import Trainer
 from mlcil.engine.observers import Observer
-from mlcil.errors import ConfigError, DataError
+from mlcil.errors import ConfigError, DataError, MlcilError
 from mlcil.experiment import Experiment, load_config
 from mlcil.pretrain import cached_provenance, resolve_pretrained
 from mlcil.protocol import Session
+from mlcil.record import RunMetrics
+from mlcil.results import read_metrics
 from mlcil.rundir import RunDir
 from mlcil.runtime import Runtime, environment_rank
 from mlcil.safety import check_resume_config
@@ -80,23 +83,29 @@ class OpenedRun:
         return folder, restore_run(self.experiment, folder)
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
-    """The resolved config and ``metrics.json`` (empty when not written yet) of a run folder."""
+def load_run(run_dir: str | Path) -> tuple[RunConfig, RunMetrics | None]:
+    """The resolved config and the record in ``metrics.json`` (None when no session is done
+    yet) of a run folder; the record is checked (:func:`mlcil.results.read_metrics`)."""
     run = RunDir(run_dir)
     config_path = run.config_file
     if not config_path.is_file():
         raise ConfigError(f"{run.path} is not a run folder: {config_path} is missing")
-    config = load_config(config_path)
-    metrics_path = run.metrics_file
-    if not metrics_path.is_file():
-        return config, {}
+    return load_config(config_path), read_metrics(run.path)
+
+
+def read_settings(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run's resolved settings as its ``config.yaml`` records them, flattened to dotted keys
+    (``train.lr``), without checking them against this version's schema (a report shows old
+    runs as they were made); None when the file is missing or unreadable (logged)."""
+    path = RunDir(run_dir).config_file
+    if not path.is_file():
+        return None
     try:
-        metrics = json.loads(metrics_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{metrics_path}: not readable JSON: {error}") from error
-    if not isinstance(metrics, dict):
-        raise ConfigError(f"{metrics_path}: expected a JSON object, got {type(metrics).__name__}")
-    return config, metrics
+        raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError, MlcilError, yaml.YAMLError) as error:
+        logger.warning("%s: settings not shown: %s", path, error)
+        return None
+    return flatten(raw) if isinstance(raw, dict) else None
 
 
 def _run_config(run: RunDir, overrides: Sequence[str], resuming: bool) -> RunConfig:
@@ -150,11 +159,12 @@ def open_run(
 
 
 def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
-    """Re-evaluate the last finished session of a run on its test set.
+    """Re-evaluate the last finished session of a run (finished or not) on its test set.
 
     Returns:
-        The session's result (maps in percent) plus ``session`` and ``recorded_last_map`` (the
-        ``last_map`` of ``metrics.json``, or None when the run is unfinished).
+        The session's result (maps in percent) plus ``session``, ``recorded_map`` (the seen
+        mAP ``metrics.json`` records for that session, None when it holds none) and
+        ``recorded_key`` (``last_map``, or ``sessions[i].seen_map`` for a run not finished).
     """
     _, metrics = load_run(run_dir)
     opened, _ = open_run(run_dir)
@@ -164,9 +174,15 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     scores, targets = evaluate_session(experiment, state.method, session)
     base = experiment.sessions[0]
     result = session_result(scores, targets, session, base, experiment.class_names)
+    recorded = [e for e in (metrics.sessions if metrics else []) if e.index == session.index]
     is_last = session.index == len(experiment.sessions) - 1
-    recorded = metrics.get("last_map") if is_last else None
-    return {**result, "session": session.index, "recorded_last_map": recorded}
+    value: float | None
+    if metrics is not None and metrics.finished and is_last:
+        key, value = "last_map", metrics.last_map
+    else:
+        key = f"sessions[{session.index}].seen_map"
+        value = recorded[-1].seen_map if recorded else None
+    return {**result.plain(), "session": session.index, "recorded_map": value, "recorded_key": key}
 
 
 # --- callbacks of the features above the engine ----------------------------------------------
@@ -232,7 +248,7 @@ class Launch:
     trainer: Trainer
     guard: contextlib.ExitStack
 
-    def run(self, max_sessions: int | None = None) -> dict[str, Any] | None:
+    def run(self, max_sessions: int | None = None) -> RunMetrics | None:
         with self.guard:
             return self.trainer.run(max_sessions=max_sessions)
 

@@ -102,7 +102,11 @@ def test_a_run_killed_mid_session_resumes_to_the_same_metrics(
     killed = tmp_path / "killed"
     process = interrupt(command(killed, data), killed, sig, prefix)
     output = process.stdout.read() if process.stdout else ""
-    assert not (killed / "metrics.json").exists(), "the run finished before the signal"
+    # Written after each session, marked unfinished until the last.
+    finished = (killed / "metrics.json").exists() and json.loads(
+        (killed / "metrics.json").read_text()
+    )["finished"]
+    assert not finished, "the run finished before the signal"
     latest = (killed / "checkpoints" / "latest").read_text().strip()
     assert "_epoch_" in latest, latest  # a mid-session checkpoint is the newest
     if sig == signal.SIGTERM:

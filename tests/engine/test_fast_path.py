@@ -210,8 +210,9 @@ def test_every_phase_of_a_run_is_timed(coco_fixture: tuple[Path, dict], tmp_path
     ]
     config = load_config(REPO / "configs" / "coco_b40_c10.yaml", overrides)
     timer = PhaseTimer()
-    metrics = start_run(config, tmp_path / "run", observers=[timer]).run()
-    assert metrics is not None
+    record = start_run(config, tmp_path / "run", observers=[timer]).run()
+    assert record is not None
+    metrics = record.plain()
     kinds = {(r["session"], r["phase"]) for r in timer.records}
     for session in (0, 1, 2):
         for phase in ("begin_session", "epoch", "evaluation", "herding", "checkpoint"):

@@ -312,8 +312,10 @@ def test_a_tiny_agcn_run_learns_the_base_session_and_keeps_finite_maps(tmp_path:
                  "model.hidden_dim=64"]  # fmt: skip
     config = load_config(files, overrides)
     assert METHODS[config.method.name] is AGCN
-    metrics = start_run(config, tmp_path / "run").run()
-    assert metrics is not None and [s["num_seen"] for s in metrics["sessions"]] == [4, 10]
+    record = start_run(config, tmp_path / "run").run()
+    assert record is not None
+    metrics = record.plain()
+    assert [s["num_seen"] for s in metrics["sessions"]] == [4, 10]
     for entry in metrics["sessions"]:
         assert math.isfinite(entry["seen_map"]) and 0 <= entry["seen_map"] <= 100
     # Random scores give each class's AP about its share of the test images that show a base

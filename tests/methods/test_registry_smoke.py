@@ -58,8 +58,9 @@ def test_method_runs_two_sessions(
     assert config.method.name == name
     recorder = StepRecorder()
     # Diagnostics join a run as a callback of the layer above the engine, as in the CLI.
-    metrics = start_run(config, tmp_path / name, observers=[recorder]).run()
-    assert metrics is not None
+    record = start_run(config, tmp_path / name, observers=[recorder]).run()
+    assert record is not None
+    metrics = record.plain()
     expected_sessions = 1 if METHODS[name].single_session else 2
     assert len(metrics["sessions"]) == expected_sessions
     assert metrics["sessions"][-1]["num_seen"] == 80

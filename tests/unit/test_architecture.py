@@ -170,13 +170,20 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
+def is_feature(module: str) -> bool:
+    """A feature's module, or a module of a feature that is a package (``mlcil.report.html``)."""
+    return any(
+        module == f"mlcil.{name}" or module.startswith(f"mlcil.{name}.") for name in FEATURES
+    )
+
+
 def test_the_engine_imports_no_feature_built_on_it() -> None:
     graph = import_graph()
-    features = {f"mlcil.{name}" for name in FEATURES}
     engine = [name for name in graph if name.startswith("mlcil.engine")]
     assert "mlcil.engine.loop" in engine and "mlcil.engine.callbacks" in engine
+    assert is_feature("mlcil.report.html") and not is_feature("mlcil.results")
     # Directly or through any other module (experiment, methods, ...).
-    leaks = {name: sorted(reachable(graph, name) & features) for name in engine}
+    leaks = {name: sorted(filter(is_feature, reachable(graph, name))) for name in engine}
     assert not any(leaks.values()), leaks
     assert "mlcil.runs" in reachable(graph, "mlcil.cli")  # the check sees real edges
 
@@ -291,3 +298,28 @@ def test_named_random_streams_never_coincide() -> None:
                 for argument in node.args[1:]:
                     literal = isinstance(argument, ast.Constant)
                     assert not (literal and isinstance(argument.value, int)), ast.unparse(node)
+
+
+OUTPUT_LAYER = ("mlcil.record", "mlcil.results", "mlcil.plots", "mlcil.report")
+
+
+def test_no_module_of_the_output_layer_is_over_400_lines() -> None:
+    paths = [
+        path for path in sorted(PACKAGE.rglob("*.py")) if module_name(path).startswith(OUTPUT_LAYER)
+    ]
+    assert {module_name(p) for p in paths} >= {"mlcil.results", "mlcil.report.html"}
+    long = {module_name(p): n for p in paths if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
+
+
+def test_metrics_json_is_written_and_read_only_through_the_typed_record() -> None:
+    # The file's name is the run folder's; only mlcil.results opens it (mlcil.record's
+    # RunMetrics parses and writes its text), and the report parses no JSON of its own.
+    users = {
+        module_name(path)
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if re.search(r"\bMETRICS_JSON\b|\.metrics_file\b", path.read_text())
+    }
+    assert users == {"mlcil.rundir", "mlcil.results"}, users
+    report = [p for p in (PACKAGE / "report").rglob("*.py") if "json.load" in p.read_text()]
+    assert not report, report

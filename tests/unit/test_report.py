@@ -10,16 +10,10 @@ from pathlib import Path
 import pytest
 
 from mlcil.errors import ConfigError
-from mlcil.report import (
-    comparison_markdown,
-    group_runs,
-    load_runs,
-    mean_curves,
-    mean_std,
-    session_breakdown_markdown,
-    validate_metrics,
-    write_report,
-)
+from mlcil.record import RunMetrics
+from mlcil.report import group_runs, load_runs, write_report
+from mlcil.report.stats import mean_curves, mean_std
+from mlcil.report.tables import comparison_markdown, session_breakdown_markdown
 
 
 def fake_run(root: Path, label: str, protocol: str, seed: int, maps: list[float]) -> Path:
@@ -32,7 +26,15 @@ def fake_run(root: Path, label: str, protocol: str, seed: int, maps: list[float]
         "dataset": "digits",
         "protocol": protocol,
         "seed": seed,
-        "sessions": [{"num_seen": 2 * (i + 1), "seen_map": m} for i, m in enumerate(maps)],
+        "sessions": [
+            {
+                "index": i,
+                "classes": [str(2 * i), str(2 * i + 1)],
+                "num_seen": 2 * (i + 1),
+                "seen_map": m,
+            }
+            for i, m in enumerate(maps)
+        ],
         "avg_map": sum(maps) / len(maps),
         "last_map": maps[-1],
         "final": {"cf1": 10.0 + seed, "of1": 20.0 + seed},
@@ -89,8 +91,12 @@ def test_write_report_files_and_missing_metrics(tmp_path: Path) -> None:
     summary = json.loads(paths["json"].read_text())
     joint = next(r for r in summary["digits B0-C2"] if r["label"] == "joint")
     assert joint["forgetting"] == [None, None] and joint["last mAP"] == [95.0, 0.0]
-    with pytest.raises(ConfigError, match="no metrics.json"):
+    # Said plainly: a folder that is not there, and one that holds no result yet.
+    with pytest.raises(ConfigError, match=r"report: run folder \S+nowhere does not exist$"):
         load_runs([tmp_path / "nowhere"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="empty holds no metrics.json: not an mlcil run folder"):
+        load_runs([tmp_path / "empty"])
 
 
 def test_session_breakdown_averages_seen_base_new_over_seeds(tmp_path: Path) -> None:
@@ -101,7 +107,7 @@ def test_session_breakdown_averages_seen_base_new_over_seeds(tmp_path: Path) -> 
     ]
     runs = load_runs(dirs)
     for run, (base, new) in zip(runs[:2], [(80.0, 60.0), (84.0, 66.0)], strict=True):
-        run["sessions"][1].update(base_map=base, new_map=new)
+        run.sessions[1].base_map, run.sessions[1].new_map = base, new
     markdown = session_breakdown_markdown(runs)
     lines = markdown.splitlines()
     assert "| method | session 0 | session 1 |" in lines
@@ -125,22 +131,21 @@ def rewrite(run_dir: Path, change) -> Path:
     ("change", "message"),
     [
         (lambda m: [m], "expected a JSON object of run metrics, got a JSON list"),
-        (lambda m: m.update(last_map="72.0"), "key 'last_map' must be a finite number, got '72.0'"),
+        (lambda m: m.update(last_map="72.0"), "key 'last_map': must be a number, got '72.0'"),
         (lambda m: m.pop("avg_map"), "key 'avg_map' is missing"),
-        (lambda m: m.update(avg_map=float("nan")), "key 'avg_map' must be a finite number"),
-        (lambda m: m.update(last_map=True), "key 'last_map' must be a finite number, got True"),
+        (lambda m: m.update(avg_map=float("nan")), "invalid JSON: NaN is not a JSON number"),
+        (lambda m: m.update(last_map=True), "key 'last_map': must be a number, got True"),
         (lambda m: m["sessions"][1].pop("seen_map"), "key 'sessions\\[1\\].seen_map' is missing"),
-        (lambda m: m.update(sessions=[]), "key 'sessions' must be a non-empty list"),
-        (lambda m: m.update(sessions=[5]), "key 'sessions\\[0\\]' must be an object"),
-        (
-            lambda m: m["final"].update(cf1=None),
-            "key 'final.cf1' must be a finite number, got None",
-        ),
-        (lambda m: m.update(forgetting="-"), "key 'forgetting' must be a finite number or null"),
-        (lambda m: m.update(seed="0"), "key 'seed' must be an integer"),
+        (lambda m: m.update(sessions=[]), "key 'sessions': must be a non-empty list"),
+        (lambda m: m.update(sessions=[5]), "key 'sessions\\[0\\]': must be a JSON object"),
+        (lambda m: m["final"].update(cf1=None), "key 'final.cf1': must be a number, got None"),
+        (lambda m: m.update(forgetting="-"), "key 'forgetting': must be a number, got '-'"),
+        (lambda m: m.update(seed="0"), "key 'seed': must be an integer"),
         (lambda m: m.pop("protocol"), "key 'protocol' is missing"),
         (lambda m: m.pop("final"), "key 'final' is missing"),
-        (lambda m: m.update(final=[1.0]), "key 'final' must be an object"),
+        (lambda m: m.update(final=[1.0]), "key 'final': must be a JSON object"),
+        (lambda m: m.update(version=3), "metrics format version 3 is newer than this mlcil reads"),
+        (lambda m: m.update(format="other"), "format 'other' is not 'mlcil-metrics'"),
     ],
 )
 def test_bad_metrics_name_the_file_and_key(tmp_path: Path, change, message: str) -> None:
@@ -150,12 +155,14 @@ def test_bad_metrics_name_the_file_and_key(tmp_path: Path, change, message: str)
         load_runs([run])
 
 
-def test_validate_metrics_accepts_nulls_where_the_engine_writes_them(tmp_path: Path) -> None:
+def test_the_record_accepts_nulls_where_the_engine_writes_them(tmp_path: Path) -> None:
     run = fake_run(tmp_path, "joint", "B0-C2", 0, [95.0])
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["sessions"][0].update(base_map=95.0, new_map=None)
     metrics["label"] = None
-    assert validate_metrics(metrics, "x.json") is metrics
+    record = RunMetrics.from_data(metrics, "x.json")
+    assert record.sessions[0].new_map is None and record.display_label == "joint"
+    assert record.plain() == metrics  # nothing added, nothing lost
 
 
 def test_unreadable_or_empty_inputs(tmp_path: Path) -> None:
@@ -165,6 +172,8 @@ def test_unreadable_or_empty_inputs(tmp_path: Path) -> None:
         load_runs([run])
     with pytest.raises(ConfigError, match="no run folder given"):
         load_runs([])
+    with pytest.raises(ConfigError, match="is a file, not a run folder"):
+        load_runs([run / "metrics.json"])
 
 
 def test_report_output_that_is_a_file_is_refused_and_kept(tmp_path: Path) -> None:
@@ -186,21 +195,21 @@ def test_mean_curves_average_the_runs_that_reached_each_session(tmp_path: Path) 
         fake_run(tmp_path, "krt", "B0-C2", 1, [92.0, 74.0, 60.0]),
     ]
     curve = mean_curves({"krt": load_runs(dirs)})["krt"]
-    assert [s["seen_map"] for s in curve["sessions"]] == [91.0, 72.0, 60.0]
-    assert [s["num_seen"] for s in curve["sessions"]] == [2, 4, 6]
+    assert curve == [(2, 91.0), (4, 72.0), (6, 60.0)]
 
 
-def test_diagnostics_tables_average_each_session_over_seeds() -> None:
-    from mlcil.report import diagnostics_markdown, protocol_key
+def test_diagnostics_tables_average_each_session_over_seeds(tmp_path: Path) -> None:
+    from mlcil.report import ReportedRun, protocol_key
+    from mlcil.report.tables import diagnostics_markdown
 
-    def run(seed: int, precision: float, drift: float) -> dict:
-        session = {"seen_map": 50.0, "num_seen": 4, "ap": {}}
+    def run(seed: int, precision: float, drift: float) -> ReportedRun:
+        session = {"seen_map": 50.0, "num_seen": 4, "ap": {}, "index": 0, "classes": ["1"]}
         diagnostics = {
             "restore": {"precision": precision, "recall": 40.0},
             "embedding_drift": {"mean_cosine_distance": drift},
             "logit_drift": None,
         }
-        return {
+        metrics = {
             "dataset": "digits",
             "protocol": "B0-C2",
             "class_order": ["1", "0", "3", "2"],
@@ -208,10 +217,15 @@ def test_diagnostics_tables_average_each_session_over_seeds() -> None:
             "method": "krt",
             "seed": seed,
             "sessions": [{**session, "diagnostics": None}, {**session, "diagnostics": diagnostics}],
+            "avg_map": 50.0,
+            "last_map": 50.0,
+            "final": {"cf1": 1.0, "of1": 1.0},
+            "wall_time_s": 1.0,
         }
+        return ReportedRun(RunMetrics.from_data(metrics, "x"), tmp_path)
 
     runs = [run(0, 80.0, 0.1), run(1, 60.0, 0.3)]
-    assert protocol_key(runs[0]) == "B0-C2@1-0-3-2"
+    assert protocol_key(runs[0].metrics) == "B0-C2@1-0-3-2"
     markdown = diagnostics_markdown(runs)
     assert "| krt | 70.0 / 40.0 |" in markdown  # precision averaged over the two seeds
     assert "| krt | 0.200 |" in markdown  # embedding drift averaged
@@ -220,12 +234,13 @@ def test_diagnostics_tables_average_each_session_over_seeds() -> None:
 
 
 def test_the_report_also_shows_the_release_base_new_subset_maps(tmp_path: Path) -> None:
-    from mlcil.report import SUBSET_KEYS, write_report
+    from mlcil.report.tables import SUBSET_KEYS
 
     dirs = [fake_run(tmp_path, "krt", "B0-C2", 0, [90.0, 70.0])]
     runs = load_runs(dirs)
-    runs[0]["sessions"][1].update(base_map=80.0, new_map=60.0)
-    runs[0]["sessions"][1].update(base_map_subset=85.0, new_map_subset=65.0)
+    second = runs[0].sessions[1]
+    second.base_map, second.new_map = 80.0, 60.0
+    second.base_map_subset, second.new_map_subset = 85.0, 65.0
     markdown = session_breakdown_markdown(runs, SUBSET_KEYS, "subset")
     assert "| krt | 90.0 | 70.0 / 85.0 / 65.0 |" in markdown.splitlines()
     # Runs written before the subset maps existed show "-" there.
@@ -248,6 +263,6 @@ def test_session_results_carry_both_base_new_definitions() -> None:
     targets[4:8, 0] = targets[8:, 2] = 1
     result = session_result(scores, targets, plan[1], plan[0], ["a", "b", "c", "d"])
     expected = subset_maps(scores, targets, [0, 1], [2, 3])
-    assert result["base_map_subset"] == expected["base_map_subset"]
-    assert result["new_map_subset"] == expected["new_map_subset"]
-    assert result["base_map_subset"] != result["base_map"]
+    assert result.base_map_subset == expected["base_map_subset"]
+    assert result.new_map_subset == expected["new_map_subset"]
+    assert result.base_map_subset != result.base_map

@@ -85,21 +85,70 @@ def test_summarize_and_write_results(tmp_path: Path) -> None:
     ]
     scores = np.array([[0.9, 0.1, 0.85, 0.2], [0.7, 0.95, 0.1, 0.9]])
     targets = np.array([[1, 0, 1, 0], [0, 1, 0, 1]])
-    metrics = summarize(sessions, scores, targets, 0.8, {"method": "krt"}, 12.5)
-    assert metrics["avg_map"] == 70.0 and metrics["last_map"] == 60.0
+    header = {"method": "krt", "dataset": "digits", "protocol": "B0-C2", "seed": 0}
+    metrics = summarize(sessions, scores, targets, 0.8, header, 12.5)
+    assert metrics.avg_map == 70.0 and metrics.last_map == 60.0
     # Forgetting: class 0 80 -> 50 (30), class 1 80 -> 70 (10): mean 20 points.
-    assert math.isclose(metrics["forgetting"], 20.0)
+    assert math.isclose(metrics.forgetting or 0.0, 20.0)
     # At 0.8: predicted positives (0,0), (0,2), (1,1), (1,3) are all correct, (1,0) at 0.7 not.
-    assert metrics["final"]["op"] == 100.0 and metrics["final"]["or"] == 100.0
-    assert metrics["final"]["threshold"] == 0.8 and metrics["method"] == "krt"
-    metrics["final"]["cp"] = float("nan")  # JSON has no NaN: written as null
+    assert metrics.final.op == 100.0 and metrics.final.overall_recall == 100.0
+    assert metrics.final.threshold == 0.8 and metrics.method == "krt"
+    assert metrics.finished and metrics.planned_sessions == 2 and metrics.version == 2
+    metrics.final.cp = float("nan")  # JSON has no NaN: written as null
     write_results(tmp_path, metrics)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["final"]["cp"] is None and saved["sessions"][0]["new_map"] is None
+    assert saved["final"]["or"] == 100.0  # the file's key, a Python keyword
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert lines[0].startswith("session,classes,num_seen,seen_map") and len(lines) == 3
     assert lines[1].split(",")[5] == ""  # no new_map in the first session
     assert (tmp_path / "map_per_session.png").stat().st_size > 1000
+
+
+def test_the_record_round_trips_through_its_file_and_marks_a_run_in_progress(
+    tmp_path: Path,
+) -> None:
+    from mlcil.results import read_metrics, run_finished
+
+    sessions = [_session(0, 2, 80.0, [80.0, 80.0])]
+    sessions[0]["diagnostics"] = {"restore": None, "embedding_drift": None, "logit_drift": None}
+    sessions[0]["method_state"] = {"threshold": 0.5}
+    scores, targets = np.array([[0.9, 0.1]]), np.array([[1, 0]])
+    header = {"method": "krt", "dataset": "digits", "protocol": "B0-C2", "seed": 3, "extra": [1]}
+    metrics = summarize(sessions, scores, targets, 0.8, header, 1.0, planned_sessions=5)
+    assert not metrics.finished and metrics.planned_sessions == 5
+    assert not run_finished(tmp_path)  # no file yet
+    write_results(tmp_path, metrics)
+    again = read_metrics(tmp_path)
+    assert again == metrics and again.plain() == metrics.plain()
+    assert not run_finished(tmp_path)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(saved)[:4] == ["format", "version", "finished", "planned_sessions"]
+    assert saved["finished"] is False and saved["extra"] == [1]  # unknown keys are kept
+    assert saved["sessions"][0]["method_state"] == {"threshold": 0.5}
+    assert read_metrics(tmp_path / "elsewhere") is None
+
+
+def test_a_version_1_file_reads_as_a_finished_run_and_is_kept_as_written(tmp_path: Path) -> None:
+    from mlcil.record import RunMetrics
+    from mlcil.results import read_metrics, run_finished
+
+    # What the first mlcil wrote at the end of a run: no format, version or finished flag.
+    old = {
+        "method": "krt", "label": "krt", "dataset": "digits", "protocol": "B0-C2",
+        "class_order": None, "seed": 0, "device": "cpu", "pretrained": {"source": "glyphs-v1"},
+        "sessions": [_session(0, 2, 80.0, [80.0, 80.0])], "avg_map": 80.0, "last_map": 80.0,
+        "final": {"cp": 1.0, "cr": 2.0, "cf1": 3.0, "op": 4.0, "or": 5.0, "of1": 6.0,
+                  "mean_class_f1": 7.0, "threshold": 0.8},
+        "forgetting": None, "wall_time_s": 3.0,
+    }  # fmt: skip
+    (tmp_path / "metrics.json").write_text(json.dumps(old))
+    record = read_metrics(tmp_path)
+    assert record is not None and record.finished and record.version == 1
+    assert record.pretrained is not None and record.pretrained.source == "glyphs-v1"
+    assert run_finished(tmp_path)
+    assert json.loads(record.to_json()) == old  # rewritten, it is still the same file
+    assert RunMetrics.from_json(record.to_json(), "x") == record
 
 
 def test_deterministic_mode_is_switched_on_and_back_off(monkeypatch: pytest.MonkeyPatch) -> None:

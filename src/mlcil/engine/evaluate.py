@@ -18,6 +18,7 @@ from mlcil.methods.base import ExemplarSet, Method
 from mlcil.metrics import session_maps
 from mlcil.metrics.multilabel import subset_maps
 from mlcil.protocol import Session
+from mlcil.record import SessionResult
 from mlcil.runtime import Runtime, derive_seed
 
 # The memory policy's random stream, apart from every epoch and method pass.
@@ -125,8 +126,8 @@ def session_result(
     session: Session,
     base_session: Session,
     class_names: Sequence[str],
-) -> dict:
-    """The per-session entry of ``metrics.json`` (maps in percent, AP per class name).
+) -> SessionResult:
+    """The session's entry of ``metrics.json`` (maps in percent, AP per class name).
 
     ``base_map`` / ``new_map`` rank the whole seen test set; ``base_map_subset`` /
     ``new_map_subset`` are the release's definition (each on the images showing a base, resp. a
@@ -134,16 +135,16 @@ def session_result(
     """
     maps = session_maps(scores, targets, base_session.new_classes, session.new_classes)
     subsets = subset_maps(scores, targets, base_session.new_classes, session.new_classes)
-    return {
-        "index": session.index,
-        "classes": [class_names[c] for c in session.new_classes],
-        "num_seen": session.num_seen,
-        "seen_map": maps["seen_map"],
-        "base_map": maps["base_map"],
-        "new_map": maps["new_map"],
-        "base_map_subset": subsets["base_map_subset"],
-        "new_map_subset": subsets["new_map_subset"],
-        "ap": {class_names[c]: 100.0 * ap for c, ap in enumerate(maps["ap"])},
-        "classes_without_positives": [class_names[c] for c in maps["classes_without_positives"]],
-        "test_images": len(scores),
-    }
+    return SessionResult(
+        index=session.index,
+        classes=[class_names[c] for c in session.new_classes],
+        num_seen=session.num_seen,
+        seen_map=maps["seen_map"],
+        base_map=maps["base_map"],
+        new_map=maps["new_map"],
+        base_map_subset=subsets["base_map_subset"],
+        new_map_subset=subsets["new_map_subset"],
+        ap={class_names[c]: 100.0 * ap for c, ap in enumerate(maps["ap"])},
+        classes_without_positives=[class_names[c] for c in maps["classes_without_positives"]],
+        test_images=len(scores),
+    )

@@ -37,6 +37,7 @@ from mlcil.errors import ConfigError
 from mlcil.experiment import Experiment
 from mlcil.fileio import write_text_atomic
 from mlcil.protocol import Session
+from mlcil.record import RunMetrics, SessionResult
 from mlcil.results import run_header, summarize, write_results
 from mlcil.rundir import RunDir
 from mlcil.runtime import derive_seed, seed_everything
@@ -90,11 +91,12 @@ class Trainer:
     def next_session(self) -> int:
         return self.state.next_session if self.state is not None else 0
 
-    def run(self, max_sessions: int | None = None) -> dict[str, Any] | None:
-        """Learn the remaining sessions (at most ``max_sessions`` of them).
+    def run(self, max_sessions: int | None = None) -> RunMetrics | None:
+        """Learn the remaining sessions (at most ``max_sessions`` of them); ``metrics.json`` is
+        written after each one, marked unfinished until the last.
 
         Returns:
-            The ``metrics.json`` content once every session is done, else None.
+            The run's record once every session is done, else None.
         """
         runtime = self.experiment.runtime
         # Lock the folder unless the caller (mlcil.runs) holds its lock for longer than this run.
@@ -179,28 +181,23 @@ class Trainer:
             scores, targets = evaluate_session(experiment, method, session)
             phase.images = len(scores)
         result = self._result(scores, targets, session)
-        result.update(
-            train_images=own_images,
-            memory_images=exemplars,
-            train_time_s=round(train_time, 3),
-            method_state=method.state_dict(),
-        )
+        result.train_images, result.memory_images = own_images, exemplars
+        result.train_time_s, result.method_state = round(train_time, 3), method.state_dict()
+        entry = result.plain()  # callbacks add to it, observers and the checkpoint read it
         with timed(observer, session, "after_evaluation", experiment.runtime):
-            self.callbacks.session_evaluated(state, session, own, result)
+            self.callbacks.session_evaluated(state, session, own, entry)
         method.end_session(context)
-        state.results.append(result)
+        state.results.append(entry)
         state.next_session = session.index + 1
         state.elapsed_s += time.perf_counter() - started
         self._final_scores = (scores, targets)
-        observer.session_finished(result)
+        observer.session_finished(entry)
         with timed(observer, session, "checkpoint", experiment.runtime):
             self._save(state, session)
 
-    def _result(self, scores: np.ndarray, targets: np.ndarray, session: Session) -> dict[str, Any]:
-        experiment = self.experiment
-        return session_result(
-            scores, targets, session, experiment.sessions[0], experiment.class_names
-        )
+    def _result(self, scores: np.ndarray, targets: np.ndarray, session: Session) -> SessionResult:
+        base, names = self.experiment.sessions[0], self.experiment.class_names
+        return session_result(scores, targets, session, base, names)
 
     def _interim_map(self, session: Session) -> Any:
         assert self.state is not None
@@ -208,7 +205,7 @@ class Trainer:
 
         def seen_map() -> float:
             scores, targets = evaluate_session(self.experiment, method, session)
-            return float(self._result(scores, targets, session)["seen_map"])
+            return float(self._result(scores, targets, session).seen_map)
 
         return seen_map
 
@@ -219,6 +216,8 @@ class Trainer:
             run, index = self.run_folder, session.index
             folder = save_checkpoint(run, index, network, payload, memory, tensors)
             self.callbacks.checkpoint_written(folder)
+            if state.next_session < len(self.experiment.sessions):  # else _finish writes it
+                write_results(self.run_dir, self._summary(state))  # marked unfinished
         self.experiment.runtime.barrier()
 
     def _payload(self, state: RunState) -> dict[str, Any]:
@@ -232,15 +231,19 @@ class Trainer:
             self.callbacks.checkpoint_written(folder)
         self.experiment.runtime.barrier()
 
-    def _finish(self, state: RunState) -> dict[str, Any]:
+    def _finish(self, state: RunState) -> RunMetrics:
         if self._final_scores is None:  # resumed after the last session: score again
             last = self.experiment.sessions[-1]
             self._final_scores = evaluate_session(self.experiment, state.method, last)
-        scores, targets = self._final_scores
-        header = run_header(self.config, self.experiment.runtime.device)
-        self.callbacks.header_ready(header)
-        threshold = self.config.train.f1_threshold
-        metrics = summarize(state.results, scores, targets, threshold, header, state.elapsed_s)
+        metrics = self._summary(state)
         if self.experiment.runtime.is_main:
             write_results(self.run_dir, metrics)
         return metrics
+
+    def _summary(self, state: RunState) -> RunMetrics:  # F1 on the last session's scores
+        assert self._final_scores is not None
+        scores, targets = self._final_scores
+        header = run_header(self.config, self.experiment.runtime.device)
+        self.callbacks.header_ready(header)
+        f1, planned = self.config.train.f1_threshold, len(self.experiment.sessions)
+        return summarize(state.results, scores, targets, f1, header, state.elapsed_s, planned)
