@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,13 +39,14 @@ from mlcil.engine.checkpoint import RunState, restore_run
 from mlcil.engine.evaluate import evaluate_session, session_result
 from mlcil.engine.loop import Trainer
 from mlcil.engine.observers import Observer
-from mlcil.errors import ConfigError, DataError
+from mlcil.errors import ConfigError, DataError, shown
 from mlcil.experiment import Experiment, load_config
+from mlcil.fileio import parse_json
 from mlcil.pretrain import cached_provenance, resolve_pretrained
 from mlcil.protocol import Session
 from mlcil.rundir import RunDir
 from mlcil.runtime import Runtime, environment_rank
-from mlcil.safety import check_resume_config
+from mlcil.safety import check_resume_config, result_changes
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +92,8 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     if not metrics_path.is_file():
         return config, {}
     try:
-        metrics = json.loads(metrics_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        metrics = parse_json(metrics_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ConfigError(f"{metrics_path}: not readable JSON: {error}") from error
     if not isinstance(metrics, dict):
         raise ConfigError(f"{metrics_path}: expected a JSON object, got {type(metrics).__name__}")
@@ -100,6 +101,12 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
 
 
 def _run_config(run: RunDir, overrides: Sequence[str], resuming: bool) -> RunConfig:
+    run.check_own_files()
+    if os.path.lexists(run.aside) and not run.holds_lock:
+        raise ConfigError(
+            f"{run.path}: an --overwrite of this run was interrupted ({run.aside} holds the "
+            f"earlier run): `mlcil train --resume {run.path}` finishes it first"
+        )
     if not run.config_file.is_file():
         raise ConfigError(f"{run.path} is not a run folder (no {run.config_file.name})")
     config = load_config(run.config_file, overrides)
@@ -164,8 +171,22 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     scores, targets = evaluate_session(experiment, state.method, session)
     base = experiment.sessions[0]
     result = session_result(scores, targets, session, base, experiment.class_names)
-    is_last = session.index == len(experiment.sessions) - 1
+    # metrics.json's last_map is the seen mAP of its last session: compared whenever that is
+    # the session evaluated, whatever the plan holds after it (a session added by a killed
+    # --add-session, never learned, must not switch the check off).
+    recorded_sessions = metrics.get("sessions")
+    is_last = isinstance(recorded_sessions, list) and len(recorded_sessions) == session.index + 1
     recorded = metrics.get("last_map") if is_last else None
+    pending = len(experiment.sessions) - state.next_session
+    if recorded is None and metrics and pending:
+        logger.warning(
+            "%s records %d session(s) after session %d that no checkpoint has learned (an "
+            "--add-session that did not finish?): `mlcil train --resume %s` learns them",
+            run_dir,
+            pending,
+            session.index,
+            run_dir,
+        )
     return {**result, "session": session.index, "recorded_last_map": recorded}
 
 
@@ -248,9 +269,10 @@ def check_image_size(experiment: Experiment, model: ModelConfig) -> None:
         stride = max(probe // max(height, 1), 1)
         if image_size >= stride:
             network.backbone.feature_shape(image_size)
-    except RuntimeError as error:
+    except (RuntimeError, AssertionError) as error:  # e.g. a backbone of one fixed input size
+        reason = " ".join(str(error).split())[:300]
         raise ConfigError(
-            f"data.image_size={image_size}: the backbone fails on it: {error}"
+            f"data.image_size={image_size}: the backbone fails on it: {reason}"
         ) from None
     if image_size < stride:
         raise ConfigError(
@@ -283,14 +305,17 @@ def start_run(
     run = RunDir(run_dir) if run_dir else RunDir.inside(config.output_dir, config.run_name)
     runtime = runtime or make_runtime(config)
     guard = contextlib.ExitStack()
+    again = False  # the same run, stopped before its first checkpoint: started again
     try:
         if runtime.is_main:
+            run.check_own_files()
             guard.enter_context(run.locked())
             run.recover()
             if overwrite:
                 run.check_overwritable()
             else:
-                _check_fresh(run)
+                again = _check_fresh(run, config)
+        again = runtime.broadcast(again) if runtime.world_size > 1 else again
         model, _ = resolve_pretrained(config.model, config.data.image_size)
         experiment = Experiment(config, runtime=runtime, starting_model=model)
         names = experiment.class_names
@@ -304,17 +329,32 @@ def start_run(
         guard.close()
         raise
     callbacks = standard_callbacks(experiment, run)
-    trainer = Trainer(experiment, run, observers=observers, callbacks=callbacks)
+    trainer = Trainer(experiment, run, resume=again, observers=observers, callbacks=callbacks)
     return Launch(trainer, guard)
 
 
-def _check_fresh(run: RunDir) -> None:
+def _check_fresh(run: RunDir, config: RunConfig) -> bool:
+    """Refuse a folder that holds a run, unless it is this very run stopped before its first
+    checkpoint (then it starts again: True)."""
     found = run.found_run_files()
-    if found:
-        raise ConfigError(
-            f"{run.path} already holds a run ({', '.join(found)}): resume it with --resume, "
-            "replace it with --overwrite, or choose another --run-dir"
-        )
+    if not found:
+        return False
+    if run.learned_nothing():
+        changes = result_changes(load_config(run.config_file), config)
+        if changes:
+            key, before, after = changes[0]
+            raise ConfigError(
+                f"{run.path} holds a run that stopped before its first checkpoint, made with "
+                f"other settings ({key}: {shown(before)} there, {shown(after)} now): start it "
+                "again with its settings or --resume, replace it with --overwrite, or choose "
+                "another --run-dir"
+            )
+        logger.info("%s stopped before its first checkpoint: starting it again", run.path)
+        return True
+    raise ConfigError(
+        f"{run.path} already holds a run ({', '.join(found)}): resume it with --resume, "
+        "replace it with --overwrite, or choose another --run-dir"
+    )
 
 
 @contextlib.contextmanager
@@ -341,6 +381,7 @@ def resume_run(
     guard = contextlib.ExitStack()
     try:
         if environment_rank() == 0:  # before the config is read: recover() may change it
+            run.check_own_files()
             guard.enter_context(run.locked())
             run.recover()  # an --overwrite killed half-way is finished first
         config = _run_config(run, overrides, resuming=True)
