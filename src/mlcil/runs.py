@@ -29,6 +29,7 @@ from mlcil.added_sessions import (
     AddedSession,
     learned_sessions,
     plan_added_session,
+    read_added_sessions,
     recorded_until_learned,
     run_plan,
 )
@@ -177,14 +178,13 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     recorded_sessions = metrics.get("sessions")
     is_last = isinstance(recorded_sessions, list) and len(recorded_sessions) == session.index + 1
     recorded = metrics.get("last_map") if is_last else None
-    pending = len(experiment.sessions) - state.next_session
-    if recorded is None and metrics and pending:
+    unlearned = [item for item in read_added_sessions(run_dir) if item.index >= state.next_session]
+    if unlearned:
         logger.warning(
-            "%s records %d session(s) after session %d that no checkpoint has learned (an "
-            "--add-session that did not finish?): `mlcil train --resume %s` learns them",
+            "%s records added session(s) %s that no finished checkpoint holds (an --add-session "
+            "that did not finish); they are not evaluated: `mlcil train --resume %s` learns them",
             run_dir,
-            pending,
-            session.index,
+            ", ".join(str(item.index) for item in unlearned),
             run_dir,
         )
     return {**result, "session": session.index, "recorded_last_map": recorded}

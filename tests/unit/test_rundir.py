@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlcil.errors import ConfigError, WeightsError
 import mlcil.rundir
+from mlcil.errors import ConfigError, WeightsError
 from mlcil.rundir import RunDir, is_folder_name
 from spawn import hold_lock
 
