@@ -310,6 +310,25 @@ class RunDir:
             and self.is_run()
         )
 
+    def check_fresh_start(self, resuming: bool = False) -> None:
+        """Refuse to start a run from its first session in a folder that holds a run, unless
+        ``resuming`` a run that stopped before its first checkpoint (it starts again).
+
+        Raises:
+            ConfigError: naming what the folder holds and what to do instead.
+        """
+        if resuming:
+            if not self.learned_nothing():
+                raise ConfigError(f"--resume: no checkpoint found in {self.checkpoints}")
+            logger.info("%s has no checkpoint yet: starting from its first session", self.path)
+            return
+        found = self.found_run_files()
+        if found:
+            raise ConfigError(
+                f"{self.path} already holds a run ({', '.join(found)}): resume it with "
+                "--resume, replace it with --overwrite, or choose another --run-dir"
+            )
+
     def describe_kept(self) -> str:
         """What of the run is on disk after a failure, and what continues it (for messages)."""
         try:

@@ -351,10 +351,8 @@ def _check_fresh(run: RunDir, config: RunConfig) -> bool:
             )
         logger.info("%s stopped before its first checkpoint: starting it again", run.path)
         return True
-    raise ConfigError(
-        f"{run.path} already holds a run ({', '.join(found)}): resume it with --resume, "
-        "replace it with --overwrite, or choose another --run-dir"
-    )
+    run.check_fresh_start()  # refuses, naming what the folder holds
+    return False
 
 
 @contextlib.contextmanager

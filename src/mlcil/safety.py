@@ -3,9 +3,9 @@
 - ``check_resume_config``: ``--resume`` accepts only overrides that cannot change the results
   (where and how fast the run computes), else metrics.json would contradict config.yaml.
 - argparse types that reject ``--max-sessions 0`` and ``--tolerance nan`` at parse time.
-- The bounds of every size a user gives (``MAX_*``): checked before anything is allocated, so a
-  typo such as ``data.image_size=100000`` or ``--train 1000000000`` is an error naming the bound
-  instead of an attempt to allocate hundreds of gigabytes.
+- Checks of the bounds of every size a user gives (``mlcil.limits``), before anything is
+  allocated: a typo such as ``data.image_size=100000`` or ``--train 1000000000`` is an error
+  naming the bound instead of an attempt to allocate hundreds of gigabytes.
 """
 
 from __future__ import annotations
@@ -17,17 +17,36 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlcil.errors import ConfigError, shown
+from mlcil.limits import (
+    MAX_BATCH_SIZE,
+    MAX_IMAGE_SIZE,
+    MAX_JOBS,
+    MAX_MAP_TOLERANCE,
+    MAX_SEED,
+    MAX_SYNTHETIC_IMAGES,
+)
+
+__all__ = [
+    "MAX_BATCH_SIZE",
+    "MAX_IMAGE_SIZE",
+    "MAX_JOBS",
+    "MAX_MAP_TOLERANCE",
+    "MAX_SEED",
+    "MAX_SYNTHETIC_IMAGES",
+    "RESUME_SAFE_KEYS",
+    "bounded_int",
+    "check_bounded",
+    "check_resume_config",
+    "finite_non_negative",
+    "finite_positive",
+    "map_tolerance",
+    "positive_int",
+    "result_changes",
+    "unit_interval",
+]
 
 if TYPE_CHECKING:
     from mlcil.config import RunConfig
-
-# Bounds of the sizes a user gives: far above any use, far below what exhausts a machine.
-MAX_SEED = 2**32 - 1  # what NumPy's and every seeded library's generators take
-MAX_IMAGE_SIZE = 2048  # pixels per side of the network's input (the benchmarks use 224-448)
-MAX_BATCH_SIZE = 65_536  # images per step, per evaluation batch, per prediction batch
-MAX_SYNTHETIC_IMAGES = 1_000_000  # images per split of a synthetic dataset (COCO has 82,783)
-MAX_JOBS = 256  # processes at once (synthetic data encoding, compare --jobs)
-MAX_MAP_TOLERANCE = 1.0  # mAP points: a larger difference is no reproduction
 
 # Overrides that change where or how fast a run computes, never what it computes.
 RESUME_SAFE_KEYS = frozenset(

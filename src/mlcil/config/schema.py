@@ -16,10 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mlcil.data.catalog import DATASETS, dataset_spec, resolved_root
+from mlcil.limits import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MAX_JOBS, MAX_SEED
 from mlcil.memory_policies import MEMORY_POLICIES
 from mlcil.protocol import parse_protocol
 from mlcil.rundir import is_folder_name
-from mlcil.safety import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MAX_JOBS, MAX_SEED
 
 STRICT = ConfigDict(
     extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True, frozen=False
@@ -30,7 +30,7 @@ _DEFAULT_AUGMENT: list[Augmentation] = ["cutout", "randaugment"]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
-# Sizes are bounded (mlcil.safety) so that a typo is an error, not an attempt to allocate.
+# Sizes are bounded (mlcil.limits) so that a typo is an error, not an attempt to allocate.
 BatchSize = Annotated[int, Field(gt=0, le=MAX_BATCH_SIZE)]
 
 

@@ -33,7 +33,6 @@ from mlcil.engine.evaluate import evaluate_session, session_result
 from mlcil.engine.fit import FitProgress, NonFiniteLossError, TrainingStoppedError, fit_session
 from mlcil.engine.observers import Observer, run_observers, timed
 from mlcil.engine.session import after_fits, session_context, session_fits
-from mlcil.errors import ConfigError
 from mlcil.experiment import Experiment
 from mlcil.protocol import Session
 from mlcil.results import run_header, summarize, write_results
@@ -131,16 +130,7 @@ class Trainer:
             self.state = restore_run(self.experiment, folder)
             logger.info("resumed %s after session %d", self.run_dir, self.next_session - 1)
             return self.state
-        if self.resume and not run.learned_nothing():
-            raise ConfigError(f"--resume: no checkpoint found in {run.checkpoints}")
-        found = run.found_run_files()
-        if found and not self.resume:
-            raise ConfigError(
-                f"{self.run_dir} already holds a run ({', '.join(found)}): resume it with "
-                "--resume, replace it with --overwrite, or choose another --run-dir"
-            )
-        if self.resume:  # stopped before its first checkpoint: nothing to restore
-            logger.info("%s has no checkpoint yet: starting from its first session", self.run_dir)
+        run.check_fresh_start(resuming=self.resume)
         self.state = RunState(self.experiment.build_method(), self.experiment.new_memory())
         if self.experiment.runtime.is_main:
             run.write_config(self.config.to_yaml())
