@@ -190,6 +190,7 @@ class GridInterrupted(KeyboardInterrupt):
     """The comparison was stopped (Ctrl-C, SIGTERM): the message says what is kept."""
 
     def __init__(self, reason: str) -> None:
+        self.reason = reason
         super().__init__(
             f"{reason}; every run in progress keeps its last checkpoint; the same command "
             "resumes the interrupted runs and skips the finished ones"
@@ -383,7 +384,7 @@ def _worker_main(
         _run_one(*job)
         outcome: tuple[str, Any] = ("done", None)
     except GridInterrupted as stop:
-        outcome = ("stopped", str(stop))
+        outcome = ("stopped", stop.reason)
     except BaseException as error:  # reported to the comparison process, which raises it
         outcome = ("failed", error)
     with contextlib.suppress(OSError, EOFError):

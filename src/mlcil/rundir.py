@@ -226,7 +226,8 @@ class RunDir:
         return folder
 
     def latest(self, session_end: bool = False) -> Path | None:
-        """The newest complete checkpoint folder, or None when there is none.
+        """The newest complete checkpoint folder, or None when there is none (without a
+        ``latest`` pointer: the last finished session's).
 
         Args:
             session_end: only checkpoints written when a session was finished count (what
@@ -242,6 +243,8 @@ class RunDir:
         pointer = self._checkpoints_for_reading() / LATEST
         if pointer.is_symlink():
             raise WeightsError(str(_linked(pointer, "checkpoint pointer")))
+        if not os.path.lexists(pointer):  # killed between a checkpoint and its pointer
+            return self._last_session_end()
         if not pointer.is_file():
             return None
         name = self._read_pointer(pointer)

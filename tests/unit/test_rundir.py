@@ -406,3 +406,12 @@ def test_a_run_stopped_before_its_first_checkpoint_learned_nothing(tmp_path: Pat
     finished = fake_run(tmp_path / "finished")
     assert not finished.learned_nothing()
     assert "session_01 is kept" in finished.describe_kept()
+
+
+def test_without_a_pointer_the_newest_finished_session_is_the_latest(tmp_path: Path) -> None:
+    # A process killed between renaming a checkpoint into place and writing `latest`.
+    run = fake_run(tmp_path / "run", sessions=2)
+    (run.checkpoints / "latest").unlink()
+    assert run.latest() == run.checkpoints / "session_01"
+    (run.checkpoints / "latest").write_text("session_07\n")  # a pointer to nothing: no fallback
+    assert run.latest() is None
