@@ -221,8 +221,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not difference <= args.tolerance:
         print(
             f"NOT reproduced: the checkpoint scores {difference:.2g} mAP points away from "
-            f"metrics.json (tolerance {args.tolerance:g}); its weights, the test images or the "
-            "device and thread count differ from the run's"
+            f"metrics.json (tolerance {args.tolerance:g}): one of its weights, the test images, "
+            "the device or the thread count differs from the run's"
         )
         return 1
     print(f"reproduced (within {args.tolerance:g} mAP points)")
