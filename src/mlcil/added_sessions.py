@@ -47,7 +47,7 @@ from mlcil.data.manifest import load_manifest, new_labels_in_order
 from mlcil.engine.checkpoint import latest_checkpoint, read_state
 from mlcil.errors import ConfigError, DataError, WeightsError
 from mlcil.experiment import RunPlan
-from mlcil.fileio import write_text_atomic
+from mlcil.fileio import parse_json, write_atomic, write_text_atomic
 from mlcil.protocol import Session
 from mlcil.record import AddedSessionEntry, RunMetrics
 from mlcil.results import write_results
@@ -91,7 +91,7 @@ def read_added_sessions(run_dir: str | Path) -> list[AddedSession]:
     if not path.is_file():
         return []
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding="utf-8"))
         if data.get("format") != _FORMAT or data.get("version") != _VERSION:
             raise ValueError(f"not a version-{_VERSION} {_FORMAT} file")
         return [
@@ -137,8 +137,8 @@ def recorded_until_learned(run_dir: str | Path, added: Sequence[AddedSession]) -
             try:
                 if previous is None:
                     path.unlink(missing_ok=True)
-                else:
-                    path.write_bytes(previous)
+                else:  # a new file renamed into place: never written through a link
+                    write_atomic(path, lambda handle: handle.write(previous))
             except OSError as error:  # e.g. the disk is still full: the record stays pending
                 logger.warning("could not restore %s: %s", path, error)
         raise

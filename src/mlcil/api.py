@@ -58,6 +58,7 @@ from mlcil.predict import (
 from mlcil.record import RunMetrics
 from mlcil.results import read_metrics
 from mlcil.runs import Launch, open_run, resume_run, start_run
+from mlcil.safety import MAX_BATCH_SIZE, check_bounded
 
 ImageInput = str | Path | Image.Image
 ConfigInput: TypeAlias = str | Path | Sequence[str | Path] | RunConfig | Mapping[str, Any]
@@ -160,6 +161,7 @@ class TrainedModel:
             One prediction per image that could be read. Inputs that do not exist, folders
             without images and files that do not decode are skipped and listed in ``skipped``.
         """
+        check_bounded(batch_size, 1, MAX_BATCH_SIZE, "predict: batch_size")
         limits = self.thresholds(threshold, thresholds_file)
         items = [images] if isinstance(images, str | Path | Image.Image) else list(images)
         pictures = [(i, item) for i, item in enumerate(items) if isinstance(item, Image.Image)]

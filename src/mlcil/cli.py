@@ -13,8 +13,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from mlcil.errors import MlcilError
-from mlcil.safety import finite_non_negative, positive_int, unit_interval
+from mlcil.errors import MlcilError, clip
+from mlcil.safety import (
+    MAX_BATCH_SIZE,
+    MAX_JOBS,
+    MAX_MAP_TOLERANCE,
+    MAX_SEED,
+    MAX_SYNTHETIC_IMAGES,
+    bounded_int,
+    finite_positive,
+    map_tolerance,
+    unit_interval,
+)
 from mlcil.version import __version__
 
 if TYPE_CHECKING:
@@ -25,6 +35,10 @@ logger = logging.getLogger("mlcil.cli")
 # The console handler main() installs, if it installed one (a host that set up logging, such as
 # pytest, keeps its own handlers untouched).
 _console: logging.Handler | None = None
+
+# The run folder `mlcil train` works on once it is known (None before, and for other commands):
+# a failure or Ctrl-C message says what of that run is kept.
+_started: list[Path | None] = [None]
 
 
 def _split_overrides(values: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -47,10 +61,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _print_config(args, overrides)
     if args.quiet:  # no progress bars either (a run-time setting: --resume accepts it)
         overrides = ["train.progress=false", *overrides]
+    if args.resume and not args.dry_run:
+        _started[0] = Path(args.resume)  # what an error or Ctrl-C message reports on
     launch = _resumed_launch(args, overrides) if args.resume else _new_launch(args, overrides)
     if launch is None:
         return 0
     trainer = launch.trainer
+    _started[0] = trainer.run_dir
     if not trainer.experiment.runtime.is_main:  # under torchrun, rank 0 logs progress
         logging.getLogger().setLevel(logging.WARNING)
     metrics = launch.run(max_sessions=args.max_sessions)
@@ -148,9 +165,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     difference = abs(result["seen_map"] - recorded)
     print(f"recorded {result['recorded_key']} {recorded:.4f}: difference {difference:.2e}")
     if not difference <= args.tolerance:
-        print(f"NOT reproduced (tolerance {args.tolerance})")
+        print(
+            f"NOT reproduced: the checkpoint scores {difference:.2g} mAP points away from "
+            f"metrics.json (tolerance {args.tolerance:g}): one of its weights, the test images, "
+            "the device or the thread count differs from the run's"
+        )
         return 1
-    print("reproduced")
+    print(f"reproduced (within {args.tolerance:g} mAP points)")
     return 0
 
 
@@ -372,7 +393,7 @@ def _train_parser(commands: Any) -> None:
     )
     train.add_argument(
         "--max-sessions",
-        type=positive_int,
+        type=bounded_int(1, 1_000_000),
         help="stop after this many sessions (resume later)",
     )
     train.add_argument(
@@ -398,7 +419,9 @@ def _predict_parser(commands: Any) -> None:
     predict.add_argument("--thresholds", metavar="FILE", help="per-class thresholds, CSV/JSON")
     predict.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     predict.add_argument("--output", help="write the predictions to this CSV file")
-    predict.add_argument("--batch-size", type=positive_int, default=32, help="images per batch")
+    predict.add_argument(
+        "--batch-size", type=_BATCH, default=32, help=f"images per batch (1 to {MAX_BATCH_SIZE:,})"
+    )
     predict.add_argument("--device", help="cpu, cuda, cuda:1... (default: the run's)")
     _plugin_option(predict)
     predict.set_defaults(func=cmd_predict)
@@ -412,9 +435,9 @@ def _data_parser(commands: Any) -> None:
     )
     export.add_argument("--output", required=True, help="new (or empty) folder")
     export.add_argument("--classes", type=int, nargs="+", help="every scene shows one of these")
-    export.add_argument("--train", type=int, default=200, help="training scenes (0: none)")
-    export.add_argument("--test", type=int, default=100, help="test scenes (0: none)")
-    export.add_argument("--seed", type=int, default=1, help="random seed of the scenes")
+    export.add_argument("--train", type=_SCENES, default=200, help="training scenes (0: none)")
+    export.add_argument("--test", type=_SCENES, default=100, help="test scenes (0: none)")
+    export.add_argument("--seed", type=_SEED, default=1, help="random seed of the scenes")
     export.add_argument(
         "--overwrite", action="store_true", help="replace an earlier export in --output"
     )
@@ -437,16 +460,28 @@ def _data_parser(commands: Any) -> None:
         )
         synth.add_argument("--output", required=True, help="new (or empty) folder")
         synth.add_argument(
-            "--train", type=positive_int, default=train, help=f"training images ({train})"
+            "--train", type=_IMAGES, default=train, help=f"training images ({train})"
         )
-        synth.add_argument("--test", type=positive_int, default=test, help=f"test images ({test})")
-        synth.add_argument("--seed", type=int, default=0, help="random seed")
+        synth.add_argument("--test", type=_IMAGES, default=test, help=f"test images ({test})")
+        synth.add_argument("--seed", type=_SEED, default=0, help="random seed")
         synth.add_argument(
-            "--image-size", type=positive_int, nargs=2, metavar=("W", "H"), help="image size"
+            "--image-size",
+            type=bounded_int(32, 8192, "pixels"),
+            nargs=2,
+            metavar=("W", "H"),
+            help="image size",
         )
-        synth.add_argument("--jobs", type=positive_int, default=1, help="encoding processes")
+        synth.add_argument("--jobs", type=_JOBS, default=1, help="encoding processes")
         synth.set_defaults(func=cmd_synthesize)
 
+
+# Bounded argument types (mlcil.safety): a typo is an error naming the bound, not an attempt to
+# allocate or start that much.
+_BATCH = bounded_int(1, MAX_BATCH_SIZE, "images per batch")
+_SEED = bounded_int(0, MAX_SEED, "seeds")
+_JOBS = bounded_int(1, MAX_JOBS, "processes")
+_IMAGES = bounded_int(1, MAX_SYNTHETIC_IMAGES, "images per split")
+_SCENES = bounded_int(0, MAX_SYNTHETIC_IMAGES, "scenes per split")
 
 _PLUGIN_HELP = (
     "import this module (or .py file) first, so configs can name the methods, networks and "
@@ -479,7 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="re-evaluate a run's final checkpoint")
     evaluate.add_argument("--run", required=True, help="run folder, e.g. runs/<name>")
     evaluate.add_argument(
-        "--tolerance", type=finite_non_negative, default=1e-3, help="allowed mAP difference"
+        "--tolerance",
+        type=map_tolerance,
+        default=1e-3,
+        help=f"allowed mAP difference, 0 to {MAX_MAP_TOLERANCE:g} points",
     )
     _plugin_option(evaluate)
     evaluate.set_defaults(func=cmd_eval)
@@ -517,13 +555,13 @@ def _compare_parser(commands: Any) -> None:
     compare.add_argument(
         "configs", nargs="+", help="config files or shipped names; 'a.yaml+b.yaml' stacks them"
     )
-    compare.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run")
+    compare.add_argument("--seeds", type=_SEED, nargs="+", default=None, help="seeds to run")
     compare.add_argument("--protocols", nargs="+", help="protocols to run each config with")
     compare.add_argument("--base", help="config stacked under every CONFIG")
     compare.add_argument("--set", nargs="*", default=[], help="key=value overrides for all")
     compare.add_argument("--output", default="runs/compare", help="report and runs folder")
     compare.add_argument(
-        "--jobs", type=int, default=1, help="runs at once, each in its own single-thread process"
+        "--jobs", type=_JOBS, default=1, help="runs at once, each in its own single-thread process"
     )
     compare.add_argument(
         "--dry-run",
@@ -540,10 +578,12 @@ def _pretrain_parser(commands: Any) -> None:
     )
     pretrain.add_argument("--config", action="append", required=True, help="YAML config(s)")
     pretrain.add_argument("overrides", nargs="*", help="key=value overrides of the config")
-    pretrain.add_argument("--epochs", type=int, help="epochs (default: the recipe's 16)")
-    pretrain.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
-    pretrain.add_argument("--batch-size", type=int, help="batch size (default 32)")
-    pretrain.add_argument("--seed", type=int, help="data and training seed (default 0)")
+    pretrain.add_argument(
+        "--epochs", type=bounded_int(1, 10_000), help="epochs (default: the recipe's 16)"
+    )
+    pretrain.add_argument("--lr", type=finite_positive, help="learning rate (default 1e-3)")
+    pretrain.add_argument("--batch-size", type=_BATCH, help="batch size (default 32)")
+    pretrain.add_argument("--seed", type=_SEED, help="data and training seed (default 0)")
     _plugin_option(pretrain)
     pretrain.set_defaults(func=cmd_pretrain)
 
@@ -586,8 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _load_plugins(args)  # before any config is read: configs may name what they register
         return int(args.func(args))
-    except KeyboardInterrupt:
-        print("interrupted: the last finished session's checkpoint is kept", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted: {_after_interrupt(interrupt)}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader left early (`mlcil predict ... | head`): not an error of this command. Point
@@ -597,27 +637,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {_describe(error, args.command == 'train')}", file=sys.stderr)
+        print(f"error: {_describe(error, _started[0])}", file=sys.stderr)
         return 2 if isinstance(error, MlcilError | OSError) else 1
+    finally:
+        _started[0] = None
 
 
-def _describe(error: Exception, training: bool) -> str:
-    """One line naming what went wrong (and, for a file error, the file)."""
+def _after_interrupt(interrupt: KeyboardInterrupt) -> str:
+    """What is kept after Ctrl-C: the comparison says it itself; a run says its checkpoint."""
+    if str(interrupt):
+        return _one_line(interrupt)
+    if _started[0] is None:
+        return "nothing was written"
+    from mlcil.rundir import RunDir
+
+    return RunDir(_started[0]).describe_kept()
+
+
+def _describe(error: Exception, run: Path | None = None) -> str:
+    """One line naming what went wrong (and, for a file error, the file, and what of the run
+    ``run`` is kept). At most ``_MESSAGE_CHARACTERS`` long."""
     if isinstance(error, MlcilError):
-        return _one_line(error)
+        return clip(_one_line(error), _MESSAGE_CHARACTERS)
     if isinstance(error, OSError):
         where = f"{error.filename}: " if error.filename else ""
         reason = f"{where}{error.strerror or _one_line(error)} (errno {error.errno})"
-        if training:
-            reason += (
-                "; the run's latest finished checkpoint is kept, so it can be resumed once the "
-                "problem is fixed"
-            )
-        return reason
-    return (
+        if run is not None:
+            from mlcil.rundir import RunDir
+
+            reason += f"; {RunDir(run).describe_kept()}"
+        return clip(reason, _MESSAGE_CHARACTERS)
+    return clip(
         f"internal error {type(error).__name__}: {_one_line(error)} (run with --debug for the "
-        "traceback)"
+        "traceback)",
+        _MESSAGE_CHARACTERS,
     )
+
+
+# No message line is longer: a value quoted from an input is cut well before (mlcil.errors).
+_MESSAGE_CHARACTERS = 2000
 
 
 if __name__ == "__main__":

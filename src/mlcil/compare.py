@@ -3,10 +3,17 @@
 The grid is protocols x configurations x seeds. Each configuration is one YAML file (or a shipped
 config's name), or several stacked with ``+`` (``a.yaml+b.yaml``), with an optional ``--base``
 file stacked underneath every one. Runs land in ``<output>/runs/<run name>``;
-a finished run (its ``metrics.json`` says so) is reused and one with a checkpoint is resumed, so an
-interrupted comparison continues where it stopped. A finished or resumable run is reused only if
-it was made with the same settings, run-time settings (device, progress bars, data root...)
-apart: those never change results (``mlcil.safety.RESUME_SAFE_KEYS``).
+a finished run (its ``metrics.json`` says so) is reused and one with a checkpoint is resumed (one
+stopped before its first checkpoint starts again), so an interrupted comparison continues where
+it stopped. A finished or resumable run is reused only if it was made with the same settings,
+run-time settings (device, progress bars, data root...) apart: those never change results
+(``mlcil.safety.RESUME_SAFE_KEYS``).
+
+With ``jobs > 1`` each run trains in its own process. Ctrl-C (SIGINT) or SIGTERM stops the
+comparison and every worker: no new run starts, each worker is sent SIGTERM (a run inside an
+epoch writes a checkpoint at the next step; elsewhere it keeps its last one), and a worker whose
+comparison process dies stops too (``PR_SET_PDEATHSIG`` on Linux, a parent watchdog elsewhere).
+The same command afterwards resumes the interrupted runs and skips the finished ones.
 
 :func:`plan_comparison` checks the whole grid and says what each run will do; ``mlcil compare
 --dry-run`` prints that plan (:func:`describe_plan`) and trains nothing.
@@ -14,26 +21,33 @@ apart: those never change results (``mlcil.safety.RESUME_SAFE_KEYS``).
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
+import ctypes
 import dataclasses
 import json
 import logging
 import multiprocessing
-from collections.abc import Sequence
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mlcil.config import RunConfig, flatten
 from mlcil.engine.checkpoint import latest_checkpoint
-from mlcil.errors import ConfigError, MlcilError
+from mlcil.errors import ConfigError, MlcilError, shown
 from mlcil.experiment import Experiment, build_config, load_config
 from mlcil.plugins import load_plugins, loaded_plugins
 from mlcil.report import write_report
 from mlcil.results import run_finished
 from mlcil.rundir import RunDir
 from mlcil.runs import resume_run, start_run
-from mlcil.safety import RESUME_SAFE_KEYS
+from mlcil.safety import RESUME_SAFE_KEYS, result_changes
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +60,8 @@ class PlannedRun:
         spec: the configuration as given (``a.yaml+b.yaml``).
         config: its resolved config (seed and protocol of this cell applied).
         run_dir: where the run lands.
-        status: ``"new"``, ``"resume"`` (a checkpoint is there) or ``"finished"`` (its
+        status: ``"new"``, ``"resume"`` (a checkpoint is there), ``"again"`` (the run stopped
+            before its first checkpoint: it starts again) or ``"finished"`` (its
             ``metrics.json`` is there: reused, not trained again).
     """
 
@@ -86,12 +101,16 @@ def plan_comparison(
     planned = []
     for spec, config in plans:
         run_dir = output_dir / "runs" / config.run_name
-        if run_finished(run_dir):
-            status = "finished"
-        else:
-            status = "resume" if latest_checkpoint(run_dir) is not None else "new"
-        planned.append(PlannedRun(spec, config, run_dir, status))
+        planned.append(PlannedRun(spec, config, run_dir, _status(RunDir(run_dir))))
     return planned
+
+
+def _status(run: RunDir) -> str:
+    if run_finished(run.path):
+        return "finished"
+    if latest_checkpoint(run.path) is not None:
+        return "resume"
+    return "again" if run.learned_nothing() else "new"
 
 
 def describe_plan(plan: Sequence[PlannedRun], output_dir: str | Path, jobs: int = 1) -> str:
@@ -105,7 +124,12 @@ def describe_plan(plan: Sequence[PlannedRun], output_dir: str | Path, jobs: int 
     )
     lines = [f"plan: {_count(len(plan), 'run')} = {grid}, into {Path(output_dir) / 'runs'}"]
     width = max((len(run.spec) for run in plan), default=0)
-    notes = {"new": "new", "resume": "resume from its checkpoint", "finished": "finished: reused"}
+    notes = {
+        "new": "new",
+        "resume": "resume from its checkpoint",
+        "again": "stopped before its first checkpoint: starts again",
+        "finished": "finished: reused",
+    }
     for position, run in enumerate(plan, 1):
         lines.append(
             f"  [{position}/{len(plan)}] {run.spec:<{width}}  {run.config.protocol:<8} seed "
@@ -153,14 +177,25 @@ def run_comparison(
             run.config.protocol,
             run.config.seed,
             run.run_dir,
-            " (resuming)" if run.status == "resume" else "",
+            {"resume": " (resuming)", "again": " (starting again)"}.get(run.status, ""),
         )
         config = run.config.to_dict()
         if quiet:
             config["train"]["progress"] = False
-        todo.append((config, str(run.run_dir), run.status == "resume"))
+        todo.append((config, str(run.run_dir), run.status in ("resume", "again")))
     _execute(todo, jobs)
     return write_report([run.run_dir for run in plan], Path(output_dir))
+
+
+class GridInterrupted(KeyboardInterrupt):
+    """The comparison was stopped (Ctrl-C, SIGTERM): the message says what is kept."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(
+            f"{reason}; every run in progress keeps its last checkpoint; the same command "
+            "resumes the interrupted runs and skips the finished ones"
+        )
 
 
 def _run_one(config: dict, run_dir: str, resume: bool) -> None:
@@ -169,7 +204,8 @@ def _run_one(config: dict, run_dir: str, resume: bool) -> None:
         launch = resume_run(run_dir, _run_time_overrides(config))
     else:
         launch = start_run(build_config(config), run_dir)
-    launch.run()
+    if launch.run() is None:  # SIGTERM inside an epoch: checkpointed, and the grid stops
+        raise GridInterrupted(f"{run_dir} stopped {launch.trainer.stopped or 'on SIGTERM'}")
 
 
 def _run_time_overrides(config: dict) -> list[str]:
@@ -189,19 +225,202 @@ def _start_worker(plugins: Sequence[str]) -> None:
     load_plugins(plugins)
 
 
-def _execute(todo: Sequence[tuple[dict, str, bool]], jobs: int) -> None:
-    """Run the planned trainings, ``jobs`` at a time in fresh processes (1: in this one)."""
-    if jobs <= 1:
-        for job in todo:
-            _run_one(*job)
+Job = tuple[dict, str, bool]  # (config, run folder, resume)
+
+# How long stopped workers get to write their checkpoint before they are killed.
+STOP_GRACE_S = 120.0
+
+
+def _execute(todo: Sequence[Job], jobs: int) -> None:
+    """Run the planned trainings, ``jobs`` at a time in fresh processes (1: in this one); stop
+    them all on SIGINT or SIGTERM (see the module docstring)."""
+    with _stopped_by_sigterm():
+        try:
+            if jobs <= 1:
+                for job in todo:
+                    _run_one(*job)
+            else:
+                _run_in_workers(todo, jobs)
+        except GridInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise GridInterrupted("SIGINT (Ctrl-C)") from None
+
+
+@contextlib.contextmanager
+def _stopped_by_sigterm() -> Iterator[None]:
+    """SIGTERM raises :class:`GridInterrupted` in this process while the grid runs (inside a
+    run's epoch the fit's own handler takes it first: a checkpoint, then the grid stops)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
+
+    def stop(signum: int, frame: Any) -> None:
+        del frame
+        raise GridInterrupted(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclasses.dataclass
+class _Worker:
+    process: Any  # multiprocessing's SpawnProcess
+    connection: multiprocessing.connection.Connection
+    run_dir: str
+    outcome: tuple[str, Any] | None = None  # what the worker reported, once it did
+
+    def read(self) -> None:
+        """Take the worker's report if it sent one (read before it exits: a large report
+        would otherwise block it on a full pipe)."""
+        if self.outcome is None and not self.connection.closed:
+            try:
+                if self.connection.poll():
+                    self.outcome = self.connection.recv()
+            except (EOFError, OSError):
+                self.connection.close()
+
+
+def _run_in_workers(todo: Sequence[Job], jobs: int) -> None:
+    """``jobs`` worker processes at a time, one run each; the first failure is raised once the
+    runs in progress have ended (no new run starts after it)."""
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    with concurrent.futures.ProcessPoolExecutor(
-        jobs, context, initializer=_start_worker, initargs=(loaded_plugins(),)
-    ) as pool:
-        futures = [pool.submit(_run_one, *job) for job in todo]
-        for future in concurrent.futures.as_completed(futures):
-            future.result()  # re-raise the first failure here
+    pending, running = list(todo), list[_Worker]()
+    failure: BaseException | None = None
+    try:
+        while pending or running:
+            while pending and len(running) < jobs and failure is None:
+                running.append(_start(context, pending.pop(0)))
+            if not running:
+                break
+            waiting = [
+                w.connection for w in running if w.outcome is None and not w.connection.closed
+            ]
+            multiprocessing.connection.wait([*waiting, *(w.process.sentinel for w in running)])
+            for worker in running:
+                worker.read()
+            for worker in [w for w in running if not w.process.is_alive()]:
+                running.remove(worker)
+                error = _outcome(worker)
+                if error is not None and failure is None:
+                    failure = error
+                    if running:
+                        logger.error(
+                            "%s; waiting for the %d run(s) in progress (Ctrl-C stops them)",
+                            error,
+                            len(running),
+                        )
+    except BaseException:
+        _stop_workers(running)
+        raise
+    if failure is not None:
+        raise failure
+
+
+def _start(context: Any, job: Job) -> _Worker:
+    receiving, sending = context.Pipe(duplex=False)
+    process = context.Process(
+        target=_worker_main,
+        args=(job, loaded_plugins(), os.getpid(), sending),
+        name=f"mlcil-compare {Path(job[1]).name}",
+    )
+    process.start()
+    sending.close()  # the worker's end: this process keeps only the one it reads
+    return _Worker(process, receiving, job[1])
+
+
+def _outcome(worker: _Worker) -> BaseException | None:
+    """The error a finished worker reported (None when its run ended well)."""
+    worker.process.join()
+    worker.read()
+    worker.connection.close()
+    kind, payload = worker.outcome or (None, None)
+    if kind == "done":
+        return None
+    if kind == "stopped":
+        return GridInterrupted(str(payload))
+    if kind == "failed" and isinstance(payload, BaseException):
+        return payload
+    code = worker.process.exitcode
+    how = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit status {code}"
+    return MlcilError(
+        f"{worker.run_dir}: its worker process ended by {how} without a result; it keeps its "
+        "last checkpoint, and the same command resumes it"
+    )
+
+
+def _stop_workers(running: Sequence[_Worker]) -> None:
+    """SIGTERM to every worker (a run inside an epoch checkpoints at its next step), then wait;
+    a worker still running after ``STOP_GRACE_S`` seconds, or a second Ctrl-C, kills them."""
+    for worker in running:
+        with contextlib.suppress(OSError):
+            worker.process.terminate()
+    try:
+        for worker in running:
+            worker.process.join(STOP_GRACE_S)
+    except KeyboardInterrupt:
+        pass
+    for worker in running:
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+
+
+def _worker_main(
+    job: Job,
+    plugins: Sequence[str],
+    parent: int,
+    connection: multiprocessing.connection.Connection,
+) -> None:
+    """A worker process: one run, its outcome sent to the comparison process."""
+    _stop_with_parent(parent)
+    # Ctrl-C reaches every process of the terminal's group: the comparison process stops the
+    # workers itself, with SIGTERM, so that a run inside an epoch writes its checkpoint first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _start_worker(plugins)
+    try:
+        _run_one(*job)
+        outcome: tuple[str, Any] = ("done", None)
+    except GridInterrupted as stop:
+        outcome = ("stopped", stop.reason)
+    except BaseException as error:  # reported to the comparison process, which raises it
+        outcome = ("failed", error)
+    with contextlib.suppress(OSError, EOFError):
+        try:
+            connection.send(outcome)
+        except Exception:  # an exception that cannot be pickled: its text
+            failed = outcome[1]
+            connection.send(("failed", RuntimeError(f"{type(failed).__name__}: {failed}")))
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Get SIGTERM when the comparison process ``parent`` dies: the kernel's parent-death
+    signal on Linux, else a thread watching the parent pid."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # it died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _watch_parent(parent: int) -> None:
+    stopped = threading.Event()
+    while not stopped.wait(1.0):
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 def _check_plans(
@@ -240,17 +459,11 @@ def _check_plans(
 
 def _check_same_config(run_dir: Path, config: RunConfig) -> None:
     """Refuse to reuse or resume a run that was made with other settings."""
-    saved = flatten(load_config(RunDir(run_dir).config_file).to_dict())
-    planned = flatten(config.to_dict())
-    differences = sorted(
-        key
-        for key in saved.keys() | planned.keys()
-        if saved.get(key) != planned.get(key) and key not in RESUME_SAFE_KEYS
-    )
+    differences = result_changes(load_config(RunDir(run_dir).config_file), config)
     if differences:
-        key = differences[0]
+        key, saved, planned = differences[0]
         raise ConfigError(
-            f"{run_dir} holds a run made with other settings ({key}: {saved.get(key)!r} there, "
-            f"{planned.get(key)!r} now; {len(differences)} keys differ): delete it or choose "
+            f"{run_dir} holds a run made with other settings ({key}: {shown(saved)} there, "
+            f"{shown(planned)} now; {len(differences)} keys differ): delete it or choose "
             "another --output"
         )

@@ -29,3 +29,33 @@ class WeightsError(MlcilError):
 
 class TrainingError(MlcilError):
     """Training cannot go on (e.g. a non-finite loss); earlier checkpoints are kept."""
+
+
+# How much of an input an error message may show: a value read from a file or the command line
+# can be megabytes long (or, through YAML aliases, gigabytes once expanded), and a message that
+# prints it whole costs the memory it was meant to protect.
+SHOWN_CHARACTERS = 200
+
+
+def clip(text: str, limit: int = SHOWN_CHARACTERS) -> str:
+    """``text`` cut to at most about ``limit`` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: max(limit - 40, 20)]}... ({len(text):,} characters)"
+
+
+def shown(value: object, limit: int = SHOWN_CHARACTERS) -> str:
+    """A bounded ``repr`` of an input value for an error message: long strings, long or deeply
+    nested lists and mappings are elided while the repr is built (never built whole first)."""
+    import reprlib
+
+    bounded = reprlib.Repr()
+    bounded.maxlevel = 3
+    bounded.maxstring = bounded.maxother = bounded.maxlong = limit // 2
+    bounded.maxlist = bounded.maxtuple = bounded.maxdict = bounded.maxset = 6
+    if isinstance(value, int) and abs(value).bit_length() > 4 * limit:  # no decimal expansion
+        return f"<an integer of about {int(abs(value).bit_length() * 0.30103):,} digits>"
+    try:
+        return clip(bounded.repr(value), limit)
+    except ValueError:  # an integer inside a container past Python's digit limit
+        return f"<a {type(value).__name__} too large to show>"

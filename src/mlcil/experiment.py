@@ -8,6 +8,7 @@ imports no method and no network.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ from mlcil.data.sessions import (
     test_indices,
 )
 from mlcil.data.transforms import build_transform
-from mlcil.errors import ConfigError, DataError
+from mlcil.errors import ConfigError, DataError, ProtocolError, clip, shown
 from mlcil.memory import ExemplarMemory
 from mlcil.methods import METHODS, Method, SessionContext
 from mlcil.models import NETWORKS
@@ -91,8 +92,34 @@ class RunPlan:
         """The plan of ``config``: its dataset (or ``sources``) and its protocol's sessions."""
         train, test = sources or build_sources(config.data)
         single = METHODS.get_class(config.method.name).single_session
-        sessions = plan_sessions(config.protocol, single, len(train.class_names))
+        try:
+            sessions = plan_sessions(config.protocol, single, len(train.class_names))
+        except ProtocolError as error:
+            raise ProtocolError(f"{error}{suspicious_labels(train)}") from None
         return cls(train, test, tuple(train.class_names), tuple(sessions))
+
+
+def suspicious_labels(source: ImageSource) -> str:
+    """A hint for a protocol that does not tile the classes: the labels that look like typos
+    (a name that differs from another only in case, spaces or one character, or that only a
+    single training image carries), or '' when none does."""
+    names = list(source.class_names)
+    counts = np.asarray(source.labels, dtype=np.int64).sum(axis=0)
+    hints = []
+    for column, name in enumerate(names):
+        others = [other for other in names if other != name]
+        # Compared only among a few hundred names: the search is quadratic.
+        close = difflib.get_close_matches(name, others, n=1, cutoff=0.8) if len(names) < 500 else []
+        folded = [o for o in others if o.casefold().strip() == name.casefold().strip()]
+        twin = (folded or close or [None])[0]  # type: ignore[list-item]
+        images = f"{counts[column]} image{'' if counts[column] == 1 else 's'}"
+        if twin is not None and counts[column] <= counts[names.index(twin)]:
+            hints.append(f"{shown(name, 60)} ({images}; like {shown(twin, 60)})")
+        elif counts[column] <= 1 and len(names) > 1:
+            hints.append(f"{shown(name, 60)} ({images})")
+    if not hints:
+        return ""
+    return f"; labels that look like typos: {', '.join(hints[:5])}"
 
 
 class Experiment:
@@ -197,9 +224,16 @@ class Experiment:
         config = self.config
         model = model or self.starting_model
         seed_everything(config.seed)
-        network = self.method_class.build_network(
-            model, config.data.image_size, load_weights=load_weights
-        )
+        try:
+            network = self.method_class.build_network(
+                model, config.data.image_size, load_weights=load_weights
+            )
+        except (RuntimeError, AssertionError) as error:  # the backbone refuses the input size
+            reason = clip(" ".join(str(error).split()), 300)
+            raise ConfigError(
+                f"model.backbone={model.backbone} fails on data.image_size="
+                f"{config.data.image_size}: {reason}"
+            ) from None
         network.to(self.runtime.device)
         method = self.method_class(config.method.params, network, config.loss)
         method.runtime = self.runtime

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import logging
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -119,3 +122,74 @@ def write_atomic(path: Path, write: Callable[[IO[Any]], object], mode: str = "wb
             os.unlink(handle.name)
             raise
     os.replace(handle.name, path)
+
+
+class NestedTooDeepError(json.JSONDecodeError):
+    """A JSON document nested deeper than the parser can follow: a ``JSONDecodeError`` (so a
+    ``ValueError``), where ``json`` raises ``RecursionError``."""
+
+    def __init__(self) -> None:
+        message = "arrays or objects nested too deeply to read (thousands of levels)"
+        super().__init__(message, "", 0)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.msg
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads``, except that a document nested too deeply for the parser (a few bytes of
+    ``[[[[...``) raises :class:`NestedTooDeepError`, which callers already handle as any other
+    malformed JSON, instead of a ``RecursionError``."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise NestedTooDeepError() from None
+
+
+class NotOwnFileError(OSError):
+    """A path mlcil would write through is a link, or not a regular file."""
+
+
+def open_own_file(path: str | Path, flags: int) -> int:
+    """A descriptor of ``path`` opened with ``flags`` (``os.O_*``; ``O_CREAT`` makes it if
+    missing) that never follows a link: a symbolic link at ``path`` (which would make mlcil
+    truncate or append to whatever it points to), or anything but a regular file (a FIFO
+    would block), raises :class:`NotOwnFileError` naming it."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block the open itself
+    try:
+        descriptor = os.open(path, flags | nofollow | nonblock | os.O_CLOEXEC, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP or (nofollow == 0 and os.path.islink(path)):
+            raise NotOwnFileError(
+                errno.ELOOP,
+                f"{path} is a symbolic link: mlcil never writes through one; delete the link",
+                str(path),
+            ) from None
+        raise
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise NotOwnFileError(
+            errno.EINVAL,
+            f"{path} is not a regular file: mlcil writes only its own files there; delete it",
+            str(path),
+        )
+    if nonblock:
+        os.set_blocking(descriptor, True)
+    return descriptor
+
+
+class OwnFileHandler(logging.StreamHandler):
+    """A ``logging`` handler appending to a log file opened with :func:`open_own_file` (a link
+    planted at the log's name is refused, never followed)."""
+
+    def __init__(self, path: str | Path) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        super().__init__(os.fdopen(open_own_file(path, flags), "a", encoding="utf-8"))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.flush()
+            self.stream.close()
+        super().close()

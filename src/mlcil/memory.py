@@ -202,8 +202,36 @@ class ExemplarMemory:
         for name, tensor in tensors.items():
             if not name.isdigit() or int(name) not in self.labels or tensor.ndim != 1:
                 raise DataError(f"{where}: {name!r} is no exemplar's data row of this memory")
-            data[int(name)] = [float(v) for v in tensor.to(torch.float32).tolist()]
+            if tensor.dtype != torch.float32:
+                raise DataError(f"{where}: row {name!r} is {tensor.dtype}, not float32")
+            data[int(name)] = [float(v) for v in tensor.tolist()]
         self.data = data
+
+    def check_data_rows(self, widths: Sequence[int], where: str = "memory") -> None:
+        """Refuse data rows a method could not have stored: every exemplar must have one, of
+        ``widths[s]`` finite values, ``s`` the session that stored it (DER++: the logits over
+        the classes seen then).
+
+        Raises:
+            DataError: naming the first exemplar whose row is missing, of another width, or not
+                finite.
+        """
+        for position in sorted(self.labels):
+            row = self.data.get(position)
+            session = self.sessions.get(position, -1)
+            expected = widths[session] if 0 <= session < len(widths) else None
+            if row is None:
+                raise DataError(
+                    f"{where}: exemplar {position} ({self.image_refs.get(position)}) has no "
+                    "stored row: the file is missing or short; restore it from a copy"
+                )
+            if len(row) != expected or not np.isfinite(row).all():
+                problem = "non-finite values" if len(row) == expected else f"{len(row)} values"
+                raise DataError(
+                    f"{where}: the row of exemplar {position} holds {problem}, expected "
+                    f"{expected} finite values (the outputs of session {session}); the file is "
+                    "damaged: restore it from a copy"
+                )
 
     def targets(
         self, source_labels: np.ndarray, current: Session, all_sessions: Sequence[Session]

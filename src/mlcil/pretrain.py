@@ -13,6 +13,7 @@ only when the provenance (source, classes, seed, backbone, stage, image size, re
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from mlcil.engine.observers import LogObserver, Observers, ProgressObserver
 from mlcil.errors import ConfigError
 from mlcil.experiment import Experiment, load_config
 from mlcil.metrics import mean_average_precision
-from mlcil.weights_cache import find_cached, read_provenance, store
+from mlcil.weights_cache import find_cached, read_provenance, store, weights_dir
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def pretrain_backbone(
     if cached is not None:
         logger.info("using cached glyph-pretrained backbone %s", cached)
         return cached
+    check_cache_folder(Path(cache) if cache is not None else weights_dir())
     logger.info("pretraining %s on glyph scenes (one-time; cached afterwards)", model.backbone)
     started = time.perf_counter()
     config = load_config(None, _training_overrides(model, image_size, recipe))
@@ -140,6 +142,23 @@ def pretrain_backbone(
     path = store(method.network.backbone.body.state_dict(), record, cache)
     logger.info("glyph pretraining: %.1f test mAP; weights %s", test_map, path)
     return path
+
+
+def check_cache_folder(folder: Path) -> None:
+    """Refuse to start a pretraining whose weights could not be stored: the cache folder is a
+    file (or under one), or cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"the weights cache {folder} is not a folder mlcil can create ({error.strerror}): "
+            "a pretraining would be lost; set MLCIL_CACHE to a writable folder"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"the weights cache {folder} is not writable: a pretraining would be lost; set "
+            "MLCIL_CACHE to a writable folder"
+        )
 
 
 def cached_provenance(model: ModelConfig, image_size: int) -> dict[str, Any] | None:

@@ -251,6 +251,8 @@ class RunMetrics(Record):
             data = json.loads(text, parse_constant=_not_json)
         except (json.JSONDecodeError, ValueError) as error:
             raise ConfigError(f"{source}: invalid JSON: {error}") from None
+        except RecursionError:  # a few bytes of [[[[... must not crash the reader
+            raise ConfigError(f"{source}: invalid JSON: nested too deeply") from None
         return cls.from_data(data, source)
 
     @classmethod

@@ -188,7 +188,7 @@ def run_finished(run_dir: str | Path) -> bool:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return False
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return True  # a file there but unreadable: reported by its reader, not trained over
     return not (isinstance(data, dict) and data.get("finished") is False)
 

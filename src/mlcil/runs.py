@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from mlcil.added_sessions import (
     AddedSession,
     learned_sessions,
     plan_added_session,
+    read_added_sessions,
     recorded_until_learned,
     run_plan,
 )
@@ -40,7 +42,7 @@ from mlcil.engine.checkpoint import RunState, restore_run
 from mlcil.engine.evaluate import evaluate_session, session_result
 from mlcil.engine.loop import Trainer
 from mlcil.engine.observers import Observer
-from mlcil.errors import ConfigError, DataError, MlcilError
+from mlcil.errors import ConfigError, DataError, MlcilError, shown
 from mlcil.experiment import Experiment, load_config
 from mlcil.pretrain import cached_provenance, resolve_pretrained
 from mlcil.protocol import Session
@@ -48,7 +50,7 @@ from mlcil.record import RunMetrics
 from mlcil.results import read_metrics
 from mlcil.rundir import RunDir
 from mlcil.runtime import Runtime, environment_rank
-from mlcil.safety import check_resume_config
+from mlcil.safety import check_resume_config, result_changes
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +111,12 @@ def read_settings(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def _run_config(run: RunDir, overrides: Sequence[str], resuming: bool) -> RunConfig:
+    run.check_own_files()
+    if os.path.lexists(run.aside) and not run.holds_lock:
+        raise ConfigError(
+            f"{run.path}: an --overwrite of this run was interrupted ({run.aside} holds the "
+            f"earlier run): `mlcil train --resume {run.path}` finishes it first"
+        )
     if not run.config_file.is_file():
         raise ConfigError(f"{run.path} is not a run folder (no {run.config_file.name})")
     config = load_config(run.config_file, overrides)
@@ -180,8 +188,19 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     if metrics is not None and metrics.finished and is_last:
         key, value = "last_map", metrics.last_map
     else:
+        # A session added by a killed --add-session, never learned, must not switch the check
+        # off: the evaluated session's own recorded seen mAP is compared instead.
         key = f"sessions[{session.index}].seen_map"
         value = recorded[-1].seen_map if recorded else None
+    unlearned = [item for item in read_added_sessions(run_dir) if item.index >= state.next_session]
+    if unlearned:
+        logger.warning(
+            "%s records added session(s) %s that no finished checkpoint holds (an --add-session "
+            "that did not finish); they are not evaluated: `mlcil train --resume %s` learns them",
+            run_dir,
+            ", ".join(str(item.index) for item in unlearned),
+            run_dir,
+        )
     return {**result.plain(), "session": session.index, "recorded_map": value, "recorded_key": key}
 
 
@@ -264,9 +283,10 @@ def check_image_size(experiment: Experiment, model: ModelConfig) -> None:
         stride = max(probe // max(height, 1), 1)
         if image_size >= stride:
             network.backbone.feature_shape(image_size)
-    except RuntimeError as error:
+    except (RuntimeError, AssertionError) as error:  # e.g. a backbone of one fixed input size
+        reason = " ".join(str(error).split())[:300]
         raise ConfigError(
-            f"data.image_size={image_size}: the backbone fails on it: {error}"
+            f"data.image_size={image_size}: the backbone fails on it: {reason}"
         ) from None
     if image_size < stride:
         raise ConfigError(
@@ -299,14 +319,17 @@ def start_run(
     run = RunDir(run_dir) if run_dir else RunDir.inside(config.output_dir, config.run_name)
     runtime = runtime or make_runtime(config)
     guard = contextlib.ExitStack()
+    again = False  # the same run, stopped before its first checkpoint: started again
     try:
         if runtime.is_main:
+            run.check_own_files()
             guard.enter_context(run.locked())
             run.recover()
             if overwrite:
                 run.check_overwritable()
             else:
-                _check_fresh(run)
+                again = _check_fresh(run, config)
+        again = runtime.broadcast(again) if runtime.world_size > 1 else again
         model, _ = resolve_pretrained(config.model, config.data.image_size)
         experiment = Experiment(config, runtime=runtime, starting_model=model)
         names = experiment.class_names
@@ -320,17 +343,30 @@ def start_run(
         guard.close()
         raise
     callbacks = standard_callbacks(experiment, run)
-    trainer = Trainer(experiment, run, observers=observers, callbacks=callbacks)
+    trainer = Trainer(experiment, run, resume=again, observers=observers, callbacks=callbacks)
     return Launch(trainer, guard)
 
 
-def _check_fresh(run: RunDir) -> None:
+def _check_fresh(run: RunDir, config: RunConfig) -> bool:
+    """Refuse a folder that holds a run, unless it is this very run stopped before its first
+    checkpoint (then it starts again: True)."""
     found = run.found_run_files()
-    if found:
-        raise ConfigError(
-            f"{run.path} already holds a run ({', '.join(found)}): resume it with --resume, "
-            "replace it with --overwrite, or choose another --run-dir"
-        )
+    if not found:
+        return False
+    if run.learned_nothing():
+        changes = result_changes(load_config(run.config_file), config)
+        if changes:
+            key, before, after = changes[0]
+            raise ConfigError(
+                f"{run.path} holds a run that stopped before its first checkpoint, made with "
+                f"other settings ({key}: {shown(before)} there, {shown(after)} now): start it "
+                "again with its settings or --resume, replace it with --overwrite, or choose "
+                "another --run-dir"
+            )
+        logger.info("%s stopped before its first checkpoint: starting it again", run.path)
+        return True
+    run.check_fresh_start()  # refuses, naming what the folder holds
+    return False
 
 
 @contextlib.contextmanager
@@ -357,6 +393,7 @@ def resume_run(
     guard = contextlib.ExitStack()
     try:
         if environment_rank() == 0:  # before the config is read: recover() may change it
+            run.check_own_files()
             guard.enter_context(run.locked())
             run.recover()  # an --overwrite killed half-way is finished first
         config = _run_config(run, overrides, resuming=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import shutil
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ TINY = [
     "protocol=B0-C5",
 ]
 SKIP_FOR_LINEAR = ("model.embed_dim", "model.num_heads")  # the baselines' network has no ICA
+LINEAR_TINY = [t for t in TINY if t.split("=")[0] not in SKIP_FOR_LINEAR]
 CONFIG = str(REPO / "configs" / "digits_b0_c2.yaml")
 # A log may record the failed attempt; the lock file names the process that last held it.
 UNCHECKED = {"train.log", ".mlcil-run.lock"}
@@ -62,14 +65,40 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+@pytest.fixture(scope="module")
+def method_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Finished DER++ and iCaRL runs (the methods whose checkpoints hold their own tensors),
+    trained when a case first needs them."""
+    runs = {}
+    for name in ("derpp", "icarl"):
+        run = tmp_path_factory.mktemp(name) / "run"
+        method = str(REPO / "configs" / "methods" / f"{name}.yaml")
+        argv = ["-q", "train", "--config", CONFIG, "--config", method, "--run-dir", str(run)]
+        assert main([*argv, *LINEAR_TINY]) == 0
+        runs[name] = run
+    return runs
+
+
 @dataclass
 class Workspace:
-    """A copy of the finished run, a scratch folder, and the test's monkeypatch."""
+    """A copy of the finished run, a scratch folder, and the test's monkeypatch.
+
+    ``extra_unchanged`` must keep their bytes, ``absent`` must hold no file afterwards, and
+    ``forbidden`` must not appear in what the command prints (a secret it must not read out).
+    """
 
     run: Path
     tmp: Path
     monkeypatch: pytest.MonkeyPatch
+    trained: Callable[[str], Path]
     extra_unchanged: list[Path] = field(default_factory=list)
+    absent: list[Path] = field(default_factory=list)
+    forbidden: list[str] = field(default_factory=list)
+
+    def use(self, method: str) -> None:
+        """Make ``run`` a copy of the finished run of ``method`` (derpp, icarl)."""
+        shutil.rmtree(self.run)
+        shutil.copytree(self.trained(method), self.run)
 
     def manifest(self, name: str, rows: list[tuple[str, str]]) -> Path:
         for image, _ in rows:
@@ -298,6 +327,248 @@ def _const(*argv: str) -> Setup:
     return lambda ws: [a.replace("RUN", str(ws.run)).replace("TMP", str(ws.tmp)) for a in argv]
 
 
+# --- issue 23: files the run owns, forged folders, bounds, method files, internal errors ------
+
+
+def _victim(ws: Workspace) -> Path:
+    victim = ws.tmp / "victim.txt"
+    victim.write_text("precious\n")
+    ws.extra_unchanged.append(victim)
+    return victim
+
+
+def _linked_lock(ws: Workspace) -> list[str]:
+    (ws.run / ".mlcil-run.lock").unlink(missing_ok=True)
+    (ws.run / ".mlcil-run.lock").symlink_to(_victim(ws))
+    return ["train", "--resume", str(ws.run)]
+
+
+def _linked_log(ws: Workspace) -> list[str]:
+    (ws.run / "train.log").unlink()
+    (ws.run / "train.log").symlink_to(_victim(ws))
+    return ["train", "--resume", str(ws.run)]
+
+
+def _linked_checkpoints(ws: Workspace) -> list[str]:
+    other = ws.tmp / "other"
+    shutil.copytree(ws.run, other)
+    ws.extra_unchanged.append(other)
+    shutil.rmtree(ws.run / "checkpoints")
+    (ws.run / "checkpoints").symlink_to(other / "checkpoints")
+    return ["train", "--resume", str(ws.run)]
+
+
+def _linked_latest(ws: Workspace) -> list[str]:
+    secret = ws.tmp / "secret.txt"
+    secret.write_text("session_01 SECRET-TOKEN\n")
+    (ws.run / "checkpoints" / "latest").unlink()
+    (ws.run / "checkpoints" / "latest").symlink_to(secret)
+    ws.forbidden.append("SECRET-TOKEN")
+    return ["train", "--resume", str(ws.run)]
+
+
+def _linked_session(ws: Workspace) -> list[str]:
+    # The last session's folder replaced by a link: eval must not score an earlier session.
+    moved = ws.tmp / "session_01"
+    shutil.move(ws.run / "checkpoints" / "session_01", moved)
+    (ws.run / "checkpoints" / "session_01").symlink_to(moved)
+    return ["eval", "--run", str(ws.run)]
+
+
+def _nul_in_latest(ws: Workspace) -> list[str]:
+    (ws.run / "checkpoints" / "latest").write_bytes(b"session_01\x00/../../etc\n")
+    return ["train", "--resume", str(ws.run)]
+
+
+def _user_folder(ws: Workspace, marker: bytes | None, state_only: bool = False) -> list[str]:
+    """A user's folder with run-like files and a marker that is not one mlcil wrote for it."""
+    mine = ws.tmp / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: own settings\n")
+    (mine / "metrics.csv").write_text("epoch,loss\n1,0.5\n")
+    if marker is not None:
+        (mine / ".mlcil-run").write_bytes(marker)
+    if state_only:
+        (mine / "checkpoints" / "x").mkdir(parents=True)
+        (mine / "checkpoints" / "x" / "state.json").write_text('{"format": "mlcil-checkpoint"}')
+    ws.extra_unchanged.append(mine)
+    return ["train", "--config", CONFIG, "--run-dir", str(mine), *TINY, "--overwrite"]
+
+
+def _copied_marker(ws: Workspace) -> list[str]:
+    return _user_folder(ws, (ws.run / ".mlcil-run").read_bytes())
+
+
+def _config_value(ws: Workspace, key: str, value: str) -> None:
+    """Edit one ``data:`` value of the run's config.yaml (as a hand edit would)."""
+    import yaml
+
+    path = ws.run / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    section, name = key.split(".")
+    config[section][name] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _huge_image_size(command: str) -> Setup:
+    def setup(ws: Workspace) -> list[str]:
+        _config_value(ws, "data.image_size", "100000")
+        if command == "eval":
+            return ["eval", "--run", str(ws.run)]
+        write_png(ws.tmp / "a.png", 1)
+        return ["predict", "--run", str(ws.run), str(ws.tmp / "a.png")]
+
+    return setup
+
+
+def _deep_json(where: str, command: str) -> Setup:
+    def setup(ws: Workspace) -> list[str]:
+        path = ws.run / where
+        path.write_text("[" * 100_000 + "]" * 100_000)
+        if command == "eval":
+            return ["eval", "--run", str(ws.run)]
+        return ["train", "--resume", str(ws.run)]
+
+    return setup
+
+
+def _deep_coco(ws: Workspace) -> list[str]:
+    root = ws.tmp / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train2014", "val2014"):
+        (root / split).mkdir()
+        text = '{"images": ' + "[" * 100_000 + "]" * 100_000 + "}"
+        (root / "annotations" / f"instances_{split}.json").write_text(text)
+    config = str(REPO / "configs" / "coco_b40_c10.yaml")
+    return ["train", "--config", config, f"root={root}", "data.annotation_cache=false", "--dry-run"]
+
+
+def _alias_bomb(ws: Workspace) -> list[str]:
+    # 470 KB: one 200 KB string repeated by 90,000 aliases (18 GB once expanded).
+    path = ws.tmp / "bomb.yaml"
+    path.write_text(f"a: &a {'x' * 200_000}\nname: [" + ", ".join(["*a"] * 90_000) + "]\n")
+    return ["train", "--config", str(path), "--run-dir", str(ws.tmp / "new"), "--dry-run"]
+
+
+def _long_value(ws: Workspace) -> list[str]:
+    # A wrong value of 800 KB once expanded (under the bound): the message shows a few hundred.
+    path = ws.tmp / "long.yaml"
+    path.write_text(f"a: &a {'x' * 2_000}\nname: [" + ", ".join(["*a"] * 400) + "]\n")
+    return ["train", "--config", str(path), "--run-dir", str(ws.tmp / "new"), "--dry-run"]
+
+
+def _failing_tracker(ws: Workspace) -> list[str]:
+    from mlcil import trackers
+
+    def refuse(target: Any) -> Any:
+        raise RuntimeError("the tracking server refused the login")
+
+    ws.monkeypatch.setitem(trackers._REGISTRY, "boom", trackers.TrackerSpec(refuse))
+    new = ws.tmp / "new"
+    ws.absent.append(new / "checkpoints")
+    return ["train", "--config", CONFIG, "--run-dir", str(new), *TINY, "train.trackers=[boom]"]
+
+
+def _cache_is_a_file(ws: Workspace) -> list[str]:
+    cache = ws.tmp / "cache"
+    cache.write_text("not a folder\n")
+    ws.extra_unchanged.append(cache)
+    ws.monkeypatch.setenv("MLCIL_CACHE", str(cache))
+    return ["pretrain", "--config", CONFIG, *TINY, "--epochs", "1"]
+
+
+def _pretrain_stopped(ws: Workspace) -> list[str]:
+    # SIGTERM at the first step of a pretraining, which writes no checkpoint.
+    from mlcil.engine.observers import Observer
+
+    class SigtermAtOnce(Observer):
+        def step_finished(self, *args: Any) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    import mlcil.pretrain
+
+    scenes = mlcil.pretrain.load_glyphs
+
+    def few_scenes(split: str, count: int, seed: int, size: int) -> Any:
+        return scenes(split, 16, seed, size)
+
+    ws.monkeypatch.setattr("mlcil.pretrain.ProgressObserver", SigtermAtOnce)
+    ws.monkeypatch.setattr("mlcil.pretrain.load_glyphs", few_scenes)
+    ws.monkeypatch.setenv("MLCIL_CACHE", str(ws.tmp / "cache"))
+    ws.absent.append(ws.tmp / "cache" / "weights")
+    ws.forbidden.append("checkpoint written")
+    return ["pretrain", "--config", CONFIG, *TINY, "--epochs", "1", "--batch-size", "8"]
+
+
+def _oserror_in_dry_run(ws: Workspace) -> list[str]:
+    def fail(*args: Any, **kwargs: Any) -> str:
+        raise OSError(errno.EIO, "Input/output error", str(ws.tmp / "disk"))
+
+    ws.monkeypatch.setattr("mlcil.cli.dry_run_summary", fail)
+    ws.forbidden.append("checkpoint")  # nothing was run: no checkpoint to speak of
+    return _new_run("--dry-run", overwrite=False)(ws)
+
+
+def _typo_label(ws: Workspace) -> list[str]:
+    rows = [(f"s{i:02d}.png", "cat" if i % 2 else "dog") for i in range(10)]
+    train = ws.manifest("train.csv", [*rows, ("s99.png", "dogg")])
+    test = ws.manifest("test.csv", rows[:4])
+    data = [f"data.train_manifest={train}", f"data.test_manifest={test}", "data.class_list=null"]
+    config = str(REPO / "configs" / "manifest_example.yaml")
+    return ["train", "--config", config, *data, *TINY, "protocol=B0-C2", "--dry-run"]
+
+
+def _export(*counts: str) -> Setup:
+    def setup(ws: Workspace) -> list[str]:
+        ws.absent.append(ws.tmp / "exported")
+        return ["data", "export-digits", "--output", str(ws.tmp / "exported"), *counts]
+
+    return setup
+
+
+def _rows_of(
+    method: str, file: str, change: Callable[[Any], Any], command: str, unlisted: bool = False
+) -> Setup:
+    """A finished DER++ or iCaRL run whose ``file`` in its last checkpoint is rewritten (with
+    ``unlisted``, its state.json lists no tensors either, as before the list was written)."""
+
+    def setup(ws: Workspace) -> list[str]:
+        from safetensors.torch import load_file, save_file
+
+        ws.use(method)
+        path = ws.run / "checkpoints" / "session_01" / file
+        if unlisted:
+            state_path = path.parent / "state.json"
+            state = json.loads(state_path.read_text())
+            del state["tensor_files"]
+            state_path.write_text(json.dumps(state))
+        tensors = change(load_file(str(path)))
+        if tensors is None:
+            path.unlink()
+        else:
+            save_file(tensors, str(path))
+        if command == "resume":
+            return ["train", "--resume", str(ws.run)]
+        if command == "eval":
+            return ["eval", "--run", str(ws.run)]
+        write_png(ws.tmp / "a.png", 1)
+        return ["predict", "--run", str(ws.run), str(ws.tmp / "a.png")]
+
+    return setup
+
+
+def _narrow_rows(tensors: dict[str, Any]) -> dict[str, Any]:
+    return {name: row[:3].clone() for name, row in tensors.items()}
+
+
+def _nan_rows(tensors: dict[str, Any]) -> dict[str, Any]:
+    return {name: row.clone().fill_(float("nan")) for name, row in tensors.items()}
+
+
+def _short_means(tensors: dict[str, Any]) -> dict[str, Any]:
+    return {name: value[:5].clone() for name, value in tensors.items()}
+
+
 CASES: dict[str, tuple[Setup, str]] = {
     # --overwrite checks everything before deleting the old run.
     "overwrite_missing_weights": (_new_run("model.pretrained=/no/such.safetensors"), "such"),
@@ -401,6 +672,107 @@ CASES: dict[str, tuple[Setup, str]] = {
     # compare checks every run before the first one starts.
     "compare_bad_protocol": (_compare(["B0-C5", "B0-C3"]), "B0-C3"),
     "compare_conflicting_run": (_compare(["B0-C5"], conflicting=True), "other settings"),
+    # Issue 23, row 1: a link planted at the lock or the log is refused, its target untouched.
+    "lock_file_is_a_link": (_linked_lock, ".mlcil-run.lock is a symbolic link"),
+    "log_file_is_a_link": (_linked_log, "train.log is a symbolic link"),
+    # Row 5: sizes bounded before anything is allocated, the bound named.
+    "synth_coco_a_billion_images": (
+        _const("data", "synth-coco", "--output", "TMP/sc", "--train", "1000000000"),
+        "1,000,000",
+    ),
+    "synth_coco_a_million_jobs": (
+        _const("data", "synth-coco", "--output", "TMP/sc", "--jobs", "1000000"),
+        "256",
+    ),
+    "yaml_aliases_expand_to_gigabytes": (_alias_bomb, "1,000,000 characters"),
+    "yaml_long_value_is_shown_short": (_long_value, "characters)"),
+    # Row 6: method files checked on load.
+    "derpp_logits_of_another_width": (
+        _rows_of("derpp", "memory.safetensors", _narrow_rows, "resume"),
+        "memory.safetensors",
+    ),
+    "derpp_logits_all_nan": (
+        _rows_of("derpp", "memory.safetensors", _nan_rows, "eval"),
+        "memory.safetensors",
+    ),
+    "derpp_logits_of_another_width_unlisted": (
+        _rows_of("derpp", "memory.safetensors", _narrow_rows, "resume", unlisted=True),
+        "holds 3 values, expected 5 finite values",
+    ),
+    "derpp_logits_missing": (
+        _rows_of("derpp", "memory.safetensors", lambda t: None, "resume"),
+        "memory.safetensors is missing",
+    ),
+    "icarl_means_missing": (
+        _rows_of("icarl", "method.safetensors", lambda t: None, "predict"),
+        "method.safetensors is missing",
+    ),
+    "icarl_means_short": (
+        _rows_of("icarl", "method.safetensors", _short_means, "eval"),
+        "method.safetensors",
+    ),
+    # Row 7: forged and linked run folders.
+    "overwrite_empty_marker": (lambda ws: _user_folder(ws, b""), "not an mlcil run"),
+    "overwrite_checkpoint_state_only": (
+        lambda ws: _user_folder(ws, None, state_only=True),
+        "not an mlcil run",
+    ),
+    "overwrite_copied_marker": (_copied_marker, "does not name its config.yaml"),
+    "resume_checkpoints_is_a_link": (_linked_checkpoints, "checkpoints is a symbolic link"),
+    "resume_latest_is_a_link": (_linked_latest, "latest is a symbolic link"),
+    "eval_session_folder_is_a_link": (_linked_session, "session_01 is a symbolic link"),
+    # Row 8: no internal error.
+    "image_size_huge_dry_run": (
+        _new_run("data.image_size=100000", "--dry-run", overwrite=False),
+        "less than or equal to 2048",
+    ),
+    "image_size_huge_eval": (_huge_image_size("eval"), "data.image_size"),
+    "image_size_huge_predict": (_huge_image_size("predict"), "data.image_size"),
+    "fixed_size_backbone_at_another_size": (
+        _new_run("model.backbone=vit_tiny_patch16_224", "--dry-run", overwrite=False),
+        "vit_tiny_patch16_224",
+    ),
+    "session_size_huge": (
+        _new_run("protocol=B0-C99999999999999999999", "--dry-run", overwrite=False),
+        "99999999999999999999",
+    ),
+    "seed_huge": (
+        _new_run("seed=100000000000000000000", "--dry-run", overwrite=False),
+        "4294967295",
+    ),
+    "batch_size_huge": (
+        _new_run("train.batch_size=100000000000000", "--dry-run", overwrite=False),
+        "65536",
+    ),
+    "eval_batch_size_huge": (
+        _new_run("train.eval_batch_size=100000000000000", "--dry-run", overwrite=False),
+        "65536",
+    ),
+    "predict_batch_size_huge": (
+        _const("predict", "--run", "RUN", "--batch-size", "1000000000000", "TMP"),
+        "65,536",
+    ),
+    "nul_byte_in_latest": (_nul_in_latest, "checkpoints/latest"),
+    "deep_json_metrics_eval": (_deep_json("metrics.json", "eval"), "metrics.json"),
+    "deep_json_state_eval": (
+        _deep_json("checkpoints/session_01/state.json", "eval"),
+        "state.json",
+    ),
+    "deep_json_state_resume": (
+        _deep_json("checkpoints/session_01/state.json", "resume"),
+        "state.json",
+    ),
+    "deep_json_coco_annotations": (_deep_coco, "nested too deeply"),
+    "tracker_fails_to_start": (_failing_tracker, "tracker 'boom' could not start"),
+    "pretrain_epochs_zero": (_const("pretrain", "--config", CONFIG, "--epochs", "0"), "--epochs"),
+    # Row 10: every message says what is true.
+    "pretrain_cache_is_a_file": (_cache_is_a_file, "weights cache"),
+    "pretrain_stopped_by_sigterm": (_pretrain_stopped, "nothing saved"),
+    "export_digits_negative_count": (_export("--train", "-5", "--test", "2"), "-5"),
+    "export_digits_nothing_to_write": (_export("--train", "0", "--test", "0"), "both 0"),
+    "eval_tolerance_huge": (_const("eval", "--run", "RUN", "--tolerance", "1e308"), "1e308"),
+    "protocol_not_tiling_names_the_typo": (_typo_label, "'dogg' (1 image; like 'dog')"),
+    "os_error_in_a_dry_run": (_oserror_in_dry_run, "Input/output error"),
 }
 
 
@@ -411,9 +783,15 @@ def test_bad_input_is_refused_and_costs_nothing(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
 ) -> None:
     setup, culprit = CASES[case]
-    ws = Workspace(run=tmp_path / "run", tmp=tmp_path / "scratch", monkeypatch=monkeypatch)
+    ws = Workspace(
+        run=tmp_path / "run",
+        tmp=tmp_path / "scratch",
+        monkeypatch=monkeypatch,
+        trained=lambda name: request.getfixturevalue("method_runs")[name],
+    )
     shutil.copytree(finished, ws.run)
     ws.tmp.mkdir()
     argv = setup(ws)
@@ -432,9 +810,14 @@ def test_bad_input_is_refused_and_costs_nothing(
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err
     assert culprit in errors[0], errors[0]
+    assert "internal error" not in errors[0], errors[0]
+    assert len(errors[0]) <= 2000, errors[0][:300]  # never a whole input read back
+    assert not [text for text in ws.forbidden if text in err], err
     assert snapshot(ws.run) == before
     for path, content in others.items():
         assert (snapshot(path) if path.is_dir() else path.read_bytes()) == content, path
+    left = [path for path in ws.absent if path.is_file() or any(path.rglob("*.*"))]
+    assert not left, left
     if case.startswith("compare"):
         assert not list((ws.tmp / "cmp").rglob("checkpoints"))
         assert not list((ws.tmp / "cmp").rglob("train.log"))
@@ -461,3 +844,86 @@ def test_resume_accepts_overrides_that_cannot_change_results(
     assert main(["-q", *argv, "train.eval_batch_size=7", "progress=false"]) == 0
     assert snapshot(run / "checkpoints") == before
     assert "last mAP" in capsys.readouterr().out
+
+
+def test_a_failure_in_session_0_leaves_a_run_that_the_same_command_or_resume_continues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlcil.engine import loop
+
+    real, calls = loop.fit_session, [0]
+
+    def fails_once(*args: Any, **kwargs: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "disk"))
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "fit_session", fails_once)
+    for continued_by in ("same command", "--resume"):
+        run = tmp_path / continued_by.strip("-")
+        argv = ["-q", "train", "--config", CONFIG, "--run-dir", str(run), *TINY]
+        calls[0] = 0
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "No space left on device" in err and "no checkpoint was written yet" in err, err
+        assert "checkpoint is kept" not in err, err
+        again = argv if continued_by == "same command" else ["-q", "train", "--resume", str(run)]
+        assert main([*again, "--max-sessions", "1"]) == 0, capsys.readouterr().err
+        assert (run / "checkpoints" / "session_00" / "state.json").is_file()
+
+
+def test_a_non_finite_loss_in_session_0_says_what_is_kept_and_what_helps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    argv = ["-q", "train", "--config", CONFIG, "--run-dir", str(run), *TINY, "train.lr=1e30"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint was written yet" in err and "--overwrite" in err, err
+    assert "then resume" not in err, err
+
+
+def test_an_add_session_killed_before_its_checkpoint_keeps_eval_s_check(
+    finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    rows = [(f"k{i}.png", "kayak") for i in range(8)]
+    for image, _ in rows:
+        write_png(tmp_path / image, len(image))
+    manifest = tmp_path / "train.csv"
+    manifest.write_text("image,labels\n" + "".join(f"{i},{labels}\n" for i, labels in rows))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    command = [sys.executable, "-m", "mlcil.cli", "-q", "train", "--resume", str(run)]
+    process = subprocess.Popen([*command, "--add-session", str(manifest)], env=env)
+    deadline = time.monotonic() + 240
+    while not (run / "added_sessions.json").is_file() and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    assert (run / "added_sessions.json").is_file()  # recorded, never learned
+    capsys.readouterr()
+    assert main(["-q", "eval", "--run", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "recorded last_map" in out and "reproduced" in out, out
+
+
+def test_predict_from_python_refuses_a_batch_size_out_of_bounds(
+    finished: Path, tmp_path: Path
+) -> None:
+    import mlcil
+    from mlcil.errors import ConfigError
+
+    write_png(tmp_path / "a.png", 1)
+    model = mlcil.load(finished)
+    for size in (0, -1, 10**12, True):
+        with pytest.raises(ConfigError, match="batch_size must be an integer from 1 to 65,536"):
+            model.predict([tmp_path / "a.png"], batch_size=size)
+    assert len(model.predict([tmp_path / "a.png"], batch_size=1)) == 1

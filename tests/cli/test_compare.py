@@ -94,3 +94,44 @@ def test_compare_refuses_a_run_made_with_other_settings(
     assert main(args) == 0
     assert main([*args, "train.lr=0.5"]) == 2
     assert "other settings (train.lr" in capsys.readouterr().err
+
+
+def test_compare_starts_again_a_run_stopped_before_its_first_checkpoint(
+    coco_fixture: tuple[Path, dict],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import errno
+
+    from mlcil.engine import loop
+
+    root, _ = coco_fixture
+    args = [
+        "-q",
+        "compare",
+        str(REPO / "configs" / "methods" / "finetune.yaml"),
+        "--base",
+        str(REPO / "configs" / "coco_b40_c10.yaml"),
+        "--protocols",
+        "B40-C40",
+        "--output",
+        str(tmp_path / "cmp"),
+        "--set",
+        *TINY,
+        f"root={root}",
+    ]
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "disk"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "fit_session", full_disk)
+        assert main(args) == 2
+    run = tmp_path / "cmp" / "runs" / "coco_B40-C40_finetune_s3407"
+    assert (run / "config.yaml").is_file() and not (run / "checkpoints").exists()
+    capsys.readouterr()
+    assert main([*args, "--dry-run"]) == 0
+    assert "stopped before its first checkpoint: starts again" in capsys.readouterr().out
+    assert main(args) == 0
+    assert (run / "metrics.json").is_file()

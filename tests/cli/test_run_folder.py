@@ -194,3 +194,55 @@ def test_a_trainer_holds_the_lock_while_it_runs_and_keeps_its_callers(
     held.acquire_lock()
     assert Trainer(config, held).run() is not None
     assert held.holds_lock  # the caller's lock outlives the run it wraps
+
+
+KILL_AT_RENAME = """
+import os, signal, sys
+import mlcil.rundir
+from mlcil.cli import main
+
+renames = [0]
+
+
+def kill_at(what):
+    if what.startswith("rename"):
+        renames[0] += 1
+        if renames[0] == int(os.environ["KILL_AT_RENAME"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+mlcil.rundir.STEP_HOOK = kill_at
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("new_run", "rename"),
+    [
+        # Killed at the 4th of the 7 renames that set the finished run aside.
+        (["seed=1"], 4),
+        # The new run's loss is NaN at once: killed at the 3rd rename putting the old run back.
+        (["train.lr=1e30"], 7 + 3),
+    ],
+    ids=["set-aside", "restore"],
+)
+def test_an_overwrite_killed_at_a_rename_then_resume_finds_the_earlier_run_whole(
+    finished: Path, tmp_path: Path, new_run: list[str], rename: int
+) -> None:
+    run = copy_of(finished, tmp_path)
+    metrics = (run / "metrics.json").read_bytes()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT_RENAME": str(rename)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    argv = ["-q", "train", "--config", CONFIG, "--run-dir", str(run), *TINY, *new_run]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AT_RENAME, *argv, "--overwrite"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (run / ".replaced" / "phase.json").is_file()  # killed half-way
+    assert main(["-q", "train", "--resume", str(run)]) == 0
+    assert (run / "metrics.json").read_bytes() == metrics and not (run / ".replaced").exists()
+    assert "seed: 0" in (run / "config.yaml").read_text() and RunDir(run).is_run()

@@ -6,10 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
+import torch
 
+import mlcil.rundir
 from mlcil.errors import ConfigError, WeightsError
 from mlcil.rundir import RunDir, is_folder_name
 from spawn import hold_lock
@@ -23,13 +27,13 @@ def tree_hash(folder: Path) -> dict[str, str]:
     }
 
 
-def fake_run(folder: Path, sessions: int = 2) -> RunDir:
+def fake_run(folder: Path, sessions: int = 2, seed: int = 0) -> RunDir:
     """A run folder with the files mlcil writes and ``sessions`` finished checkpoints."""
     run = RunDir(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    run.mark()
-    run.config_file.write_text("seed: 0\n")
+    run.write_config(f"seed: {seed}\n")
     run.metrics_file.write_text("{}")
+    run.log_file.write_text(f"log of seed {seed}\n")
     for index in range(sessions):
         checkpoint = run.checkpoints / f"session_{index:02d}"
         checkpoint.mkdir(parents=True)
@@ -77,13 +81,14 @@ def test_latest_is_followed_only_inside_the_checkpoints_folder(tmp_path: Path) -
         pointer.write_text(escape + "\n")
         with pytest.raises(WeightsError, match="not a checkpoint folder of this run"):
             run.latest()
-    # A link named like a checkpoint but leading to another run is refused too.
+    # A link named like a checkpoint but leading to another run is refused by name, by the
+    # pointer and by the search for the last finished session alike (never skipped: eval would
+    # score an earlier session).
     (run.checkpoints / "session_05").symlink_to(other.checkpoints / "session_02")
     pointer.write_text("session_05\n")
-    with pytest.raises(WeightsError, match="session_05"):
-        run.latest()
-    # The last finished session never follows links or the pointer.
-    assert run.latest(session_end=True) == run.checkpoints / "session_01"
+    for session_end in (False, True):
+        with pytest.raises(WeightsError, match="session_05 is a symbolic link"):
+            run.latest(session_end=session_end)
 
 
 def test_the_last_finished_session_ignores_mid_session_checkpoints(tmp_path: Path) -> None:
@@ -139,13 +144,99 @@ def test_overwrite_refuses_a_folder_that_is_not_an_mlcil_run(tmp_path: Path) -> 
     RunDir(tmp_path / "run").check_overwritable()
 
 
-def test_a_run_made_before_the_marker_is_recognised_by_its_checkpoints(tmp_path: Path) -> None:
-    run = fake_run(tmp_path / "old")
+def test_only_the_marker_mlcil_wrote_beside_its_config_makes_a_run(tmp_path: Path) -> None:
+    run = fake_run(tmp_path / "run")
+    assert run.is_run() and run.marker_problem() is None
+    marker = run.marker.read_bytes()
+    # An empty marker, or one naming another config.yaml, is no run: --overwrite refuses it.
+    run.marker.write_text("")
+    assert "not a marker mlcil wrote" in (run.marker_problem() or "")
+    run.marker.write_bytes(marker)
+    run.config_file.write_text("seed: 5\n")
+    assert "does not name its config.yaml" in (run.marker_problem() or "")
+    with pytest.raises(ConfigError, match="not an mlcil run .*does not name its config.yaml"):
+        run.check_overwritable()
+    # Checkpoints alone (any state.json saying mlcil-checkpoint) make no run either.
     run.marker.unlink()
+    assert (run.checkpoints / "session_00" / "state.json").is_file()
+    assert run.marker_problem() == "no .mlcil-run marker"
+    # A marker of version 1 (before the config's hash was recorded) with every field counts.
+    legacy = {"format": "mlcil-run", "version": 1, "mlcil_version": "0.1", "created": "2025"}
+    run.marker.write_text(json.dumps(legacy))
     assert run.is_run()
-    (run.checkpoints / "session_00" / "state.json").write_text("{}")
-    (run.checkpoints / "session_01" / "state.json").write_text("{}")
+    run.marker.write_text(json.dumps({"format": "mlcil-run", "version": 1}))
     assert not run.is_run()
+    # A marker that is a link is not read.
+    (tmp_path / "elsewhere").write_bytes(marker)
+    run.marker.unlink()
+    run.marker.symlink_to(tmp_path / "elsewhere")
+    assert not run.is_run()
+
+
+def test_a_link_planted_at_the_lock_or_the_log_is_refused_and_never_written(
+    tmp_path: Path,
+) -> None:
+    from mlcil.engine.observers import LogObserver
+    from mlcil.fileio import NotOwnFileError
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run = fake_run(tmp_path / "run")
+    (run.path / ".mlcil-run.lock").symlink_to(victim)
+    with pytest.raises(ConfigError, match=r"\.mlcil-run\.lock is a symbolic link"):
+        run.acquire_lock()
+    (run.path / ".mlcil-run.lock").unlink()
+    os.mkfifo(run.path / ".mlcil-run.lock")  # would block an open for reading and writing
+    with pytest.raises(ConfigError, match="not a regular file"):
+        run.acquire_lock()
+    run.log_file.unlink()
+    run.log_file.symlink_to(victim)
+    with pytest.raises(NotOwnFileError, match="train.log is a symbolic link"):
+        LogObserver(run.log_file)
+    with pytest.raises(ConfigError, match="train.log is a symbolic link"):
+        run.check_own_files()
+    assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "tensorboard", "metrics.json", ".replaced"])
+def test_a_link_at_any_name_of_the_layout_is_refused_by_name(tmp_path: Path, name: str) -> None:
+    other = fake_run(tmp_path / "other")
+    run = fake_run(tmp_path / "run")
+    target = run.path / name
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    target.symlink_to(other.path / name if name != ".replaced" else other.checkpoints)
+    with pytest.raises(ConfigError, match=f"{name} is a symbolic link"):
+        run.check_own_files()
+    if name == "checkpoints":  # --resume would write into the other run; eval would read it
+        with pytest.raises(WeightsError, match="checkpoints is a symbolic link"):
+            run.latest()
+        from mlcil.engine.checkpoint import save_checkpoint
+
+        before = tree_hash(other.path)
+        with pytest.raises(ConfigError, match="checkpoints is a symbolic link"):
+            save_checkpoint(run, 2, torch.nn.Linear(1, 1), {}, {})
+        assert tree_hash(other.path) == before
+
+
+def test_a_linked_or_odd_pointer_is_refused_without_showing_what_it_reads(tmp_path: Path) -> None:
+    run = fake_run(tmp_path / "run")
+    secret = tmp_path / "secret"
+    secret.write_text("session_01 password=hunter2\n")
+    pointer = run.checkpoints / "latest"
+    pointer.unlink()
+    pointer.symlink_to(secret)
+    with pytest.raises(WeightsError, match="latest is a symbolic link") as caught:
+        run.latest()
+    assert "hunter2" not in str(caught.value)
+    pointer.unlink()
+    for content in (b"session_01\x00../../x\n", b"session_01" * 100_000, b"\xff\xfe"):
+        pointer.write_bytes(content)
+        with pytest.raises(WeightsError) as caught:
+            run.latest()
+        assert len(str(caught.value)) < 600, str(caught.value)[:200]
 
 
 def test_set_aside_then_restore_gives_the_folder_back_byte_identical(tmp_path: Path) -> None:
@@ -155,8 +246,7 @@ def test_set_aside_then_restore_gives_the_folder_back_byte_identical(tmp_path: P
     assert run.set_aside()
     assert not run.config_file.exists() and (run.path / "user_notes.txt").exists()
     # The new run writes its own files, then fails before its first checkpoint.
-    run.mark()
-    run.config_file.write_text("seed: 1\n")
+    run.write_config("seed: 1\n")
     (run.checkpoints).mkdir()
     run.restore_aside()
     assert tree_hash(run.path) == before
@@ -188,3 +278,140 @@ def test_recover_finishes_an_overwrite_killed_half_way(tmp_path: Path) -> None:
     run.recover()
     assert not run.aside.exists()
     assert (run.checkpoints / "session_00" / "state.json").read_text() == '{"new": 1}'
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every entry under ``folder``: files by content hash (the marker by the config it names:
+    its creation time differs between runs), folders by name."""
+
+    def entry(path: Path) -> str:
+        if not path.is_file():
+            return "folder"
+        if path.name == ".mlcil-run":
+            return str(json.loads(path.read_text())["config_sha256"])
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    return {
+        str(p.relative_to(folder)): entry(p)
+        for p in sorted(folder.rglob("*"))
+        if p.name != ".mlcil-run.lock"
+    }
+
+
+def overwrite(run: RunDir, outcome: str) -> None:
+    """What ``--overwrite`` does to a run folder: set the earlier run aside, write the new run's
+    first files, then put the earlier run back (the new run failed) or, once the new run has a
+    checkpoint, delete it."""
+    run.set_aside()
+    run.write_config("seed: 1\n")
+    run.log_file.write_text("log of the new run\n")
+    (run.path / "tensorboard").mkdir()
+    (run.path / "tensorboard" / "events").write_text("new events")
+    (run.checkpoints / ".session_00.staging").mkdir(parents=True)  # a checkpoint being written
+    if outcome == "failed":
+        run.restore_aside()
+        return
+    shutil.rmtree(run.checkpoints / ".session_00.staging")
+    (run.checkpoints / "session_00").mkdir()
+    (run.checkpoints / "session_00" / "state.json").write_text('{"new": 1}')
+    (run.checkpoints / "latest").write_text("session_00\n")
+    run.discard_aside()
+
+
+def steps_of(outcome: str, folder: Path) -> list[str]:
+    """The renames, deletions and phase records of an uninterrupted ``overwrite``."""
+    steps: list[str] = []
+    mlcil.rundir.STEP_HOOK = steps.append
+    try:
+        overwrite(fake_run(folder), outcome)
+    finally:
+        mlcil.rundir.STEP_HOOK = None
+    return steps
+
+
+def killed_at(run: RunDir, outcome: str, step: int) -> None:
+    """Run ``overwrite`` in a forked child that SIGKILLs itself before its step ``step``."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        done = [0]
+
+        def kill(what: str) -> None:
+            if done[0] == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            done[0] += 1
+
+        mlcil.rundir.STEP_HOOK = kill
+        try:
+            overwrite(run, outcome)
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+
+
+@pytest.mark.parametrize("outcome", ["failed", "saved"])
+def test_an_overwrite_killed_at_any_rename_leaves_the_old_run_or_the_new_one_whole(
+    tmp_path: Path, outcome: str
+) -> None:
+    steps = steps_of(outcome, tmp_path / "dry")
+    # Five entries set aside (marker, config, metrics, log, checkpoints), and put back.
+    renames = [s for s in steps if s.startswith("rename")]
+    assert len(renames) == (10 if outcome == "failed" else 5), steps
+    old = tree(fake_run(tmp_path / "old").path)
+    new = tree(tmp_path / "dry")  # the folder after the uninterrupted overwrite
+    assert (new == old) is (outcome == "failed")
+    results = []
+    for step, what in enumerate(steps):
+        run = fake_run(tmp_path / f"killed_{step}")
+        killed_at(run, outcome, step)
+        run.recover()  # what the next `mlcil train` or `--resume` does first, under the lock
+        after = tree(run.path)
+        assert after in (old, new), (what, sorted(set(after.items()) ^ set(old.items())))
+        if outcome == "failed":
+            assert after == old, what  # the new run never had a checkpoint
+        results.append(after == new)
+    if outcome == "saved":  # killed once the new run's checkpoint exists: the new run stays
+        first_discard = next(i for i, s in enumerate(steps) if "discarding" in s)
+        assert results == [i >= first_discard for i in range(len(steps))]
+
+
+def test_recover_after_an_older_mlcil_s_set_aside_without_a_phase_record(tmp_path: Path) -> None:
+    run = fake_run(tmp_path / "run")
+    before = tree(run.path)
+    run.set_aside()
+    (run.aside / "phase.json").unlink()  # as an mlcil before phase records left it
+    run.write_config("seed: 1\n")
+    run.recover()
+    assert tree(run.path) == before
+    empty = fake_run(tmp_path / "empty")
+    empty.aside.mkdir()  # killed right after creating .replaced
+    empty.recover()
+    assert not empty.aside.exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_learned_nothing(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_config("seed: 0\n")
+    run.log_file.write_text("failed in session 0\n")
+    (run.checkpoints / ".session_00.abc").mkdir(parents=True)  # a checkpoint never finished
+    assert run.learned_nothing()
+    assert "no checkpoint was written yet" in run.describe_kept()
+    assert "--resume" in run.describe_kept()
+    (run.checkpoints / "session_00").mkdir()
+    assert not run.learned_nothing()
+    shutil.rmtree(run.checkpoints / "session_00")
+    run.marker.unlink()  # a config.yaml without mlcil's marker is somebody else's
+    assert not run.learned_nothing()
+    finished = fake_run(tmp_path / "finished")
+    assert not finished.learned_nothing()
+    assert "session_01 is kept" in finished.describe_kept()
+
+
+def test_without_a_pointer_the_newest_finished_session_is_the_latest(tmp_path: Path) -> None:
+    # A process killed between renaming a checkpoint into place and writing `latest`.
+    run = fake_run(tmp_path / "run", sessions=2)
+    (run.checkpoints / "latest").unlink()
+    assert run.latest() == run.checkpoints / "session_01"
+    (run.checkpoints / "latest").write_text("session_07\n")  # a pointer to nothing: no fallback
+    assert run.latest() is None

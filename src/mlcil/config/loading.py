@@ -23,9 +23,13 @@ YAML is read by PyYAML's safe loader with these changes, in files and override v
 * Floats may be written with an exponent and no dot (``1e-4``), which YAML 1.1 reads as a string.
 * A key written twice in one mapping is an error naming it and both lines (PyYAML keeps the
   last silently). Keys brought in by a merge (``<<: *defaults``) may be overridden, as YAML says.
-* Aliases may expand to at most ``MAX_ALIAS_NODES`` nodes in all, and an alias may not refer to
-  a collection that contains it: a "billion laughs" document of a few hundred bytes is refused at
-  once instead of expanding to a billion values. Nesting is limited to ``MAX_DEPTH`` levels.
+* Aliases may expand to at most ``MAX_ALIAS_NODES`` nodes and ``MAX_ALIAS_CHARACTERS``
+  characters of scalar text in all, and an alias may not refer to a collection that contains it:
+  a "billion laughs" document of a few hundred bytes, or one that repeats a long string through
+  thousands of aliases, is refused at once instead of expanding to gigabytes. Nesting is limited
+  to ``MAX_DEPTH`` levels.
+
+Error messages show at most a few hundred characters of any value (``mlcil.errors.shown``).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from mlcil.config.schema import (
     RunConfig,
     TrainConfig,
 )
-from mlcil.errors import ConfigError, MlcilError
+from mlcil.errors import ConfigError, MlcilError, clip, shown
 
 # (section kind, component name) -> the component's Params class; raises ConfigError if unknown.
 ParamsLookup = Callable[[str, str], type[Params]]
@@ -72,6 +76,10 @@ _SECTIONS: dict[str, type[BaseModel]] = {
 
 MAX_ALIAS_NODES = 100_000
 """Nodes that aliases may add to one YAML document (an alias adds the size of what it names)."""
+
+MAX_ALIAS_CHARACTERS = 1_000_000
+"""Characters of scalar text that aliases may add to one YAML document (an alias adds the text
+of what it names): what the node bound cannot see, one long string repeated by many aliases."""
 
 MAX_DEPTH = 100
 """Deepest nesting of mappings and lists in a YAML document."""
@@ -111,6 +119,9 @@ class _Loader(yaml.SafeLoader):
         self._composed = 0
         self._from_aliases = 0
         self._sizes: dict[str, int] = {}
+        self._characters = 0  # of scalar text, alias expansions included
+        self._characters_from_aliases = 0
+        self._texts: dict[str, int] = {}  # anchor -> characters of scalar text it names
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         event = self.peek_event()
@@ -121,7 +132,7 @@ class _Loader(yaml.SafeLoader):
         anchor = event.anchor
         if anchor is not None:
             self._open_anchors.add(anchor)
-        start = self._composed
+        start, text_start = self._composed, self._characters
         self._composed += 1
         self._path.append((parent, index))
         try:
@@ -129,9 +140,12 @@ class _Loader(yaml.SafeLoader):
             self._check_node(node)
         finally:
             self._path.pop()
+        if isinstance(node, yaml.ScalarNode):
+            self._characters += len(node.value)
         if anchor is not None:
             self._open_anchors.discard(anchor)
             self._sizes[anchor] = self._composed - start
+            self._texts[anchor] = self._characters - text_start
         return node
 
     def _compose_alias(self, event: Any, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
@@ -145,6 +159,16 @@ class _Loader(yaml.SafeLoader):
         size = self._sizes.get(event.anchor, 1)
         self._composed += size
         self._from_aliases += size
+        text = self._texts.get(event.anchor, 0)
+        self._characters += text
+        self._characters_from_aliases += text
+        if self._characters_from_aliases > MAX_ALIAS_CHARACTERS:
+            raise self._error(
+                event.start_mark,
+                f"aliases expand to more than {MAX_ALIAS_CHARACTERS:,} characters of text (alias "
+                f"*{clip(event.anchor, 40)} alone stands for {text:,}); a config never needs "
+                "that much: write the value once",
+            )
         if self._from_aliases > MAX_ALIAS_NODES:
             # The expanded value is never built or shown: only its size is known here.
             raise self._error(
@@ -186,8 +210,8 @@ class _Loader(yaml.SafeLoader):
                 )
                 raise self._error(
                     key_node.start_mark,
-                    f"key {name!r} is written twice in one mapping{lines}; YAML readers silently "
-                    "keep the last one, so remove one of them",
+                    f"key {shown(name)} is written twice in one mapping{lines}; YAML readers "
+                    "silently keep the last one, so remove one of them",
                 )
 
     def _key_path(self) -> str:
@@ -202,7 +226,7 @@ class _Loader(yaml.SafeLoader):
 
     @staticmethod
     def _describe(path: str) -> str:
-        return f"key {path!r}: " if path else ""
+        return f"key {shown(path)}: " if path else ""
 
     def _error(self, mark: Any, message: str) -> ConfigError:
         where = f"{self._source}, line {mark.line + 1}" if self._show_lines else self._source
@@ -217,6 +241,8 @@ def _int_problem(text: str) -> str | None:
         pass
     else:
         return None
+    if len(text) > 64:
+        return f"{clip(text, 64)} is not an integer mlcil can use (far too long)"
     if _LEADING_ZERO.match(text):
         sign = text[0] if text[0] in "+-" else ""
         digits = text.lstrip("+-").replace("_", "").lstrip("0")
@@ -301,7 +327,7 @@ def _included(including: Path, include: Any) -> Path:
     no such file exists) a shipped config's short name, so a user's own config can build on
     ``include: [digits-pretrained-b0-c2]`` wherever mlcil is installed."""
     if not isinstance(include, str) or not include.strip():
-        raise ConfigError(f"{including}: include entries must be file names, got {include!r}")
+        raise ConfigError(f"{including}: include entries must be file names, got {shown(include)}")
     relative = including.parent / include
     if relative.exists():
         return relative
@@ -350,13 +376,13 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``a.b=value``; the value is read as YAML (``true``, ``3``, ``[a, b]``, ``null``)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key=value")
+        raise ConfigError(f"override {shown(text)} is not of the form key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"override {text!r} has an empty key")
+        raise ConfigError(f"override {shown(text)} has an empty key")
     try:
-        value = parse_yaml(raw, f"override {text!r}", show_lines=False) if raw.strip() else ""
+        value = parse_yaml(raw, f"override {shown(text)}", show_lines=False) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -394,7 +420,9 @@ def _resolve_override_key(key: str, raw: Mapping[str, Any], lookup: ParamsLookup
     if len(matches) == 1:
         return [matches[0], parts[0]]
     if not matches:
-        raise ConfigError(f"override {key!r}: unknown key (use section.key, e.g. train.epochs)")
+        raise ConfigError(
+            f"override {shown(key)}: unknown key (use section.key, e.g. train.epochs)"
+        )
     raise ConfigError(
         f"override {key!r} is ambiguous: it could be " + " or ".join(f"{m}.{key}" for m in matches)
     )
@@ -444,7 +472,7 @@ def build_config(raw: Mapping[str, Any], where: str, lookup: ParamsLookup) -> Ru
         if section is None:
             section = {}
         if not isinstance(section, Mapping):
-            raise ConfigError(f"{where}: {key!r} must be a mapping, got {section!r}")
+            raise ConfigError(f"{where}: {key!r} must be a mapping, got {shown(section)}")
         raw[key] = _split_component(key, section, where, lookup)
     try:
         return RunConfig.model_validate(raw)
@@ -460,7 +488,7 @@ def _split_component(
     default = _default_name(key)
     name = section.get(name_key, default)
     if not isinstance(name, str):
-        raise ConfigError(f"{where}: {key}.{name_key} must be a string, got {name!r}")
+        raise ConfigError(f"{where}: {key}.{name_key} must be a string, got {shown(name)}")
     try:
         params_class = lookup(kind, name)
     except ConfigError as error:
@@ -496,10 +524,10 @@ def _config_error(
         listed = ", ".join(sorted(known if known is not None else _known_keys(first["loc"])))
         owner = f" of {component}" if component else ""
         return ConfigError(
-            f"{where}: unknown key {key!r}{owner}{more}; known keys here: {listed or 'none'}"
+            f"{where}: unknown key {shown(key)}{owner}{more}; known keys here: {listed or 'none'}"
         )
     message = first["msg"].removeprefix("Value error, ")
-    return ConfigError(f"{where}: {key}: {message}, got {first['input']!r}{more}")
+    return ConfigError(f"{where}: {clip(key)}: {message}, got {shown(first['input'])}{more}")
 
 
 def _known_keys(loc: tuple[Any, ...]) -> set[str]:

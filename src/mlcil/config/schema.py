@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mlcil.data.catalog import DATASETS, dataset_spec, resolved_root
+from mlcil.limits import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MAX_JOBS, MAX_SEED
 from mlcil.memory_policies import MEMORY_POLICIES
 from mlcil.protocol import parse_protocol
 from mlcil.rundir import is_folder_name
@@ -29,6 +30,8 @@ _DEFAULT_AUGMENT: list[Augmentation] = ["cutout", "randaugment"]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
+# Sizes are bounded (mlcil.limits) so that a typo is an error, not an attempt to allocate.
+BatchSize = Annotated[int, Field(gt=0, le=MAX_BATCH_SIZE)]
 
 
 class Params(BaseModel):
@@ -52,13 +55,13 @@ class DataConfig(Section):
     # The order in which classes arrive (every class name once); None: the dataset's order
     # (lexicographic for COCO/VOC/digits, the class file's for manifests).
     class_order: list[str] | None = None
-    image_size: PositiveInt = 224
+    image_size: Annotated[int, Field(gt=0, le=MAX_IMAGE_SIZE)] = 224
     overlap: Literal["all", "disjoint"] = "all"  # "all": the published protocol
     augment: list[Augmentation] = Field(default_factory=lambda: _DEFAULT_AUGMENT.copy())
     # RandAugment's implementation: torchvision's, or "released", the PyPI package randaugment
     # 1.0.2 the KRT release uses (pip install 'mlcil[released]').
     randaugment: Literal["torchvision", "released"] = "torchvision"
-    num_workers: Annotated[int, Field(ge=0)] = 4
+    num_workers: Annotated[int, Field(ge=0, le=MAX_JOBS)] = 4
     # Decode and resize each image file once, to image_size, into memory-mapped uint8 shards
     # that training and evaluation then read (built on first use; mlcil.data.image_cache).
     # The tensors are identical to decoding the files, so this changes speed, never results.
@@ -131,7 +134,7 @@ class LossConfig(Section):
     # optimiser step), i.e. R x the per-image mean, so lambda and weight decay mean the same at any
     # batch size, accumulation or process count. 64 with a global batch of 128 is exactly the
     # release's ASL_sum(128) / 2 (64 images per GPU on 2 GPUs, docs/distributed.md).
-    reference_images: PositiveInt = 64
+    reference_images: BatchSize = 64
 
 
 class MemoryConfig(Section):
@@ -164,8 +167,8 @@ class TrainConfig(Section):
 
     epochs: PositiveInt = 20
     base_epochs: PositiveInt | None = None  # epochs of the first session; None: same as epochs
-    batch_size: PositiveInt = 64  # the global batch: all processes and accumulation steps
-    grad_accumulation: PositiveInt = 1  # micro-batches per optimiser step and process
+    batch_size: BatchSize = 64  # the global batch: all processes and accumulation steps
+    grad_accumulation: BatchSize = 1  # micro-batches per optimiser step and process
     lr: PositiveFloat = 4e-5  # first session
     incremental_lr: PositiveFloat = 1e-4  # every later session
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
@@ -183,7 +186,7 @@ class TrainConfig(Section):
     log_every_steps: PositiveInt = 50
     device: str = "auto"  # auto: cuda when available, else cpu
     eval_every_epoch: bool = False  # logged only, never used to pick a model
-    eval_batch_size: PositiveInt | None = None  # None: 2 x batch_size
+    eval_batch_size: BatchSize | None = None  # None: 2 x batch_size
     f1_threshold: Fraction = 0.8  # CF1/OF1 threshold on sigmoid scores (some papers use 0.525)
     progress: bool = True
     tensorboard: bool = True
@@ -245,7 +248,7 @@ class RunConfig(Section):
     name: str | None = None  # run folder name; None: <dataset>_<protocol>_<label>_s<seed>
     label: str | None = None  # name shown in reports (e.g. an ablation); None: the method's name
     output_dir: str = "runs"
-    seed: Annotated[int, Field(ge=0)] = 3407
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 3407
     protocol: str = "B0-C10"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

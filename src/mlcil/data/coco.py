@@ -148,6 +148,11 @@ def _read_with_pycocotools(path: Path) -> dict[str, Any]:
         ) from error
     except UnicodeDecodeError as error:
         raise DataError(f"coco: {path} is not UTF-8 text: {error}") from error
+    except RecursionError:
+        raise DataError(
+            f"coco: {path} holds arrays or objects nested too deeply to read (not a COCO "
+            "instances file)"
+        ) from None
     except AssertionError as error:
         # pycocotools asserts that the top-level JSON value is an object.
         raise DataError(

@@ -21,6 +21,7 @@ from mlcil.data.classes import class_names
 from mlcil.data.embedded import compose_scenes, digit_crops
 from mlcil.errors import DataError
 from mlcil.fileio import write_text_atomic
+from mlcil.safety import MAX_SEED, MAX_SYNTHETIC_IMAGES, check_bounded
 
 
 def scenes_with(
@@ -77,6 +78,11 @@ def export_digit_scenes(
     bad = [c for c in classes if not 0 <= c <= 9]
     if bad:
         raise DataError(f"export-digits: class {bad[0]} is not a digit 0-9")
+    for split, count in (("train", train), ("test", test)):
+        check_bounded(count, 0, MAX_SYNTHETIC_IMAGES, f"export-digits: {split} scenes")
+    if train == 0 and test == 0:
+        raise DataError("export-digits: --train and --test are both 0: nothing to write")
+    check_bounded(seed, 0, MAX_SEED, "export-digits: seed")
     if overwrite and _is_export(output):
         for name in EXPORT_ENTRIES:
             entry = output / name
@@ -91,7 +97,7 @@ def export_digit_scenes(
     rng = np.random.default_rng(seed)
     written = {}
     for split, count in (("train", train), ("test", test)):
-        if count <= 0:
+        if count == 0:
             continue
         images, labels = scenes_with(split, count, classes, rng)
         (output / split).mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,8 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
 from mlcil.data.classes import COCO_CATEGORIES, class_names
-from mlcil.errors import ConfigError, DataError
+from mlcil.errors import ConfigError, DataError, shown
+from mlcil.safety import MAX_JOBS, MAX_SEED, MAX_SYNTHETIC_IMAGES
 
 logger = logging.getLogger(__name__)
 
@@ -501,13 +502,22 @@ def _check_arguments(
     def is_int(value: Any) -> bool:
         return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
+    # Bounded before anything is planned or allocated (the plan takes bytes per image).
     for name, value in counts.items():
-        if not is_int(value) or value < 1:
-            raise ConfigError(f"synthetic {dataset}: {name} must be an integer >= 1, got {value!r}")
-    if not is_int(seed) or seed < 0:
-        raise ConfigError(f"synthetic {dataset}: seed must be an integer >= 0, got {seed!r}")
-    if not is_int(jobs) or jobs < 1:
-        raise ConfigError(f"synthetic {dataset}: jobs must be an integer >= 1, got {jobs!r}")
+        if not is_int(value) or not 1 <= value <= MAX_SYNTHETIC_IMAGES:
+            raise ConfigError(
+                f"synthetic {dataset}: {name} must be an integer from 1 to "
+                f"{MAX_SYNTHETIC_IMAGES:,}, got {shown(value)}"
+            )
+    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(
+            f"synthetic {dataset}: seed must be an integer from 0 to {MAX_SEED:,}, "
+            f"got {shown(seed)}"
+        )
+    if not is_int(jobs) or not 1 <= jobs <= MAX_JOBS:
+        raise ConfigError(
+            f"synthetic {dataset}: jobs must be an integer from 1 to {MAX_JOBS}, got {shown(jobs)}"
+        )
     try:
         width, height = image_size
     except (TypeError, ValueError):
@@ -515,7 +525,7 @@ def _check_arguments(
     if not (is_int(width) and is_int(height) and 32 <= width <= 8192 and 32 <= height <= 8192):
         raise ConfigError(
             f"synthetic {dataset}: image_size must be (width, height) with both between 32 and "
-            f"8192 pixels, got {image_size!r}"
+            f"8192 pixels, got {shown(image_size)}"
         )
     return int(width), int(height)
 

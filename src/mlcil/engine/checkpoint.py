@@ -20,6 +20,14 @@ A folder is written under a temporary name and renamed into place, and ``latest`
 atomically, so a crash at any moment leaves the previous checkpoint intact and never a half one.
 ``restore_run`` is the one way back from a checkpoint to a live method: resume, ``eval`` and
 ``predict`` all use it.
+
+``state.json["tensor_files"]`` lists every tensor of the files besides ``model.safetensors``
+(``method``, ``memory``, ``teacher``, ``optimizer``) with its dtype and shape. A restore checks
+each file against it before using it (a file missing, short, or holding other tensors is an error
+naming it), and every tensor a method or the memory stores must be finite; the memory's rows
+must also have the width the method gave them (DER++'s logits: the classes seen when the
+exemplar was stored). The network's own weights are checked when loaded (names, shapes, finite).
+Nothing inside a checkpoint folder may be a symbolic link.
 """
 
 from __future__ import annotations
@@ -33,13 +41,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mlcil.engine.fit import FitPosition, FitProgress, FitResume
-from mlcil.errors import WeightsError
-from mlcil.fileio import make_temporary_folder, use_umask, write_text_atomic, writing
+from mlcil.errors import MlcilError, WeightsError
+from mlcil.fileio import (
+    make_temporary_folder,
+    open_own_file,
+    parse_json,
+    use_umask,
+    write_text_atomic,
+    writing,
+)
 from mlcil.memory import ExemplarMemory
 from mlcil.methods.base import Method
 from mlcil.protocol import Session
@@ -102,16 +117,17 @@ def save_checkpoint(
     A write that fails (a full disk) names its file, and the previous checkpoint stays latest.
     """
     run = run if isinstance(run, RunDir) else RunDir(run)
-    root = run.checkpoints
+    root = run.checkpoints_root()  # a link planted at checkpoints/ is refused, never written
     root.mkdir(parents=True, exist_ok=True)
     name = name or checkpoint_name(session_index)
-    final = run.checkpoint(name)
+    final = run.own_checkpoint(run.checkpoint(name))
     staging = make_temporary_folder(root, prefix=f".{name}.")  # mode from the umask
     try:
         _write_tensors(network.state_dict(), staging / "model.safetensors", final)
         for stem, tensors in (extra_tensors or {}).items():
             _write_tensors(tensors, staging / f"{stem}.safetensors", final)
         payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+        payload["tensor_files"] = tensor_manifest(extra_tensors or {})
         for file, content in (("state.json", payload), ("memory.json", memory)):
             with writing(final / file):
                 (staging / file).write_text(json.dumps(content, indent=1))
@@ -138,6 +154,104 @@ def _plain_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
+# torch dtypes as safetensors names them in a file's header.
+_STORED_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def tensor_manifest(files: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """``{stem: {tensor name: [dtype, shape]}}`` of the tensor files a checkpoint writes beside
+    its weights (what a restore checks them against)."""
+    return {
+        stem: {
+            key: [_STORED_DTYPES.get(value.dtype, str(value.dtype)), list(value.shape)]
+            for key, value in tensors.items()
+        }
+        for stem, tensors in files.items()
+    }
+
+
+def check_tensor_files(folder: Path, state: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose tensor files differ from what its ``state.json`` lists (a file
+    missing, cut short, added, or holding other names, dtypes or shapes). Checkpoints written
+    before the list existed are checked when their files are read."""
+    listed = state.get("tensor_files")
+    if listed is None:
+        return
+    if not isinstance(listed, dict):
+        raise WeightsError(f"{folder / 'state.json'}: tensor_files is not a mapping")
+    for stem in ("method", "memory", "teacher", "optimizer"):
+        path = folder / f"{stem}.safetensors"
+        expected = listed.get(stem)
+        if expected is None:
+            if path.exists():
+                raise WeightsError(f"{path} was not written with this checkpoint (state.json)")
+            continue
+        if not path.is_file():
+            raise WeightsError(
+                f"{path} is missing: the checkpoint's state.json lists {len(expected)} tensors "
+                "in it; restore the file from a copy"
+            )
+        found = _stored_layout(path)
+        if found != expected:
+            wrong = sorted(set(found) ^ set(expected)) or [
+                key for key in sorted(expected) if found.get(key) != expected[key]
+            ]
+            first = wrong[0]
+            raise WeightsError(
+                f"{path} does not hold what the checkpoint wrote: tensor {first!r} is "
+                f"{_layout(found.get(first))} there, {_layout(expected.get(first))} in "
+                "state.json; restore the file from a copy"
+            )
+
+
+def _stored_layout(path: Path) -> dict[str, Any]:
+    """``{name: [dtype, shape]}`` read from a safetensors header (no tensor data is read)."""
+    try:
+        with safe_open(str(path), "pt") as handle:
+            layout = {}
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle is no mapping)
+                stored = handle.get_slice(key)
+                layout[key] = [stored.get_dtype(), list(stored.get_shape())]
+            return layout
+    except (SafetensorError, OSError, ValueError) as error:
+        raise WeightsError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def _layout(entry: Any) -> str:
+    return "absent" if entry is None else f"{entry[0]} of shape {tuple(entry[1])}"
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse stored tensors holding NaN or infinity: a method would train or predict on them."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(value.isfinite().all()):
+            raise WeightsError(
+                f"{path}: tensor {key!r} holds NaN or infinite values; the checkpoint is "
+                "damaged: restore it from a copy"
+            )
+
+
+def check_checkpoint_folder(folder: Path) -> None:
+    """Refuse a checkpoint folder holding a symbolic link (it would read another file)."""
+    for entry in folder.iterdir() if folder.is_dir() else []:
+        if entry.is_symlink():
+            raise WeightsError(
+                f"{entry} is a symbolic link: a checkpoint's files are its own and never "
+                "followed; restore the file from a copy"
+            )
+
+
 def state_tensor_files(state: RunState) -> dict[str, dict[str, torch.Tensor]]:
     """The tensors of a run state besides the network: the method's own (``method``) and the
     exemplars' data rows (``memory``), each only when there are some."""
@@ -150,9 +264,11 @@ def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         return {}
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise WeightsError(f"{path} is not a readable safetensors file: {error}") from error
+    check_finite_tensors(tensors, path)
+    return tensors
 
 
 def save_progress_checkpoint(
@@ -217,8 +333,9 @@ def latest_checkpoint(run_dir: Path, session_end: bool = False) -> Path | None:
 def read_state(folder: Path) -> dict[str, Any]:
     path = Path(folder) / "state.json"
     try:
-        state = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        with os.fdopen(open_own_file(path, os.O_RDONLY), "rb") as handle:
+            state = parse_json(handle.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
         raise WeightsError(f"cannot read checkpoint state {path}: {error}") from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{path} is not an mlcil checkpoint")
@@ -237,7 +354,13 @@ def load_network_weights(folder: Path, network: nn.Module, file: str = "model.sa
     except (SafetensorError, OSError, ValueError) as error:
         raise WeightsError(f"{path} is not a readable safetensors file: {error}") from error
     check_finite_weights(tensors, path)
-    missing, unexpected = network.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = network.load_state_dict(tensors, strict=False)
+    except RuntimeError as error:  # a tensor of another shape
+        reason = " ".join(str(error).split())
+        raise WeightsError(
+            f"{path} does not fit the network built from the run's config: {reason[:300]}"
+        ) from None
     if missing or unexpected:
         example = (missing or unexpected)[0]
         raise WeightsError(
@@ -269,7 +392,9 @@ def restore_run(experiment: Experiment, folder: Path) -> RunState:
     weight), grown session by session as recorded, loaded, and the method re-enters the state
     right after the checkpoint's session (its teacher network included).
     """
+    check_checkpoint_folder(folder)
     state = read_state(folder)
+    check_tensor_files(folder, state)
     try:
         sizes = [int(size) for size in state["session_sizes"]]
         next_session = int(state["next_session"])
@@ -292,7 +417,11 @@ def restore_run(experiment: Experiment, folder: Path) -> RunState:
     method.network.to(experiment.runtime.device)
     load_network_weights(folder, method.network)
     method.load_state_dict(state.get("method_state") or {})
-    method.load_state_tensors(read_tensor_file(folder / "method.safetensors"))
+    method_file = folder / "method.safetensors"
+    try:
+        method.load_state_tensors(read_tensor_file(method_file))
+    except MlcilError as error:
+        raise WeightsError(f"{method_file}: {error}") from None
     resume = None
     if in_session is None:
         method.restore(experiment.sessions[next_session - 1])
@@ -304,6 +433,10 @@ def restore_run(experiment: Experiment, folder: Path) -> RunState:
     memory.check_against(experiment.train_source.image_refs, where=str(memory_path))
     data_path = folder / "memory.safetensors"
     memory.load_data_tensors(read_tensor_file(data_path), where=str(data_path))
+    if method.stores_exemplar_data:
+        # Each row as the method stored it: the width of the outputs at the exemplar's session.
+        widths = [session.num_seen for session in experiment.sessions]
+        memory.check_data_rows(widths, where=str(data_path))
     return RunState(method, memory, results, next_session, elapsed, resume)
 
 
@@ -326,7 +459,7 @@ def _restore_in_session(
         teacher.requires_grad_(False)
     method.resume_session(session, teacher)
     try:
-        tensors = load_file(str(folder / "optimizer.safetensors"))
+        tensors = read_tensor_file(folder / "optimizer.safetensors")
         optimizer = unflatten_optimizer(tensors, in_session["optimizer"])
         position = FitPosition(int(in_session["epoch"]), int(in_session["step"]))
         scheduler, scaler = dict(in_session["scheduler"]), dict(in_session["scaler"])

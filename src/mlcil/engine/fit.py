@@ -245,9 +245,10 @@ def fit_session(
                     progress.rng = runtime.gather_objects(rng_state())
                 if checkpoint is not None:
                     checkpoint(progress)
+                saved = "checkpoint written" if checkpoint is not None else "nothing saved"
                 raise TrainingStoppedError(
                     f"on SIGTERM in session {session.index}, epoch {epoch + 1}, after step {done} "
-                    "(checkpoint written)"
+                    f"({saved})"
                 )
             if interim_map is not None and train.eval_every_epoch and epoch < epochs - 1:
                 # Logged for curiosity only: the reported model is always the last epoch's.

@@ -33,9 +33,7 @@ from mlcil.engine.evaluate import evaluate_session, session_result
 from mlcil.engine.fit import FitProgress, NonFiniteLossError, TrainingStoppedError, fit_session
 from mlcil.engine.observers import Observer, run_observers, timed
 from mlcil.engine.session import after_fits, session_context, session_fits
-from mlcil.errors import ConfigError
 from mlcil.experiment import Experiment
-from mlcil.fileio import write_text_atomic
 from mlcil.protocol import Session
 from mlcil.record import RunMetrics, SessionResult
 from mlcil.results import run_header, summarize, write_results
@@ -127,23 +125,17 @@ class Trainer:
     def _begin(self) -> RunState:
         """A fresh run state, or the one restored from the latest checkpoint."""
         run = self.run_folder
+        if self.experiment.runtime.is_main:
+            run.check_own_files()  # no planted link among the names the run writes
         folder = run.latest()
-        if self.resume:
-            if folder is None:
-                raise ConfigError(f"--resume: no checkpoint found in {run.checkpoints}")
+        if self.resume and folder is not None:
             self.state = restore_run(self.experiment, folder)
             logger.info("resumed %s after session %d", self.run_dir, self.next_session - 1)
             return self.state
-        found = run.found_run_files()
-        if found:
-            raise ConfigError(
-                f"{self.run_dir} already holds a run ({', '.join(found)}): resume it with "
-                "--resume, replace it with --overwrite, or choose another --run-dir"
-            )
+        run.check_fresh_start(resuming=self.resume)
         self.state = RunState(self.experiment.build_method(), self.experiment.new_memory())
         if self.experiment.runtime.is_main:
-            run.mark()
-            write_text_atomic(run.config_file, self.config.to_yaml())
+            run.write_config(self.config.to_yaml())
         return self.state
 
     def _run_session(self, state: RunState, session: Session, observer: Observer) -> None:
@@ -173,7 +165,10 @@ class Trainer:
                 fit_session(method, part.context, train, observer, *fit)
         except NonFiniteLossError as error:
             # The previous session's checkpoint stays the latest, so the run can resume.
-            raise NonFiniteLossError(f"{error}; then resume {self.run_dir}") from None
+            raise NonFiniteLossError(
+                f"{error}; {self.run_folder.describe_kept()}, but a resumed run keeps its "
+                "settings: a lower learning rate is a new run (--overwrite or another --run-dir)"
+            ) from None
         train_time = time.perf_counter() - started
         own = context.train_set.indices[:own_images]
         state.memory = after_fits(experiment, method, state.memory, session, own, observer)

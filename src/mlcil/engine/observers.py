@@ -23,6 +23,8 @@ import torch
 from tqdm import tqdm
 
 from mlcil.config.schema import RunConfig, TrainConfig
+from mlcil.errors import ConfigError, MlcilError, clip
+from mlcil.fileio import OwnFileHandler
 from mlcil.protocol import Session
 from mlcil.trackers import Tracker, TrackingTarget, check_trackers, make_trackers
 
@@ -245,7 +247,7 @@ class LogObserver(Observer):
     def __init__(self, log_file: Path | None = None) -> None:
         self.handler: logging.Handler | None = None
         if log_file is not None:
-            self.handler = logging.FileHandler(log_file)
+            self.handler = OwnFileHandler(log_file)  # a link planted at train.log is refused
             self.handler.setFormatter(
                 logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
             )
@@ -375,11 +377,31 @@ class TrackingObserver(Observer):
 
     def session_started(self, session: Session, summary: str) -> None:
         if self.trackers is None:
-            built = make_trackers(self.names, self._target())
-            self.trackers = dict(zip(self.names, built, strict=True))
+            self.trackers = self._start_trackers()
         if any(index not in self.session_steps for index in range(session.index)):
             for index, steps in finished_session_steps(self.run, self.train).items():
                 self.session_steps.setdefault(index, steps)
+
+    def _start_trackers(self) -> dict[str, Tracker]:
+        """Every tracker, started one by one: one that cannot start (a refused login, a server
+        that does not answer) stops the run, naming it, and the ones started are closed."""
+        started: dict[str, Tracker] = {}
+        target = self._target()
+        for name in self.names:
+            try:
+                started[name] = make_trackers([name], target)[0]
+            except Exception as error:
+                for tracker in started.values():
+                    with contextlib.suppress(Exception):
+                        tracker.close()
+                if isinstance(error, MlcilError):
+                    raise
+                reason = clip(" ".join(str(error).split()) or type(error).__name__, 300)
+                raise ConfigError(
+                    f"train.trackers: tracker {name!r} could not start ({reason}); fix its "
+                    "setup or remove it from train.trackers, then run the same command again"
+                ) from None
+        return started
 
     def epoch_started(self, session: Session, epoch: int, epochs: int, steps: int) -> None:
         self.session_steps[session.index] = epochs * steps

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from mlcil.errors import WeightsError
 from mlcil.methods.base import ExemplarSet
 from mlcil.methods.lwf import LwF, LwFParams
 from mlcil.methods.registry import register_method
@@ -98,5 +99,26 @@ class ICaRL(LwF):
         return {"nme_positive": self.positive_means, "nme_negative": self.negative_means}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.positive_means = tensors.get("nme_positive")
-        self.negative_means = tensors.get("nme_negative")
+        # Both means or neither (a checkpoint inside the first session has none), one row per
+        # class the network had when they were computed (at most its classes now), finite.
+        names = {"nme_positive", "nme_negative"}
+        if tensors and set(tensors) != names:
+            raise WeightsError(
+                f"iCaRL's class means: expected the tensors {sorted(names)}, found "
+                f"{sorted(tensors)[:4]}"
+            )
+        positive, negative = tensors.get("nme_positive"), tensors.get("nme_negative")
+        if positive is not None and negative is not None:
+            classes = self.network.num_classes
+            if (
+                positive.shape != negative.shape
+                or positive.ndim != 2
+                or not 0 < len(positive) <= classes
+                or not positive.is_floating_point()
+            ):
+                raise WeightsError(
+                    f"iCaRL's class means have shape {tuple(positive.shape)} and "
+                    f"{tuple(negative.shape)}: expected two equal (classes, features) tables "
+                    f"of at most {classes} classes"
+                )
+        self.positive_means, self.negative_means = positive, negative
