@@ -1,15 +1,18 @@
 """``mlcil compare``: run several configurations over several seeds, then report.
 
 The grid is protocols x configurations x seeds. Each configuration is one YAML file (or a shipped
-config's name), or several stacked with ``+`` (``a.yaml+b.yaml``), with an optional ``--base``
-file stacked underneath every one. Runs land in ``<output>/runs/<run name>``;
-a run that already has ``metrics.json`` is reused and one with a checkpoint is resumed, so an
-interrupted comparison continues where it stopped. A finished or resumable run is reused only if
-it was made with the same settings, run-time settings (device, progress bars, data root...)
-apart: those never change results (``mlcil.safety.RESUME_SAFE_KEYS``).
+config's name), or several stacked with ``+`` (``a.yaml+b.yaml``), with an optional ``--base`` file
+stacked underneath every one. A pattern names a group of shipped configs (``digits-pretrained-*``,
+``digits_pretrained/*``, fragments left out: :func:`mlcil.config.packaged.matching_configs`), so the
+grids of the README run from a wheel too. Runs land in ``<output>/runs/<run name>``; a run that
+already has ``metrics.json`` is reused and one with a checkpoint is resumed, so an interrupted
+comparison continues where it stopped. A finished or resumable run is reused only if it was made
+with the same settings, run-time settings (device, progress bars, data root...) apart: those never
+change results (``mlcil.safety.RESUME_SAFE_KEYS``).
 
 :func:`plan_comparison` checks the whole grid and says what each run will do; ``mlcil compare
---dry-run`` prints that plan (:func:`describe_plan`) and trains nothing.
+--dry-run`` prints that plan (:func:`describe_plan`) and trains nothing. While the grid trains,
+the console shows its progress (runs done, running, left, elapsed: :class:`GridProgress`).
 """
 
 from __future__ import annotations
@@ -19,19 +22,23 @@ import dataclasses
 import json
 import logging
 import multiprocessing
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mlcil.config import RunConfig, flatten
+from mlcil.config.packaged import expand_config_pattern
 from mlcil.engine.checkpoint import latest_checkpoint
 from mlcil.errors import ConfigError, MlcilError
 from mlcil.experiment import Experiment, build_config, load_config
 from mlcil.plugins import load_plugins, loaded_plugins
 from mlcil.report import write_report
+from mlcil.requirements import check_run_requirements
 from mlcil.rundir import RunDir
-from mlcil.runs import resume_run, start_run
+from mlcil.runs import resume_run, start_run, with_recorded_plugins
 from mlcil.safety import RESUME_SAFE_KEYS
 
 logger = logging.getLogger(__name__)
@@ -70,17 +77,21 @@ def plan_comparison(
         MlcilError: the first problem of any run, naming its configuration, seed and protocol.
     """
     output_dir = Path(output_dir)
-    plans = []
+    specs = [name for spec in configs for name in _expanded(spec)]
+    plans: list[tuple[str, RunConfig]] = []
     # Seeds outermost: an interrupted comparison still holds complete tables for the first seeds.
     for seed in seeds if seeds else [None]:
         for protocol in protocols if protocols else [None]:
-            for spec in configs:
+            for spec in specs:
                 files = ([base] if base else []) + spec.split("+")
                 extra = [] if seed is None else [f"seed={seed}"]
                 if protocol is not None:
                     extra.append(f"protocol={protocol}")
                 config = load_config(files, [*overrides, *extra])  # validate all up front
-                plans.append((spec, config))
+                config = with_recorded_plugins(config)
+                if not _same_as_planned(spec, config, plans):
+                    plans.append((spec, config))
+    _check_requirements([config for _, config in plans])  # packages, trackers, weights
     _check_plans(plans, output_dir)  # every problem is found before any training starts
     planned = []
     for spec, config in plans:
@@ -91,6 +102,40 @@ def plan_comparison(
             status = "resume" if latest_checkpoint(run_dir) is not None else "new"
         planned.append(PlannedRun(spec, config, run_dir, status))
     return planned
+
+
+def _expanded(spec: str) -> list[str]:
+    """A configuration as given, or the shipped configs a pattern names (a file wins)."""
+    if "+" in spec:
+        return [spec]
+    return expand_config_pattern(spec)
+
+
+def _same_as_planned(spec: str, config: RunConfig, plans: Sequence[tuple[str, RunConfig]]) -> bool:
+    """Whether an identical run is planned already (two names of one config, e.g. through a
+    pattern): it is planned once."""
+    for other, planned in plans:
+        if planned.run_name == config.run_name and planned.to_dict() == config.to_dict():
+            logger.info("%s is the same run as %s: planned once", spec, other)
+            return True
+    return False
+
+
+def _check_requirements(configs: Sequence[RunConfig]) -> None:
+    """What every run needs installed (trackers, packages, weights), once per distinct need."""
+    checked: set[str] = set()
+    for config in configs:
+        needs = {
+            "backbone": config.model.backbone,
+            "pretrained": config.model.pretrained,
+            "trackers": config.train.trackers,
+            "tensorboard": config.train.tensorboard,
+            "data": [config.data.dataset, config.data.randaugment, config.data.augment],
+        }
+        key = json.dumps(needs, sort_keys=True)
+        if key not in checked:
+            checked.add(key)
+            check_run_requirements(config)
 
 
 def describe_plan(plan: Sequence[PlannedRun], output_dir: str | Path, jobs: int = 1) -> str:
@@ -140,6 +185,7 @@ def run_comparison(
     """
     plan = plan_comparison(configs, seeds, protocols, base, overrides, output_dir)
     todo = []
+    progress = GridProgress(sum(run.status != "finished" for run in plan), jobs)
     for position, run in enumerate(plan, 1):
         if run.status == "finished":
             logger.info("[%d/%d] %s: already finished", position, len(plan), run.run_dir)
@@ -158,8 +204,46 @@ def run_comparison(
         if quiet:
             config["train"]["progress"] = False
         todo.append((config, str(run.run_dir), run.status == "resume"))
-    _execute(todo, jobs)
+    _execute(todo, jobs, progress)
     return write_report([run.run_dir for run in plan], Path(output_dir))
+
+
+class GridProgress:
+    """The console's view of a grid being trained: runs done, running, left, time elapsed.
+
+    Logged (``mlcil.compare``, INFO: on the console unless ``-q``) when a run starts and when
+    one ends; with ``jobs`` processes, up to ``jobs`` runs are running at once.
+    """
+
+    def __init__(self, total: int, jobs: int = 1, clock: Any = time.monotonic) -> None:
+        self.total = total
+        self.jobs = max(1, jobs)
+        self.done = 0
+        self.clock = clock
+        self.started_at = clock()
+
+    @property
+    def running(self) -> int:
+        return min(self.jobs, self.total - self.done)
+
+    def line(self, event: str = "") -> str:
+        """``runs: 3/12 done, 2 running, 7 left, 4m05s elapsed`` (then ``; <event>``)."""
+        left = self.total - self.done - self.running
+        seconds = int(self.clock() - self.started_at)
+        elapsed = f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
+            f"{seconds // 60}m{seconds % 60:02d}s")  # fmt: skip
+        text = (
+            f"runs: {self.done}/{self.total} done, {self.running} running, {left} left, "
+            f"{elapsed} elapsed"
+        )
+        return f"{text}; {event}" if event else text
+
+    def starting(self, run_dir: str) -> None:
+        logger.info("%s", self.line(f"starting {Path(run_dir).name}"))
+
+    def finished(self, run_dir: str) -> None:
+        self.done += 1
+        logger.info("%s", self.line(f"finished {Path(run_dir).name}"))
 
 
 def _run_one(config: dict, run_dir: str, resume: bool) -> None:
@@ -188,19 +272,26 @@ def _start_worker(plugins: Sequence[str]) -> None:
     load_plugins(plugins)
 
 
-def _execute(todo: Sequence[tuple[dict, str, bool]], jobs: int) -> None:
+def _execute(
+    todo: Sequence[tuple[dict, str, bool]], jobs: int, progress: GridProgress | None = None
+) -> None:
     """Run the planned trainings, ``jobs`` at a time in fresh processes (1: in this one)."""
+    progress = progress or GridProgress(len(todo), jobs)
     if jobs <= 1:
         for job in todo:
+            progress.starting(job[1])
             _run_one(*job)
+            progress.finished(job[1])
         return
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     with concurrent.futures.ProcessPoolExecutor(
         jobs, context, initializer=_start_worker, initargs=(loaded_plugins(),)
     ) as pool:
-        futures = [pool.submit(_run_one, *job) for job in todo]
+        logger.info("%s", progress.line(f"{jobs} processes"))
+        futures = {pool.submit(_run_one, *job): job[1] for job in todo}
         for future in concurrent.futures.as_completed(futures):
             future.result()  # re-raise the first failure here
+            progress.finished(futures[future])
 
 
 def _check_plans(
