@@ -29,11 +29,12 @@ from pathlib import Path
 
 import pytest
 
-from mlcil.cli import build_parser
+from mlcil.cli import COMMANDS, build_parser
 from mlcil.config.loading import parse_yaml
 from mlcil.config.packaged import expand_config_pattern
 from mlcil.engine.observers import active_trackers
 from mlcil.experiment import load_config
+from mlcil.launch import split_arguments
 from mlcil.trackers import check_trackers
 from tiny import REPO
 
@@ -243,7 +244,10 @@ def check_command(line: str, where: str) -> None:
         while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
             words.pop(0)  # environment settings
         text = " ".join(words)
-        if words[:1] == ["mlcil"]:
+        if words[:2] == ["mlcil", "torchrun"]:
+            _, program = split_arguments(words[2:], COMMANDS)
+            check_mlcil(expand(program), where)
+        elif words[:1] == ["mlcil"]:
             check_mlcil(expand(words[1:]), where)
         elif words[:1] == ["torchrun"] and "mlcil.cli" in words:
             check_mlcil(words[words.index("mlcil.cli") + 1 :], where)
