@@ -81,23 +81,29 @@ def wheel_requirements(wheel: Path) -> list[Requirement]:
 
 
 def closure(requirements: list[Requirement]) -> dict[str, metadata.Distribution]:
-    """Every installed distribution the requirements pull in, without any extra."""
-    environment = {**default_environment(), "extra": ""}
+    """Every installed distribution the requirements pull in (with the extras a requirement
+    asks of its dependency, as ``cuda-toolkit[cublas,...]``; none of mlcil's own)."""
+    base = default_environment()
     found: dict[str, metadata.Distribution] = {}
-    todo = [r for r in requirements if r.marker is None or r.marker.evaluate(environment)]
+    done: set[tuple[str, str]] = set()
+    todo = [r for r in requirements if r.marker is None or r.marker.evaluate({**base, "extra": ""})]
     while todo:
         requirement = todo.pop()
         name = canonicalize_name(requirement.name)
-        if name in found:
+        extras = ["", *sorted(requirement.extras)]
+        if all((name, extra) in done for extra in extras):
             continue
-        try:
-            found[name] = metadata.distribution(requirement.name)
-        except metadata.PackageNotFoundError:
-            raise SystemExit(f"{requirement} is needed but not installed here") from None
-        for text in found[name].requires or []:
-            child = Requirement(text)
-            if child.marker is None or child.marker.evaluate(environment):
-                todo.append(child)
+        if name not in found:
+            try:
+                found[name] = metadata.distribution(requirement.name)
+            except metadata.PackageNotFoundError:
+                raise SystemExit(f"{requirement} is needed but not installed here") from None
+        for extra in extras:
+            done.add((name, extra))
+            for text in found[name].requires or []:
+                child = Requirement(text)
+                if child.marker is None or child.marker.evaluate({**base, "extra": extra}):
+                    todo.append(child)
     return found
 
 

@@ -55,7 +55,7 @@ from mlcil.predict import (
     make_predictions,
     read_thresholds,
 )
-from mlcil.runs import Launch, open_run, resume_run, start_run
+from mlcil.runs import Launch, import_config_plugins, open_run, resume_run, start_run
 
 ImageInput = str | Path | Image.Image
 ConfigInput: TypeAlias = str | Path | Sequence[str | Path] | RunConfig | Mapping[str, Any]
@@ -271,6 +271,7 @@ def resolve_config(config: ConfigInput, overrides: Overrides = ()) -> RunConfig:
         raw = config.to_dict() if isinstance(config, RunConfig) else dict(config)
         where = "mlcil.train config" + (" with overrides" if changes else "")
         return build_config(apply_overrides(raw, changes, params_lookup), where)
+    import_config_plugins([config] if isinstance(config, str | Path) else config)
     return load_config(config, changes)
 
 

@@ -683,18 +683,16 @@ def _configure_logging(quiet: bool) -> None:
 def _load_plugins(args: argparse.Namespace) -> None:
     """The plugins of ``--plugin`` and ``MLCIL_PLUGINS``, then those a ``--config`` records (the
     ``config.yaml`` of an earlier run given as a config)."""
-    from mlcil.config.loading import read_yaml
-    from mlcil.config.packaged import find_packaged
-    from mlcil.plugins import import_recorded, load_plugins, plugin_names, recorded_plugins
+    from mlcil.plugins import load_plugins, plugin_names
 
     given = [*(args.plugins or []), *(getattr(args, "command_plugins", None) or [])]
     load_plugins(plugin_names(given))
     configs = list(getattr(args, "config", None) or [])
     configs += [part for spec in getattr(args, "configs", None) or [] for part in spec.split("+")]
-    for spec in configs:
-        path = Path(spec) if Path(spec).is_file() else find_packaged(spec)
-        if path is not None:  # else loading it says what is wrong
-            import_recorded(recorded_plugins(read_yaml(path)), f"the config {spec}")
+    if configs:
+        from mlcil.runs import import_config_plugins
+
+        import_config_plugins(configs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -704,10 +702,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Under torchrun, a clean error, an interruption and the dry run's summary are printed by
     rank 0 only (every rank meets the same config); other errors by every rank, named."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     if arguments[:1] == ["torchrun"]:
-        return _torchrun(parser, arguments[1:])
-    args = parser.parse_args(arguments)
+        return _torchrun(arguments[1:])
+    args = build_parser().parse_args(arguments)
     _configure_logging(args.quiet or _rank() != 0)
     try:
         _load_plugins(args)  # before any config is read: configs may name what they register
@@ -748,11 +745,10 @@ def _print_main(text: str) -> None:
         print(text)
 
 
-def _torchrun(parser: argparse.ArgumentParser, arguments: list[str]) -> int:
+def _torchrun(arguments: list[str]) -> int:
     """``mlcil torchrun ...`` (mlcil.launch): torchrun with mlcil as its program."""
     from mlcil.launch import launch
 
-    del parser
     try:
         return launch(arguments, [name for name in COMMANDS if name != "torchrun"])
     except MlcilError as error:

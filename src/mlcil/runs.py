@@ -36,6 +36,7 @@ from mlcil.added_sessions import (
     run_plan,
 )
 from mlcil.config.loading import read_yaml
+from mlcil.config.packaged import find_packaged
 from mlcil.config.schema import ModelConfig, RunConfig
 from mlcil.data import DATASETS
 from mlcil.diagnostics import SessionDiagnostics
@@ -136,6 +137,15 @@ def _load_run_config(run: RunDir, overrides: Sequence[str] = ()) -> RunConfig:
             f"{error} (a run made with a plugin needs it again: pass --plugin MODULE or set "
             "MLCIL_PLUGINS)"
         ) from None
+
+
+def import_config_plugins(specs: Sequence[str | Path]) -> None:
+    """Import the plugins that config files record (the ``config.yaml`` of an earlier run given
+    as a config), before they are read. A spec that names no file is left to the loader."""
+    for spec in specs:
+        path = Path(spec) if Path(spec).is_file() else find_packaged(spec)
+        if path is not None:
+            import_recorded(recorded_plugins(read_yaml(path)), f"the config {spec}")
 
 
 def with_recorded_plugins(config: RunConfig) -> RunConfig:

@@ -85,6 +85,11 @@ def test_the_plugin_is_recorded_and_imported_again_on_resume_eval_predict_and_lo
     # The config.yaml of the run, given as a config, brings its plugin along too.
     printed = mlcil(elsewhere, "train", "--config", str(run_dir / "config.yaml"), "--print-config")
     assert printed.returncode == 0 and "name: recorded-finetune" in printed.stdout, printed.stderr
+    code = f"import mlcil.api as a; print(a.resolve_config({str(run_dir / 'config.yaml')!r}))"
+    resolved = subprocess.run(
+        [sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, check=False
+    )
+    assert resolved.returncode == 0 and "recorded-finetune" in resolved.stdout, resolved.stderr
 
     # A recorded plugin that is gone is named, with what to do.
     plugin.rename(plugin.with_name("moved.py"))
