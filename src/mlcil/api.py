@@ -57,7 +57,7 @@ from mlcil.predict import (
 )
 from mlcil.record import RunMetrics
 from mlcil.results import read_metrics
-from mlcil.runs import Launch, open_run, resume_run, start_run
+from mlcil.runs import Launch, import_config_plugins, open_run, resume_run, start_run
 from mlcil.safety import MAX_BATCH_SIZE, check_bounded
 
 ImageInput = str | Path | Image.Image
@@ -291,6 +291,7 @@ def resolve_config(config: ConfigInput, overrides: Overrides = ()) -> RunConfig:
         raw = config.to_dict() if isinstance(config, RunConfig) else dict(config)
         where = "mlcil.train config" + (" with overrides" if changes else "")
         return build_config(apply_overrides(raw, changes, params_lookup), where)
+    import_config_plugins([config] if isinstance(config, str | Path) else config)
     return load_config(config, changes)
 
 

@@ -1,5 +1,5 @@
 """Command line: ``mlcil train | eval | predict | data | list | configs | compare | pretrain |
-report`` (also ``python -m mlcil``)."""
+weights | report | torchrun`` (also ``python -m mlcil``)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from mlcil.runs import Launch
 
 logger = logging.getLogger("mlcil.cli")
+
+# The commands, in the order `mlcil --help` lists them (build_parser adds one parser each).
+COMMANDS = ("train", "eval", "predict", "data", "list", "configs", "compare", "pretrain",
+            "report", "weights", "torchrun")  # fmt: skip
 
 # The console handler main() installs, if it installed one (a host that set up logging, such as
 # pytest, keeps its own handlers untouched).
@@ -103,6 +107,7 @@ def _new_launch(args: argparse.Namespace, overrides: list[str]) -> Launch | None
     """A new run, ready to train; None after a dry run. Nothing of an earlier run is touched
     before config, data, image files, image size and weights are all checked."""
     from mlcil.experiment import Experiment, load_config
+    from mlcil.requirements import check_run_requirements
     from mlcil.rundir import RunDir
     from mlcil.runs import make_runtime, start_run
 
@@ -114,6 +119,8 @@ def _new_launch(args: argparse.Namespace, overrides: list[str]) -> Launch | None
             "or --resume RUN_DIR"
         )
     config = load_config(args.config, overrides)
+    if args.dry_run:  # what a run checks before any work (start_run does it otherwise)
+        check_run_requirements(config, weights=False)  # the summary reports the weights
     runtime = make_runtime(config)
     if args.dry_run:
         from mlcil.report import dry_run_summary
@@ -123,7 +130,7 @@ def _new_launch(args: argparse.Namespace, overrides: list[str]) -> Launch | None
             if args.run_dir
             else RunDir.inside(config.output_dir, config.run_name)
         )
-        print(dry_run_summary(Experiment(config, runtime=runtime), run.path))
+        _print_main(dry_run_summary(Experiment(config, runtime=runtime), run.path))
         return None
     return start_run(config, args.run_dir, overwrite=args.overwrite, runtime=runtime)
 
@@ -131,6 +138,7 @@ def _new_launch(args: argparse.Namespace, overrides: list[str]) -> Launch | None
 def _resumed_launch(args: argparse.Namespace, overrides: list[str]) -> Launch | None:
     """A launch that continues ``--resume RUN``, with one more session with ``--add-session``.
     With ``--dry-run``, prints the plan (the added session included) and returns None."""
+    from mlcil.requirements import check_run_requirements
     from mlcil.runs import open_run, resume_run
 
     for flag, value in (("--config", args.config), ("--run-dir", args.run_dir)):
@@ -145,7 +153,8 @@ def _resumed_launch(args: argparse.Namespace, overrides: list[str]) -> Launch | 
         from mlcil.report import dry_run_summary
 
         opened, _ = open_run(args.resume, overrides, resuming=True, **manifests)
-        print(dry_run_summary(opened.experiment, opened.run.path))
+        check_run_requirements(opened.config, weights=False)
+        _print_main(dry_run_summary(opened.experiment, opened.run.path))
         return None
     return resume_run(args.resume, overrides, **manifests)
 
@@ -303,19 +312,58 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
-    del args
-    from mlcil.config.packaged import packaged_configs, packaged_root, summary
+    import shutil
+    import textwrap
 
-    configs = packaged_configs()
+    from mlcil.config.packaged import is_fragment, matching_configs, packaged_root, summary
+
+    configs = matching_configs(args.pattern)
     if not configs:
-        raise MlcilError("no packaged configs found (this installation was built without them)")
-    print(f"shipped configs ({packaged_root()}); use one with: mlcil train --config NAME")
+        if args.pattern is None:
+            raise MlcilError("no packaged configs found (this installation was built without them)")
+        raise MlcilError(f"no shipped config matches {args.pattern!r} (`mlcil configs` lists all)")
+    fragments = {name: path for name, path in configs.items() if is_fragment(path)}
+    runnable = {name: path for name, path in configs.items() if name not in fragments}
     width = max(len(name) for name in configs)
-    for name, path in configs.items():
-        text = summary(path)
-        if len(text) > 90:
-            text = text[:87] + "..."
-        print(f"  {name:<{width}}  {text}")
+    columns = max(shutil.get_terminal_size((100, 24)).columns, width + 40)
+    wrap = textwrap.TextWrapper(
+        width=columns - 1, initial_indent="", subsequent_indent=" " * (width + 4)
+    )
+    print(f"shipped configs ({packaged_root()}); use one with: mlcil train --config NAME")
+    for name, path in runnable.items():
+        print(wrap.fill(f"  {name:<{width}}  {summary(path)}".rstrip()))
+    if fragments:
+        print(
+            "fragments (partial configs: stack one on a config above, e.g. "
+            "--config digits-b0-c2 --config methods-lwf):"
+        )
+        for name, path in fragments.items():
+            print(wrap.fill(f"  {name:<{width}}  {summary(path)}".rstrip()))
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    """``mlcil weights fetch NAME``: hub weights downloaded into the hub cache now (for a
+    machine without a network later), or ``imagenet:`` weights converted into mlcil's cache."""
+    import json
+
+    from mlcil import hub_weights, imagenet
+    from mlcil.weights_cache import read_provenance
+
+    name = args.name
+    if hub_weights.is_hub_name(name):
+        path = hub_weights.download(name, args.backbone)
+        record = hub_weights.provenance(name, path)
+    elif imagenet.is_imagenet_name(name):
+        path = imagenet.imagenet_weights(name[len(imagenet.SCHEME) :])
+        record = read_provenance(path)
+    else:
+        raise MlcilError(
+            f"mlcil weights fetch: {name!r} names no weights to fetch: give timm/<model>.<tag>, "
+            "hf-hub:<owner>/<repo> or imagenet:<name> (glyph weights: mlcil pretrain)"
+        )
+    print(json.dumps(record, indent=1))
+    print(f"weights: {path}")
     return 0
 
 
@@ -528,11 +576,28 @@ def build_parser() -> argparse.ArgumentParser:
     _plugin_option(listing)
     listing.set_defaults(func=cmd_list)
 
-    configs = commands.add_parser("configs", help="the shipped configs, by name")
+    configs = commands.add_parser(
+        "configs", help="the shipped configs by name, with their descriptions; fragments apart"
+    )
+    configs.add_argument(
+        "pattern",
+        nargs="?",
+        metavar="PATTERN",
+        help="only these: a glob over names or paths (digits-pretrained-*, digits_pretrained/*) "
+        "or a part of the name (coco)",
+    )
     configs.set_defaults(func=cmd_configs)
 
     _compare_parser(commands)
     _pretrain_parser(commands)
+
+    _weights_parser(commands)
+    commands.add_parser(
+        "torchrun",
+        help="torchrun with mlcil as its program: mlcil torchrun [torchrun options] COMMAND ... "
+        "(errors once, no torchrun traceback)",
+        add_help=False,
+    )
 
     report = commands.add_parser(
         "report",
@@ -570,6 +635,19 @@ def _compare_parser(commands: Any) -> None:
     )
     _plugin_option(compare)
     compare.set_defaults(func=cmd_compare)
+
+
+def _weights_parser(commands: Any) -> None:
+    weights = commands.add_parser("weights", help="starting weights: fetch them ahead of time")
+    actions = weights.add_subparsers(dest="action", required=True)
+    fetch = actions.add_parser(
+        "fetch",
+        help="download hub weights into the Hugging Face cache (or convert imagenet: weights) "
+        "now, e.g. on a login node, so runs later need no network",
+    )
+    fetch.add_argument("name", help="timm/<model>.<tag>, hf-hub:<owner>/<repo>[@rev], imagenet:..")
+    fetch.add_argument("--backbone", help="check that the weights are for this timm architecture")
+    fetch.set_defaults(func=cmd_weights)
 
 
 def _pretrain_parser(commands: Any) -> None:
@@ -612,22 +690,37 @@ def _configure_logging(quiet: bool) -> None:
 
 
 def _load_plugins(args: argparse.Namespace) -> None:
+    """The plugins of ``--plugin`` and ``MLCIL_PLUGINS``, then those a ``--config`` records (the
+    ``config.yaml`` of an earlier run given as a config)."""
     from mlcil.plugins import load_plugins, plugin_names
 
     given = [*(args.plugins or []), *(getattr(args, "command_plugins", None) or [])]
     load_plugins(plugin_names(given))
+    configs = list(getattr(args, "config", None) or [])
+    configs += [part for spec in getattr(args, "configs", None) or [] for part in spec.split("+")]
+    if configs:
+        from mlcil.runs import import_config_plugins
+
+        import_config_plugins(configs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``mlcil`` command; returns the exit status (0 done, 1 internal error, 2 bad input or
-    a file error, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
-    _configure_logging(args.quiet)
+    a file error, 130 interrupted).
+
+    Under torchrun, a clean error, an interruption and the dry run's summary are printed by
+    rank 0 only (every rank meets the same config); other errors by every rank, named."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["torchrun"]:
+        return _torchrun(arguments[1:])
+    args = build_parser().parse_args(arguments)
+    _configure_logging(args.quiet or _rank() != 0)
     try:
         _load_plugins(args)  # before any config is read: configs may name what they register
         return int(args.func(args))
     except KeyboardInterrupt as interrupt:
-        print(f"interrupted: {_after_interrupt(interrupt)}", file=sys.stderr)
+        if _rank() == 0:
+            print(f"interrupted: {_after_interrupt(interrupt)}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader left early (`mlcil predict ... | head`): not an error of this command. Point
@@ -637,7 +730,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {_describe(error, _started[0])}", file=sys.stderr)
+        clean = isinstance(error, MlcilError)
+        if not clean or _rank() == 0:
+            where = f"rank {_rank()}: " if not clean and _world_size() > 1 else ""
+            print(f"error: {where}{_describe(error, _started[0])}", file=sys.stderr)
         return 2 if isinstance(error, MlcilError | OSError) else 1
     finally:
         _started[0] = None
@@ -652,6 +748,34 @@ def _after_interrupt(interrupt: KeyboardInterrupt) -> str:
     from mlcil.rundir import RunDir
 
     return RunDir(_started[0]).describe_kept()
+
+
+def _rank() -> int:
+    from mlcil.runtime import environment_rank
+
+    return environment_rank()
+
+
+def _world_size() -> int:
+    value = os.environ.get("WORLD_SIZE", "1")
+    return int(value) if value.isdigit() else 1
+
+
+def _print_main(text: str) -> None:
+    """Print on rank 0 only (every rank would print the same)."""
+    if _rank() == 0:
+        print(text)
+
+
+def _torchrun(arguments: list[str]) -> int:
+    """``mlcil torchrun ...`` (mlcil.launch): torchrun with mlcil as its program."""
+    from mlcil.launch import launch
+
+    try:
+        return launch(arguments, [name for name in COMMANDS if name != "torchrun"])
+    except MlcilError as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
 
 
 def _describe(error: Exception, run: Path | None = None) -> str:

@@ -1,8 +1,10 @@
 """``mlcil compare``: run several configurations over several seeds, then report.
 
 The grid is protocols x configurations x seeds. Each configuration is one YAML file (or a shipped
-config's name), or several stacked with ``+`` (``a.yaml+b.yaml``), with an optional ``--base``
-file stacked underneath every one. Runs land in ``<output>/runs/<run name>``;
+config's name), or several stacked with ``+`` (``a.yaml+b.yaml``), with an optional ``--base`` file
+stacked underneath every one. A pattern names a group of shipped configs (``digits-pretrained-*``,
+``digits_pretrained/*``, fragments left out: :func:`mlcil.config.packaged.matching_configs`), so the
+grids of the README run from a wheel too. Runs land in ``<output>/runs/<run name>``;
 a finished run (its ``metrics.json`` says so) is reused and one with a checkpoint is resumed (one
 stopped before its first checkpoint starts again), so an interrupted comparison continues where
 it stopped. A finished or resumable run is reused only if it was made with the same settings,
@@ -16,7 +18,8 @@ comparison process dies stops too (``PR_SET_PDEATHSIG`` on Linux, a parent watch
 The same command afterwards resumes the interrupted runs and skips the finished ones.
 
 :func:`plan_comparison` checks the whole grid and says what each run will do; ``mlcil compare
---dry-run`` prints that plan (:func:`describe_plan`) and trains nothing.
+--dry-run`` prints that plan (:func:`describe_plan`) and trains nothing. While the grid trains,
+the console shows its progress (runs done, running, left, elapsed: :class:`GridProgress`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,14 +43,16 @@ from typing import Any
 import torch
 
 from mlcil.config import RunConfig, flatten
+from mlcil.config.packaged import expand_config_pattern
 from mlcil.engine.checkpoint import latest_checkpoint
 from mlcil.errors import ConfigError, MlcilError, shown
 from mlcil.experiment import Experiment, build_config, load_config
 from mlcil.plugins import load_plugins, loaded_plugins
 from mlcil.report import write_report
+from mlcil.requirements import check_run_requirements
 from mlcil.results import run_finished
 from mlcil.rundir import RunDir
-from mlcil.runs import resume_run, start_run
+from mlcil.runs import resume_run, start_run, with_recorded_plugins
 from mlcil.safety import RESUME_SAFE_KEYS, result_changes
 
 logger = logging.getLogger(__name__)
@@ -86,17 +92,21 @@ def plan_comparison(
         MlcilError: the first problem of any run, naming its configuration, seed and protocol.
     """
     output_dir = Path(output_dir)
-    plans = []
+    specs = [name for spec in configs for name in _expanded(spec)]
+    plans: list[tuple[str, RunConfig]] = []
     # Seeds outermost: an interrupted comparison still holds complete tables for the first seeds.
     for seed in seeds if seeds else [None]:
         for protocol in protocols if protocols else [None]:
-            for spec in configs:
+            for spec in specs:
                 files = ([base] if base else []) + spec.split("+")
                 extra = [] if seed is None else [f"seed={seed}"]
                 if protocol is not None:
                     extra.append(f"protocol={protocol}")
                 config = load_config(files, [*overrides, *extra])  # validate all up front
-                plans.append((spec, config))
+                config = with_recorded_plugins(config)
+                if not _same_as_planned(spec, config, plans):
+                    plans.append((spec, config))
+    _check_requirements([config for _, config in plans])  # packages, trackers, weights
     _check_plans(plans, output_dir)  # every problem is found before any training starts
     planned = []
     for spec, config in plans:
@@ -111,6 +121,40 @@ def _status(run: RunDir) -> str:
     if latest_checkpoint(run.path) is not None:
         return "resume"
     return "again" if run.learned_nothing() else "new"
+
+
+def _expanded(spec: str) -> list[str]:
+    """A configuration as given, or the shipped configs a pattern names (a file wins)."""
+    if "+" in spec:
+        return [spec]
+    return expand_config_pattern(spec)
+
+
+def _same_as_planned(spec: str, config: RunConfig, plans: Sequence[tuple[str, RunConfig]]) -> bool:
+    """Whether an identical run is planned already (two names of one config, e.g. through a
+    pattern): it is planned once."""
+    for other, planned in plans:
+        if planned.run_name == config.run_name and planned.to_dict() == config.to_dict():
+            logger.info("%s is the same run as %s: planned once", spec, other)
+            return True
+    return False
+
+
+def _check_requirements(configs: Sequence[RunConfig]) -> None:
+    """What every run needs installed (trackers, packages, weights), once per distinct need."""
+    checked: set[str] = set()
+    for config in configs:
+        needs = {
+            "backbone": config.model.backbone,
+            "pretrained": config.model.pretrained,
+            "trackers": config.train.trackers,
+            "tensorboard": config.train.tensorboard,
+            "data": [config.data.dataset, config.data.randaugment, config.data.augment],
+        }
+        key = json.dumps(needs, sort_keys=True)
+        if key not in checked:
+            checked.add(key)
+            check_run_requirements(config)
 
 
 def describe_plan(plan: Sequence[PlannedRun], output_dir: str | Path, jobs: int = 1) -> str:
@@ -165,6 +209,7 @@ def run_comparison(
     """
     plan = plan_comparison(configs, seeds, protocols, base, overrides, output_dir)
     todo = []
+    progress = GridProgress(sum(run.status != "finished" for run in plan), jobs)
     for position, run in enumerate(plan, 1):
         if run.status == "finished":
             logger.info("[%d/%d] %s: already finished", position, len(plan), run.run_dir)
@@ -183,7 +228,7 @@ def run_comparison(
         if quiet:
             config["train"]["progress"] = False
         todo.append((config, str(run.run_dir), run.status in ("resume", "again")))
-    _execute(todo, jobs)
+    _execute(todo, jobs, progress)
     return write_report([run.run_dir for run in plan], Path(output_dir))
 
 
@@ -196,6 +241,44 @@ class GridInterrupted(KeyboardInterrupt):
             f"{reason}; every run in progress keeps its last checkpoint; the same command "
             "resumes the interrupted runs and skips the finished ones"
         )
+
+
+class GridProgress:
+    """The console's view of a grid being trained: runs done, running, left, time elapsed.
+
+    Logged (``mlcil.compare``, INFO: on the console unless ``-q``) when a run starts and when
+    one ends; with ``jobs`` processes, up to ``jobs`` runs are running at once.
+    """
+
+    def __init__(self, total: int, jobs: int = 1, clock: Any = time.monotonic) -> None:
+        self.total = total
+        self.jobs = max(1, jobs)
+        self.done = 0
+        self.clock = clock
+        self.started_at = clock()
+
+    @property
+    def running(self) -> int:
+        return min(self.jobs, self.total - self.done)
+
+    def line(self, event: str = "") -> str:
+        """``runs: 3/12 done, 2 running, 7 left, 4m05s elapsed`` (then ``; <event>``)."""
+        left = self.total - self.done - self.running
+        seconds = int(self.clock() - self.started_at)
+        elapsed = f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
+            f"{seconds // 60}m{seconds % 60:02d}s")  # fmt: skip
+        text = (
+            f"runs: {self.done}/{self.total} done, {self.running} running, {left} left, "
+            f"{elapsed} elapsed"
+        )
+        return f"{text}; {event}" if event else text
+
+    def starting(self, run_dir: str) -> None:
+        logger.info("%s", self.line(f"starting {Path(run_dir).name}"))
+
+    def finished(self, run_dir: str) -> None:
+        self.done += 1
+        logger.info("%s", self.line(f"finished {Path(run_dir).name}"))
 
 
 def _run_one(config: dict, run_dir: str, resume: bool) -> None:
@@ -231,16 +314,19 @@ Job = tuple[dict, str, bool]  # (config, run folder, resume)
 STOP_GRACE_S = 120.0
 
 
-def _execute(todo: Sequence[Job], jobs: int) -> None:
+def _execute(todo: Sequence[Job], jobs: int, progress: GridProgress | None = None) -> None:
     """Run the planned trainings, ``jobs`` at a time in fresh processes (1: in this one); stop
     them all on SIGINT or SIGTERM (see the module docstring)."""
+    progress = progress or GridProgress(len(todo), jobs)
     with _stopped_by_sigterm():
         try:
             if jobs <= 1:
                 for job in todo:
+                    progress.starting(job[1])
                     _run_one(*job)
+                    progress.finished(job[1])
             else:
-                _run_in_workers(todo, jobs)
+                _run_in_workers(todo, jobs, progress)
         except GridInterrupted:
             raise
         except KeyboardInterrupt:
@@ -284,7 +370,7 @@ class _Worker:
                 self.connection.close()
 
 
-def _run_in_workers(todo: Sequence[Job], jobs: int) -> None:
+def _run_in_workers(todo: Sequence[Job], jobs: int, progress: GridProgress) -> None:
     """``jobs`` worker processes at a time, one run each; the first failure is raised once the
     runs in progress have ended (no new run starts after it)."""
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
@@ -293,7 +379,9 @@ def _run_in_workers(todo: Sequence[Job], jobs: int) -> None:
     try:
         while pending or running:
             while pending and len(running) < jobs and failure is None:
-                running.append(_start(context, pending.pop(0)))
+                job = pending.pop(0)
+                progress.starting(job[1])
+                running.append(_start(context, job))
             if not running:
                 break
             waiting = [
@@ -305,6 +393,8 @@ def _run_in_workers(todo: Sequence[Job], jobs: int) -> None:
             for worker in [w for w in running if not w.process.is_alive()]:
                 running.remove(worker)
                 error = _outcome(worker)
+                if error is None:
+                    progress.finished(worker.run_dir)
                 if error is not None and failure is None:
                     failure = error
                     if running:

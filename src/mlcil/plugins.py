@@ -7,6 +7,12 @@ installed package. The module registers what it defines when it is imported
 configs can name what they register. A plugin is a module name (searched on ``sys.path`` and in
 the current folder) or the path of a ``.py`` file.
 
+A run records the plugins it was made with (``plugins`` in its ``config.yaml``: those imported
+with ``--plugin``/``MLCIL_PLUGINS``, file plugins by absolute path, and any importable module
+outside mlcil that defines its method, network or dataset), so ``--resume``, ``eval``,
+``predict`` and ``mlcil.load`` import them again (:func:`import_recorded`), and a config that
+records plugins brings them along when it is given to ``--config``.
+
 Optional dependencies (``pip install 'mlcil[coco]'``): :func:`require` imports one where it is
 needed and turns its absence into an error naming the extra that installs it.
 """
@@ -18,7 +24,7 @@ import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -95,10 +101,83 @@ def _load(name: str) -> ModuleType:
         raise ConfigError(
             f"plugin {name!r} failed while being imported: {type(error).__name__}: {error}"
         ) from error
-    if name not in _loaded:
-        _loaded.append(name)
+    # A file plugin is remembered by its absolute path: a run resumed from another folder, or
+    # a worker process, finds it again.
+    canonical = str(Path(name).expanduser().resolve()) if name.endswith(".py") else name
+    if canonical not in _loaded:
+        _loaded.append(canonical)
         logger.info("plugin %s imported (%s)", name, getattr(module, "__file__", "built-in"))
     return module
+
+
+def component_modules(components: Iterable[object]) -> list[str]:
+    """The modules defining ``components`` (classes or functions) that a later process can
+    import by name: outside mlcil, not a script (``__main__``) and not a file plugin (recorded
+    by its path)."""
+    names: list[str] = []
+    for component in components:
+        module = getattr(component, "__module__", None) or ""
+        if not module or module == "__main__" or module.split(".")[0] == "mlcil":
+            continue
+        if module.startswith("mlcil_plugin_") or module in names:
+            continue
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if found:
+            names.append(module)
+    return names
+
+
+def plugins_to_record(recorded: Sequence[str] = (), components: Iterable[object] = ()) -> list[str]:
+    """What a run records as its plugins: those recorded already (a config that records them),
+    those this process imported, then the modules of ``components``; each once, in order."""
+    names: list[str] = []
+    for name in (*recorded, *loaded_plugins(), *component_modules(components)):
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def recorded_plugins(config: dict) -> list[str]:
+    """The ``plugins`` list of a raw config mapping (empty when it has none).
+
+    Raises:
+        ConfigError: when ``plugins`` is not a list of names.
+    """
+    value = config.get("plugins") or []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"plugins: expected a list of module names or .py files, got {value!r}")
+    return list(value)
+
+
+def _is_imported(name: str) -> bool:
+    if name in _loaded:
+        return True
+    if name.endswith(".py"):
+        module = sys.modules.get(f"mlcil_plugin_{Path(name).stem}")
+        return module is not None and getattr(module, "__file__", None) == name
+    return name in sys.modules
+
+
+def import_recorded(names: Sequence[str], where: str) -> None:
+    """Import the plugins a run or config recorded (those not imported yet).
+
+    Raises:
+        ConfigError: naming ``where``, the plugin and how to make it importable.
+    """
+    for name in names:
+        if _is_imported(name):
+            continue
+        try:
+            _load(name)
+        except ConfigError as error:
+            raise ConfigError(
+                f"{where} was made with the plugin {name!r}, which cannot be imported here: "
+                f"{error}. Make it importable (current folder or PYTHONPATH) or give its file "
+                "with --plugin FILE.py"
+            ) from error
 
 
 def _load_module(name: str) -> ModuleType:

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from pydantic import Field
 
-from mlcil import imagenet
+from mlcil import hub_weights, imagenet
 from mlcil.config.schema import ModelConfig, Params
 from mlcil.data.glyphs import CACHE_VERSION, GLYPH_CLASSES, TEST_IMAGES, TRAIN_IMAGES, load_glyphs
 from mlcil.engine.evaluate import evaluate_session
@@ -116,6 +118,7 @@ def pretrain_backbone(
     check_cache_folder(Path(cache) if cache is not None else weights_dir())
     logger.info("pretraining %s on glyph scenes (one-time; cached afterwards)", model.backbone)
     started = time.perf_counter()
+    load_before = load_average()
     config = load_config(None, _training_overrides(model, image_size, recipe))
     sources = (
         load_glyphs("train", recipe.train_images, recipe.seed, image_size),
@@ -138,6 +141,7 @@ def pretrain_backbone(
         **wanted,
         "command": command if command is not None else " ".join(sys.argv),
         "result": {"glyph_test_map": test_map, "seconds": round(time.perf_counter() - started)},
+        "environment": machine_record(load_before),
     }
     path = store(method.network.backbone.body.state_dict(), record, cache)
     logger.info("glyph pretraining: %.1f test mAP; weights %s", test_map, path)
@@ -161,10 +165,36 @@ def check_cache_folder(folder: Path) -> None:
         )
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the system has none)."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_record(load_before: list[float] | None) -> dict[str, Any]:
+    """Where and how the pretraining ran: float sums depend on the thread count and the CPU, and
+    a loaded machine shows in the time, so the demo's spread between machines can be traced."""
+    return {
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_start": load_before,
+        "load_average_end": load_average(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "torch_version": torch.__version__,
+    }
+
+
 def cached_provenance(model: ModelConfig, image_size: int) -> dict[str, Any] | None:
-    """The provenance of the cached file a ``pretrain:<source>`` name resolves to (None for
-    other weights, or when no such file is cached); never trains."""
+    """The provenance of the cached file a ``pretrain:<source>``, ``imagenet:`` or hub name
+    resolves to (None for other weights, or when no such file is cached); never trains and never
+    reaches the network."""
     name = model.pretrained
+    if hub_weights.is_hub_name(name):
+        assert name is not None
+        return hub_weights.cached_provenance(name)
     if imagenet.is_imagenet_name(name):
         assert name is not None
         return imagenet.cached_imagenet_provenance(name[len(imagenet.SCHEME) :])
@@ -176,9 +206,14 @@ def cached_provenance(model: ModelConfig, image_size: int) -> dict[str, Any] | N
 
 def resolve_pretrained(model: ModelConfig, image_size: int) -> tuple[ModelConfig, dict | None]:
     """``model`` with a ``pretrain:<source>`` or ``imagenet:<name>`` weights name replaced by the
-    cached file (made on first use), and that file's provenance; other models are returned
-    unchanged with None."""
+    cached file (made on first use), and that file's provenance. Hub weights are downloaded
+    into the hub cache when missing (unless ``HF_HUB_OFFLINE``) and keep their name, which the
+    network reads from the cache. Other models are returned unchanged with None."""
     name = model.pretrained
+    if hub_weights.is_hub_name(name):
+        assert name is not None
+        path = hub_weights.download(name, model.backbone)
+        return model, hub_weights.provenance(name, path)
     if imagenet.is_imagenet_name(name):
         assert name is not None
         path = imagenet.imagenet_weights(name[len(imagenet.SCHEME) :])

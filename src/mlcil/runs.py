@@ -4,10 +4,12 @@
 - :func:`open_run` is the one way to open an existing run folder (``mlcil.load``, ``eval``,
   ``--resume``, ``--add-session``): its config (with run-time overrides), its plan with the
   sessions added to it, one experiment.
-- :func:`start_run` starts a new run: the folder is locked, every input check a run can make
-  before training passes (:func:`preflight`), and only then is an earlier run set aside with
-  ``--overwrite``; it is deleted once the new run's first checkpoint is written, and put back
-  when the new run fails before that.
+- :func:`start_run` starts a new run: what it needs installed and available is checked before
+  any folder is touched or any weights are made (:mod:`mlcil.requirements`), then the folder is
+  locked, every input check a run can make before training passes (:func:`preflight`), and only
+  then is an earlier run set aside with ``--overwrite``; it is deleted once the new run's first
+  checkpoint is written, and put back when the new run fails before that. The run records its
+  plugins in its config (:func:`with_recorded_plugins`); opening a run imports them again.
 - :func:`resume_run` continues a run, with one more session with ``--add-session``.
 - The features above the engine join a run as session callbacks (diagnostics, the set-aside run,
   the provenance of ``pretrain:`` weights): :func:`standard_callbacks`.
@@ -19,6 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,8 +37,10 @@ from mlcil.added_sessions import (
     recorded_until_learned,
     run_plan,
 )
-from mlcil.config.loading import flatten, parse_yaml
+from mlcil.config.loading import flatten, parse_yaml, read_yaml
+from mlcil.config.packaged import find_packaged
 from mlcil.config.schema import ModelConfig, RunConfig
+from mlcil.data import DATASETS
 from mlcil.diagnostics import SessionDiagnostics
 from mlcil.engine.callbacks import SessionCallback
 from mlcil.engine.checkpoint import RunState, restore_run
@@ -44,9 +49,15 @@ from mlcil.engine.loop import Trainer
 from mlcil.engine.observers import Observer
 from mlcil.errors import ConfigError, DataError, MlcilError, shown
 from mlcil.experiment import Experiment, load_config
+from mlcil.hub_weights import download as download_hub_weights
+from mlcil.hub_weights import is_hub_name
+from mlcil.methods import METHODS
+from mlcil.models import NETWORKS
+from mlcil.plugins import import_recorded, plugins_to_record, recorded_plugins
 from mlcil.pretrain import cached_provenance, resolve_pretrained
 from mlcil.protocol import Session
 from mlcil.record import RunMetrics
+from mlcil.requirements import check_run_requirements
 from mlcil.results import read_metrics
 from mlcil.rundir import RunDir
 from mlcil.runtime import Runtime, environment_rank
@@ -92,7 +103,7 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, RunMetrics | None]:
     config_path = run.config_file
     if not config_path.is_file():
         raise ConfigError(f"{run.path} is not a run folder: {config_path} is missing")
-    return load_config(config_path), read_metrics(run.path)
+    return _load_run_config(run), read_metrics(run.path)
 
 
 def read_settings(run_dir: str | Path) -> dict[str, Any] | None:
@@ -119,10 +130,52 @@ def _run_config(run: RunDir, overrides: Sequence[str], resuming: bool) -> RunCon
         )
     if not run.config_file.is_file():
         raise ConfigError(f"{run.path} is not a run folder (no {run.config_file.name})")
-    config = load_config(run.config_file, overrides)
+    config = _load_run_config(run, overrides)
     if resuming:
         check_resume_config(load_config(run.config_file), config, run.config_file)
     return config
+
+
+# What loading a run's config says when a method, network or dataset is not registered.
+_UNREGISTERED = re.compile(r"unknown (method|network)|data\.dataset")
+
+
+def _load_run_config(run: RunDir, overrides: Sequence[str] = ()) -> RunConfig:
+    """A run's ``config.yaml``, after importing the plugins it records."""
+    plugins = recorded_plugins(read_yaml(run.config_file))
+    import_recorded(plugins, f"the run {run.path}")
+    try:
+        return load_config(run.config_file, overrides)
+    except ConfigError as error:
+        if plugins or not _UNREGISTERED.search(str(error)):
+            raise
+        raise ConfigError(
+            f"{error} (a run made with a plugin needs it again: pass --plugin MODULE or set "
+            "MLCIL_PLUGINS)"
+        ) from None
+
+
+def import_config_plugins(specs: Sequence[str | Path]) -> None:
+    """Import the plugins that config files record (the ``config.yaml`` of an earlier run given
+    as a config), before they are read. A spec that names no file is left to the loader."""
+    for spec in specs:
+        path = Path(spec) if Path(spec).is_file() else find_packaged(spec)
+        if path is not None:
+            import_recorded(recorded_plugins(read_yaml(path)), f"the config {spec}")
+
+
+def with_recorded_plugins(config: RunConfig) -> RunConfig:
+    """``config`` with ``plugins`` listing what the run is made with: the plugins it records
+    already, those this process imported, and the importable modules outside mlcil that define
+    its method, network and dataset."""
+    components: list[object] = [
+        METHODS.get_class(config.method.name),
+        NETWORKS.get_class(config.model.network),
+    ]
+    if config.data.dataset in DATASETS:
+        components.append(DATASETS[config.data.dataset].load)
+    plugins = plugins_to_record(config.plugins, components)
+    return config if plugins == config.plugins else config.model_copy(update={"plugins": plugins})
 
 
 def open_run(
@@ -315,9 +368,20 @@ def start_run(
     observers: Sequence[Observer] = (),
 ) -> Launch:
     """A new run, checked and ready: nothing of an earlier run is touched before every check
-    passed, and with ``overwrite`` it is only set aside until the new run's first checkpoint."""
+    passed, and with ``overwrite`` it is only set aside until the new run's first checkpoint.
+    What the run needs installed (trackers, dataset packages, weights) is checked before any
+    folder is written or any weights are made."""
+    config = with_recorded_plugins(config)
     run = RunDir(run_dir) if run_dir else RunDir.inside(config.output_dir, config.run_name)
+    check_run_requirements(config)  # before any folder is written, download or pretraining
+    weights = config.model.pretrained
+    if weights is not None and is_hub_name(weights) and environment_rank() == 0:
+        download_hub_weights(weights, config.model.backbone)  # nor any download
     runtime = runtime or make_runtime(config)
+    # The data, class list and sessions too: a typo costs no pretraining and leaves no folder.
+    plan = Experiment(config, runtime=runtime).plan
+    names = plan.class_names
+    logger.info("classes (%d): %s", len(names), ", ".join(names))  # a typo shows here
     guard = contextlib.ExitStack()
     again = False  # the same run, stopped before its first checkpoint: started again
     try:
@@ -331,9 +395,7 @@ def start_run(
                 again = _check_fresh(run, config)
         again = runtime.broadcast(again) if runtime.world_size > 1 else again
         model, _ = resolve_pretrained(config.model, config.data.image_size)
-        experiment = Experiment(config, runtime=runtime, starting_model=model)
-        names = experiment.class_names
-        logger.info("classes (%d): %s", len(names), ", ".join(names))  # a typo shows here
+        experiment = Experiment(config, runtime=runtime, plan=plan, starting_model=model)
         preflight(experiment)
         if overwrite and runtime.is_main:
             run.set_aside()
@@ -397,6 +459,7 @@ def resume_run(
             guard.enter_context(run.locked())
             run.recover()  # an --overwrite killed half-way is finished first
         config = _run_config(run, overrides, resuming=True)
+        check_run_requirements(config, weights=False)  # the checkpoint holds the weights
         runtime = make_runtime(config)
         opened, added = open_run(
             run.path,

@@ -15,6 +15,11 @@ Built in: ``tensorboard`` (``<run>/tensorboard``), ``csv`` (``<run>/tracking/sca
 ``mlflow`` (a SQLite store in ``<run>/tracking/mlflow`` unless ``MLFLOW_TRACKING_URI`` names
 another). Only the chosen trackers' packages are imported. Others register with
 :func:`register_tracker`.
+
+:func:`check_trackers` runs before any work (and in ``--dry-run``): every name is known, its
+package is installed, and with ``start=True`` the tracker's start-up check passes (TensorBoard
+imports, MLflow reaches the store ``MLFLOW_TRACKING_URI`` names), so a run never trains, or
+pretrains, only to stop at its first session.
 """
 
 from __future__ import annotations
@@ -89,18 +94,26 @@ TrackerFactory = Callable[[TrackingTarget], Tracker]
 
 @dataclasses.dataclass(frozen=True)
 class TrackerSpec:
-    """A registered tracker: how to build it and which optional package it needs."""
+    """A registered tracker: how to build it, which optional package it needs, and how to check
+    before any work that it can start."""
 
     factory: TrackerFactory
     package: str | None = None  # importable module the tracker needs, checked before training
     extra: str | None = None  # the mlcil extra that installs it
+    # Raises when the tracker could not start (a broken install, an unreachable store); writes
+    # nothing in the run folder. Called before any work and by --dry-run.
+    probe: Callable[[], None] | None = None
 
 
 _REGISTRY: dict[str, TrackerSpec] = {}
 
 
 def register_tracker(
-    name: str, factory: TrackerFactory, package: str | None = None, extra: str | None = None
+    name: str,
+    factory: TrackerFactory,
+    package: str | None = None,
+    extra: str | None = None,
+    probe: Callable[[], None] | None = None,
 ) -> None:
     """Make ``name`` usable in ``train.trackers``.
 
@@ -110,8 +123,10 @@ def register_tracker(
         package: a module the tracker imports; when it is missing the run stops before training
             with an error naming ``extra`` (or the package).
         extra: the ``pip install 'mlcil[<extra>]'`` that provides ``package``.
+        probe: checks, before any work, that the tracker can start (raising any exception when
+            it cannot); it must not write into the run folder.
     """
-    _REGISTRY[name] = TrackerSpec(factory, package, extra)
+    _REGISTRY[name] = TrackerSpec(factory, package, extra, probe)
 
 
 def tracker_names() -> list[str]:
@@ -119,11 +134,12 @@ def tracker_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def check_trackers(names: Sequence[str]) -> None:
-    """Refuse unknown tracker names and trackers whose package is not installed.
+def check_trackers(names: Sequence[str], start: bool = False) -> None:
+    """Refuse unknown tracker names and trackers whose package is not installed; with
+    ``start``, also trackers whose start-up check fails.
 
     Raises:
-        ConfigError: naming ``train.trackers``, the tracker and what to install.
+        ConfigError: naming ``train.trackers``, the tracker and what to install or fix.
     """
     for name in names:
         spec = _REGISTRY.get(name)
@@ -133,6 +149,29 @@ def check_trackers(names: Sequence[str]) -> None:
             )
         if spec.package is not None and importlib.util.find_spec(spec.package) is None:
             raise ConfigError(_missing_package(name, spec))
+        if start and spec.probe is not None:
+            try:
+                spec.probe()
+            except ConfigError:
+                raise
+            except ImportError as error:  # installed but broken (a dependency of its own)
+                message = f"{_missing_package(name, spec)}; importing it failed: {_short(error)}"
+                raise ConfigError(message) from error
+            except Exception as error:
+                raise ConfigError(_cannot_start(name, error)) from error
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+    """An exception as one line of at most ``limit`` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _cannot_start(name: str, error: BaseException) -> str:
+    return (
+        f"train.trackers: {name!r} cannot start: {type(error).__name__}: {_short(error)} "
+        f"(fix it, or remove {name!r} from train.trackers)"
+    )
 
 
 def _missing_package(name: str, spec: TrackerSpec) -> str:
@@ -152,9 +191,13 @@ def make_trackers(names: Sequence[str], target: TrackingTarget) -> list[Tracker]
             spec = _REGISTRY[name]
             try:
                 trackers.append(spec.factory(target))
+            except ConfigError:
+                raise
             except ImportError as error:  # installed but broken (a dependency of its own)
-                message = f"{_missing_package(name, spec)}; importing it failed: {error}"
+                message = f"{_missing_package(name, spec)}; importing it failed: {_short(error)}"
                 raise ConfigError(message) from error
+            except Exception as error:  # a login, a store or a server that refuses
+                raise ConfigError(_cannot_start(name, error)) from error
     except BaseException:
         for tracker in trackers:  # the ones already started are not left open
             tracker.close()
@@ -333,7 +376,45 @@ class MlflowTracker(Tracker):
         self.client.set_terminated(self.run_id)
 
 
-register_tracker("tensorboard", TensorBoardTracker, package="tensorboard", extra="tensorboard")
+def _tensorboard_starts() -> None:
+    # torch's writer imports tensorboard and its protobuf: a mismatched install fails here.
+    import torch.utils.tensorboard  # noqa: F401
+
+
+def _mlflow_starts() -> None:
+    """The store a run would use answers: a SQLite store in the run folder needs sqlalchemy and
+    alembic (the full mlflow, not mlflow-skinny); a ``MLFLOW_TRACKING_URI`` is opened and asked
+    for the experiment (MLflow 3 refuses a ``file:`` store here, before any work)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        for module in ("sqlalchemy", "alembic"):
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(
+                    f"train.trackers lists 'mlflow', whose local SQLite store needs the {module} "
+                    "package: pip install 'mlcil[mlflow]' (the full mlflow, not mlflow-skinny), "
+                    "or set MLFLOW_TRACKING_URI to a tracking server"
+                )
+        return
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri).get_experiment_by_name(
+            os.environ.get("MLFLOW_EXPERIMENT_NAME", "mlcil")
+        )
+    except Exception as error:
+        raise ConfigError(
+            f"train.trackers: 'mlflow' cannot start with MLFLOW_TRACKING_URI={uri}: "
+            f"{type(error).__name__}: {_short(error)}"
+        ) from error
+
+
+register_tracker(
+    "tensorboard",
+    TensorBoardTracker,
+    package="tensorboard",
+    extra="tensorboard",
+    probe=_tensorboard_starts,
+)
 register_tracker("csv", CsvTracker)
 register_tracker("wandb", WandbTracker, package="wandb", extra="wandb")
-register_tracker("mlflow", MlflowTracker, package="mlflow", extra="mlflow")
+register_tracker("mlflow", MlflowTracker, package="mlflow", extra="mlflow", probe=_mlflow_starts)

@@ -11,9 +11,9 @@ The provenance is a JSON object with at least ``source`` (e.g. ``"glyphs-v1"``),
 ``seed``, ``backbone``, ``feature_stage``, ``image_size``, ``recipe`` (training settings),
 ``command``, ``mlcil_version`` and ``created``. Every field except the bookkeeping ones
 (``NON_DEFINING_FIELDS``: the command line, the creation time, the package version, the
-checksum of the weights and the recorded training result) *defines* the weights: ``key`` is a
-hash of those fields, and a cached file is reused only when its stored provenance agrees with the
-requested one on all of them.
+checksum of the weights, the recorded training result and the machine it ran on) *defines* the
+weights: ``key`` is a hash of those fields, and a cached file is reused only when its stored
+provenance agrees with the requested one on all of them.
 Values are compared as JSON, so ``5`` and ``5.0`` are different settings and a tuple equals the
 list with the same items.
 
@@ -55,7 +55,7 @@ REQUIRED_FIELDS: tuple[str, ...] = (
 # Bookkeeping that says how and when a file was made, not what it holds: two runs of the same
 # recipe on the same data are interchangeable whatever their command line or date.
 NON_DEFINING_FIELDS: frozenset[str] = frozenset(
-    {"command", "created", "mlcil_version", "weights_sha256", "result"}
+    {"command", "created", "mlcil_version", "weights_sha256", "result", "environment"}
 )
 KEY_LENGTH = 16
 

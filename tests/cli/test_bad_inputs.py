@@ -29,7 +29,7 @@ TINY = [
     *tiny_overrides(
         train__batch_size="64",
         train__base_epochs="1",
-        train__tensorboard="false",
+        train__trackers="[]",  # no tracker writes in the folder (csv is the default)
         memory__per_class="2",
     ),
     *TINY_ICA,

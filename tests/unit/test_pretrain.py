@@ -3,6 +3,7 @@ only when the provenance matches, and loads into the truncated benchmark backbon
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from mlcil.config.schema import ModelConfig
 from mlcil.data.classes import DIGIT_CLASSES
 from mlcil.errors import ConfigError
 from mlcil.models import Backbone
-from mlcil.weights_cache import load_cached, read_provenance, store
+from mlcil.weights_cache import defining_fields, load_cached, read_provenance, store
 
 MODEL = ModelConfig(backbone="resnet18", feature_stage=2, pretrained="pretrain:glyphs")
 TINY = pretrain.PretrainRecipe(epochs=1, batch_size=16, train_images=48, test_images=16)
@@ -38,6 +39,14 @@ def test_pretraining_is_cached_and_reused_only_for_the_same_provenance(
     )
     assert provenance["recipe"]["epochs"] == 1 and provenance["command"] == "test"
     assert 0.0 <= provenance["result"]["glyph_test_map"] <= 100.0
+    # Where it ran, so a spread between machines can be traced: threads, cores and load.
+    environment = provenance["environment"]
+    assert environment["threads"] == torch.get_num_threads() >= 1
+    assert environment["cpu_count"] == os.cpu_count()
+    for moment in ("load_average_start", "load_average_end"):
+        assert len(environment[moment]) == 3 and all(value >= 0 for value in environment[moment])
+    assert environment["torch_version"] == torch.__version__
+    assert "environment" not in defining_fields(provenance)  # never a reason to pretrain again
 
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cached weights should have been reused")

@@ -86,21 +86,74 @@ def test_two_files_with_one_short_name_are_refused(tmp_path: Path, monkeypatch) 
         packaged.packaged_configs()
 
 
-def test_summary_is_the_first_comment_line(tmp_path: Path) -> None:
+def test_the_description_is_the_whole_leading_comment_block(tmp_path: Path) -> None:
     described = tmp_path / "x.yaml"
-    described.write_text("\n# First line.\n# Second line.\nseed: 1\n")
-    assert packaged.summary(described) == "First line."
+    described.write_text("\n# First line, cut\n# mid-sentence.\n#\n# Not this.\nseed: 1\n")
+    assert packaged.summary(described) == "First line, cut mid-sentence."
     bare = tmp_path / "y.yaml"
     bare.write_text("seed: 1\n# late comment\n")
     assert packaged.summary(bare) == ""
 
 
-def test_mlcil_configs_lists_names_and_descriptions(capsys) -> None:
+def listed(out: str) -> dict[str, str]:
+    """``mlcil configs`` output: name -> its whole description (wrapped lines joined), per
+    section (``runnable`` / ``fragments``)."""
+    entries: dict[str, str] = {}
+    name = None
+    for line in out.splitlines()[1:]:
+        if not line.startswith(" "):
+            name = None  # a section heading
+            continue
+        if line.startswith("  ") and not line.startswith("   "):
+            name, _, text = line.strip().partition(" ")
+            entries[name] = text.strip()
+        elif name is not None:
+            entries[name] += " " + line.strip()
+    return entries
+
+
+def test_mlcil_configs_lists_names_whole_descriptions_and_fragments_apart(capsys) -> None:
     assert main(["configs"]) == 0
     out = capsys.readouterr().out
-    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
-    assert set(lines) == set(packaged.packaged_configs())
-    assert "The embedded benchmark in the pretrained regime" in lines["digits-pretrained-b0-c2"]
+    entries = listed(out)
+    assert set(entries) == set(packaged.packaged_configs())
+    # Whole: the last words of the first config's comment block are there too.
+    whole = entries["digits-pretrained-b0-c2"]
+    assert whole.startswith("The embedded benchmark in the pretrained regime")
+    assert whole.endswith("LwF's and PODNet's weights.")
+    assert whole == packaged.summary(CONFIGS / "digits_pretrained_b0_c2.yaml")
+    # Fragments (a method without data or protocol) are listed after the runnable configs.
+    runnable, fragments = out.split("\nfragments (partial configs")
+    assert "  methods-lwf " in fragments and "  methods-lwf " not in runnable
+    assert "  ablations-krt-no-dpl " in fragments
+    assert "  digits-lwf " in runnable and "  coco-b0-c10 " in runnable
+
+
+def test_mlcil_configs_pattern_filters_by_name_path_or_part(capsys) -> None:
+    assert main(["configs", "digits_pretrained/*"]) == 0
+    names = set(listed(capsys.readouterr().out))
+    assert names == {packaged.short_name(f"digits_pretrained/{p.name}")
+                     for p in (CONFIGS / "digits_pretrained").glob("*.yaml")}  # fmt: skip
+    assert main(["configs", "digits-pretrained-k*"]) == 0
+    names = set(listed(capsys.readouterr().out))
+    assert "digits-pretrained-krt-no-dpl" in names and "digits-pretrained-lwf" not in names
+    assert main(["configs", "coco"]) == 0  # no glob: a part of the name
+    assert set(listed(capsys.readouterr().out)) == {
+        name for name in packaged.packaged_configs() if "coco" in name
+    }
+    assert main(["configs", "nothing-like-this-*"]) == 2
+    assert "no shipped config matches 'nothing-like-this-*'" in capsys.readouterr().err
+
+
+def test_patterns_name_runnable_configs_only_and_files_win(tmp_path: Path, monkeypatch) -> None:
+    found = packaged.expand_config_pattern("configs/digits/*.yaml")  # as a shell passes it on
+    assert sorted(found) == sorted(str(p) for p in (CONFIGS / "digits").glob("*.yaml"))
+    with pytest.raises(ConfigError, match=r"methods-\*: .*no runnable shipped config matches"):
+        packaged.expand_config_pattern("methods-*")  # fragments only
+    assert packaged.expand_config_pattern("digits-b0-c2") == ["digits-b0-c2"]  # a name: as given
+    monkeypatch.chdir(tmp_path)
+    Path("odd[1].yaml").write_text("seed: 1\n")
+    assert packaged.expand_config_pattern("odd[1].yaml") == ["odd[1].yaml"]  # a file wins
 
 
 def test_print_config_prints_the_resolved_yaml_and_trains_nothing(tmp_path: Path, capsys) -> None:

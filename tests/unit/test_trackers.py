@@ -110,13 +110,16 @@ def test_unknown_trackers_and_missing_packages_are_named(
 
 
 def test_the_older_tensorboard_switch_still_turns_it_off(tmp_path: Path) -> None:
-    assert active_trackers(TrainConfig()) == ["tensorboard"]  # today's default output
-    assert active_trackers(TrainConfig(tensorboard=False)) == []
+    # The default needs no package beyond the base install.
+    assert active_trackers(TrainConfig()) == ["csv"]
+    assert active_trackers(TrainConfig(tensorboard=False)) == ["csv"]
+    assert active_trackers(TrainConfig(tensorboard=False, trackers=["tensorboard"])) == []
     assert active_trackers(TrainConfig(tensorboard=False, trackers=["tensorboard", "csv"])) == [
         "csv"
     ]
     run = RunDir(tmp_path)
-    for train, tracking in ((TrainConfig(), True), (TrainConfig(tensorboard=False), False)):
+    off = TrainConfig(tensorboard=False, trackers=["tensorboard"])
+    for train, tracking in ((TrainConfig(), True), (off, False)):
         observers = run_observers(run, train, is_main=True)
         kinds = [type(o).__name__ for o in observers.observers]
         observers.close()

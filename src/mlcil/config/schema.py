@@ -197,8 +197,9 @@ class TrainConfig(Section):
     # Experiment trackers fed with the config, the learning rate and losses of every step and
     # each session's metrics (docs/tracking.md): tensorboard, csv, wandb, mlflow or a name
     # registered with mlcil.trackers.register_tracker. train.tensorboard=false drops tensorboard
-    # from the list (the older switch; existing configs keep their output).
-    trackers: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    # from the list (the older switch; existing configs keep their output). The default, csv,
+    # needs no package beyond the base install.
+    trackers: list[str] = Field(default_factory=lambda: ["csv"])
     # Deterministic kernels (torch.use_deterministic_algorithms, cuDNN without autotuning,
     # CUBLAS_WORKSPACE_CONFIG): repeatable on one machine at some speed cost; an operation
     # without a deterministic kernel then raises instead of running.
@@ -256,6 +257,9 @@ class RunConfig(Section):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
+    # The plugin modules (or .py files) the run was made with, recorded by mlcil when the run
+    # starts (mlcil.plugins): --resume, eval, predict and mlcil.load import them again.
+    plugins: list[str] = Field(default_factory=list)
 
     @field_validator("name", "label")
     @classmethod

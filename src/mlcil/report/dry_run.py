@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 
 def dry_run_summary(experiment: Experiment, run_dir: Path) -> str:
     """Sessions, set sizes, weights file status and a model summary, without training."""
+    from mlcil.requirements import weights_status
+
     config = experiment.config
     lines = [
         f"run: {config.run_name} -> {run_dir}",
@@ -40,14 +42,7 @@ def dry_run_summary(experiment: Experiment, run_dir: Path) -> str:
         lines.append(f"exemplar memory: {budget}, labels {memory.labels}")
     else:
         lines.append("exemplar memory: off")
-    pretrained = config.model.pretrained
-    if pretrained and pretrained.startswith(("pretrain:", "imagenet:")):
-        lines.append(f"pretrained weights: {pretrained} [made on first use, then cached]")
-    elif pretrained:
-        status = "found" if Path(pretrained).is_file() else "MISSING (training would stop here)"
-        lines.append(f"pretrained weights: {pretrained} [{status}]")
-    else:
-        lines.append("pretrained weights: none (random initialisation)")
+    lines.append(f"pretrained weights: {weights_status(config.model)}")
     method = experiment.build_method(load_weights=False)
     for session in experiment.sessions:
         method.network.add_session(len(session.new_classes))
