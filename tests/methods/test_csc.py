@@ -228,3 +228,11 @@ def test_dry_run_of_the_method_config(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["-q", "train", "--config", config, "--dry-run", "model.backbone=resnet18"]) == 0
     output = capsys.readouterr().out
     assert "'name': 'csc'" in output and "cigcn" in output and "projection" in output
+
+
+def test_mlcil_list_shows_csc_with_its_paper_and_rule(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    line = next(
+        line for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["csc"]
+    )
+    assert line.split()[1] == "[distill]" and "Confidence Self-Calibration" in line

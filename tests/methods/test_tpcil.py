@@ -185,3 +185,10 @@ def test_published_configs_change_only_the_method_and_dry_run(
     assert config.model.backbone == krt.model.backbone and config.train == krt.train
     assert config.data == krt.data and config.loss == krt.loss
     assert main(["-q", "train", "--config", str(path), "--dry-run", f"root={root}"]) == 0
+
+
+def test_mlcil_list_shows_tpcil_with_its_paper_and_rule(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    line = next(line for line in lines if line.split()[:1] == ["tpcil"])
+    assert line.split()[1] == "[negative]" and "elastic Hebbian graph" in line
