@@ -66,6 +66,8 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {
     "bic": (["methods/bic.yaml"], MEMORY),
     "derpp": (["methods/derpp.yaml"], MEMORY),
     "agcn": (["methods/agcn.yaml"], MEMORY),
+    "csc": (["methods/csc.yaml"], ["model.node_dim=32"]),
+    "tpcil": (["methods/tpcil.yaml"], MEMORY),
 }
 
 TINY = [

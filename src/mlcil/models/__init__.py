@@ -7,6 +7,7 @@ from mlcil.config.schema import ModelConfig
 from mlcil.imagenet import is_imagenet_name, normalisation
 from mlcil.models.backbones import Backbone, load_backbone_weights
 from mlcil.models.base import IncrementalNetwork, NetworkOutput
+from mlcil.models.cigcn import CIGCNNetwork, CIGCNParams
 from mlcil.models.gcn import GCNNetwork, GCNOutput, GCNParams
 from mlcil.models.ica import ClassAttentionBlock, ICANetwork, ICAParams
 from mlcil.models.linear import LinearNetwork
@@ -52,6 +53,8 @@ def build_network(
 __all__ = [
     "NETWORKS",
     "Backbone",
+    "CIGCNNetwork",
+    "CIGCNParams",
     "ClassAttentionBlock",
     "GCNNetwork",
     "GCNOutput",
