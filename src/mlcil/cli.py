@@ -326,8 +326,12 @@ def cmd_configs(args: argparse.Namespace) -> int:
     runnable = {name: path for name, path in configs.items() if name not in fragments}
     width = max(len(name) for name in configs)
     columns = max(shutil.get_terminal_size((100, 24)).columns, width + 40)
+    # Never break inside a hyphenated word: a wrapped "method-neutral" would read back as two.
     wrap = textwrap.TextWrapper(
-        width=columns - 1, initial_indent="", subsequent_indent=" " * (width + 4)
+        width=columns - 1,
+        initial_indent="",
+        subsequent_indent=" " * (width + 4),
+        break_on_hyphens=False,
     )
     print(f"shipped configs ({packaged_root()}); use one with: mlcil train --config NAME")
     for name, path in runnable.items():
@@ -544,6 +548,22 @@ def _plugin_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _report_parser(commands: Any) -> None:
+    report = commands.add_parser(
+        "report",
+        help="an HTML page comparing runs (tables, curves, per-class charts, each run's settings "
+        "with those that differ highlighted), with report.md and report.json",
+    )
+    report.add_argument("runs", nargs="+", help="run folders, finished or not")
+    report.add_argument(
+        "--output",
+        default="runs/report",
+        help="the report folder: report.html, report.md, report.json and one curve PNG per "
+        "dataset and protocol (nothing is written elsewhere)",
+    )
+    report.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mlcil", description="Multi-label class-incremental learning (KRT and baselines)."
@@ -599,19 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
-    report = commands.add_parser(
-        "report",
-        help="an HTML page comparing runs (tables, curves, per-class charts, each run's settings "
-        "with those that differ highlighted), with report.md and report.json",
-    )
-    report.add_argument("runs", nargs="+", help="run folders, finished or not")
-    report.add_argument(
-        "--output",
-        default="runs/report",
-        help="the report folder: report.html, report.md, report.json and one curve PNG per "
-        "dataset and protocol (nothing is written elsewhere)",
-    )
-    report.set_defaults(func=cmd_report)
+    _report_parser(commands)
     return parser
 
 

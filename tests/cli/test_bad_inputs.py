@@ -504,7 +504,7 @@ def _oserror_in_dry_run(ws: Workspace) -> list[str]:
     def fail(*args: Any, **kwargs: Any) -> str:
         raise OSError(errno.EIO, "Input/output error", str(ws.tmp / "disk"))
 
-    ws.monkeypatch.setattr("mlcil.cli.dry_run_summary", fail)
+    ws.monkeypatch.setattr("mlcil.report.dry_run_summary", fail)
     ws.forbidden.append("checkpoint")  # nothing was run: no checkpoint to speak of
     return _new_run("--dry-run", overwrite=False)(ws)
 
@@ -697,7 +697,8 @@ CASES: dict[str, tuple[Setup, str]] = {
     ),
     "derpp_logits_of_another_width_unlisted": (
         _rows_of("derpp", "memory.safetensors", _narrow_rows, "resume", unlisted=True),
-        "holds 3 values, expected 5 finite values",
+        # 5 or 10 values, by the session that stored the damaged row (the herding's choice)
+        "holds 3 values, expected",
     ),
     "derpp_logits_missing": (
         _rows_of("derpp", "memory.safetensors", lambda t: None, "resume"),
@@ -763,7 +764,7 @@ CASES: dict[str, tuple[Setup, str]] = {
         "state.json",
     ),
     "deep_json_coco_annotations": (_deep_coco, "nested too deeply"),
-    "tracker_fails_to_start": (_failing_tracker, "tracker 'boom' could not start"),
+    "tracker_fails_to_start": (_failing_tracker, "train.trackers: 'boom' cannot start"),
     "pretrain_epochs_zero": (_const("pretrain", "--config", CONFIG, "--epochs", "0"), "--epochs"),
     # Row 10: every message says what is true.
     "pretrain_cache_is_a_file": (_cache_is_a_file, "weights cache"),
@@ -912,7 +913,9 @@ def test_an_add_session_killed_before_its_checkpoint_keeps_eval_s_check(
     capsys.readouterr()
     assert main(["-q", "eval", "--run", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "recorded last_map" in out and "reproduced" in out, out
+    # The check compares the evaluated session's own recorded seen mAP: the added session,
+    # never learned, does not switch it off.
+    assert "recorded sessions[1].seen_map" in out and "reproduced" in out, out
 
 
 def test_predict_from_python_refuses_a_batch_size_out_of_bounds(

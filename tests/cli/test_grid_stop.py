@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from mlcil.results import run_finished
 from tiny import REPO, tiny_overrides, write_manifest_dataset
 
 _TIMEOUT_S = 300.0
@@ -93,6 +94,9 @@ def test_a_stopped_grid_leaves_no_process_and_the_same_command_finishes_it(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        # A shell's background job (`pytest ... &`) inherits SIGINT ignored, and Python then
+        # never turns it into KeyboardInterrupt: the grid starts as a foreground job would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     runs = [output / "runs" / f"manifest_B0-C2_{name}_s0" for name in ("finetune", "lwf")]
     try:
@@ -117,7 +121,8 @@ def test_a_stopped_grid_leaves_no_process_and_the_same_command_finishes_it(
         assert process.returncode == 130, err
         assert "interrupted: " in err and "the same command resumes" in err, err
         assert "Traceback" not in err, err
-    assert not any((run / "metrics.json").exists() for run in runs), "finished before the stop"
+    # metrics.json is written after every session: none may say its run is finished.
+    assert not any(run_finished(run) for run in runs), "finished before the stop"
 
     # The same command resumes both runs from their checkpoints and writes the report.
     result = subprocess.run(
