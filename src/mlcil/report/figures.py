@@ -144,7 +144,7 @@ def heatmap_figure(classes: list[str], table: np.ndarray, title: str, scale: tup
     height = min(1.8 + 0.25 * len(classes), 40.0)
     # Narrow enough for two side by side on the page (the class names take their room).
     longest = max((len(name) for name in classes), default=1)
-    width = max(2.2 + 0.55 * table.shape[1] + 0.07 * longest, 0.08 * len(title))  # title fits
+    width = max(2.2 + 0.55 * table.shape[1] + 0.07 * longest, 0.1 * len(title))  # title fits
     figure, axis = _figure(width, height)
     colors = pyplot().get_cmap("viridis").with_extremes(bad="#dddddd")  # grey: not seen yet
     image = axis.imshow(
