@@ -3,6 +3,13 @@
 For every case the CLI must print one ``error: ...`` line naming the file, line, key or value at
 fault, exit non-zero without a traceback, and leave the earlier run byte-identical (its log may
 grow). One tiny finished run (digits, two sessions) is trained per module and copied per test.
+
+The faults whose right answer is not an error live with their subject, by their command: a report
+of a class named like a path (tests/unit/test_report_html.py, the slug test), ``--overwrite``
+killed at every rename of its set-aside and restore (tests/unit/test_rundir.py and
+tests/cli/test_run_folder.py), Ctrl-C, SIGTERM and a killed parent on ``compare --jobs 2``
+(tests/cli/test_grid_stop.py), and no network connection unless hub weights are named
+(tests/cli/test_no_network.py).
 """
 
 from __future__ import annotations

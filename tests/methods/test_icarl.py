@@ -65,6 +65,20 @@ def test_prediction_is_nme_once_the_memory_exists_else_the_heads() -> None:
     torch.testing.assert_close(again.predict(data.images), expected)
 
 
+def test_a_checkpoint_without_class_means_scores_with_the_heads_and_says_so(caplog) -> None:
+    # An older or damaged checkpoint loads no means: prediction falls back to the heads, and
+    # the log says so once (not once per batch).
+    method, data = second_session_method("icarl", {}), batch()
+    method.load_state_tensors({})
+    with caplog.at_level("WARNING", logger="mlcil.methods.icarl"):
+        first = method.predict(data.images)
+        method.predict(data.images)
+    torch.testing.assert_close(first, method.network(data.images).logits)
+    warnings = [r.getMessage() for r in caplog.records if "sigmoid heads" in r.getMessage()]
+    assert warnings == ["iCaRL: class means for 0 of 4 classes: scoring with the sigmoid heads "
+                        "until the session's memory gives them all"]  # fmt: skip
+
+
 def test_the_heads_option_ignores_the_exemplars() -> None:
     method, data = second_session_method("icarl", {"prediction": "heads"}), batch()
     features = method.network.pooled_features(data.images)

@@ -71,6 +71,7 @@ class ICaRL(LwF):
         super().__init__(*args, **kwargs)
         self.positive_means: torch.Tensor | None = None  # (seen, F)
         self.negative_means: torch.Tensor | None = None
+        self.heads_fallback_logged = False
 
     def prepare_prediction(self, exemplars: ExemplarSet) -> None:
         if self.params.prediction != "nme":
@@ -84,9 +85,20 @@ class ICaRL(LwF):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         positive, negative = self.positive_means, self.negative_means
-        if self.params.prediction != "nme" or positive is None or negative is None:
+        if self.params.prediction != "nme":
             return super().predict(images)
-        if len(positive) < self.seen:  # inside a session, before its memory exists
+        if positive is None or negative is None or len(positive) < self.seen:
+            # Inside a session, before its memory exists, or a checkpoint without its means
+            # (an older one, or a damaged one): the heads score, and the log says so once.
+            if not self.heads_fallback_logged:
+                self.heads_fallback_logged = True
+                known = 0 if positive is None else len(positive)
+                logger.warning(
+                    "iCaRL: class means for %d of %d classes: scoring with the sigmoid heads "
+                    "until the session's memory gives them all",
+                    known,
+                    self.seen,
+                )
             return super().predict(images)
         features = self.network.pooled_features(images)
         device = features.device
