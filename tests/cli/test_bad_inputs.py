@@ -687,6 +687,14 @@ CASES: dict[str, tuple[Setup, str]] = {
         _const("data", "synth-coco", "--output", "TMP/sc", "--train", "1000000000"),
         "1,000,000",
     ),
+    "synth_coco_negative_count": (
+        _const("data", "synth-coco", "--output", "TMP/sc", "--train", "-5"),
+        "'-5' must be from 1 to 1,000,000",
+    ),
+    "synth_coco_nothing_to_write": (
+        _const("data", "synth-coco", "--output", "TMP/sc", "--train", "0", "--test", "0"),
+        "'0' must be from 1 to 1,000,000",
+    ),
     "synth_coco_a_million_jobs": (
         _const("data", "synth-coco", "--output", "TMP/sc", "--jobs", "1000000"),
         "256",
