@@ -4,6 +4,7 @@ synth-coco, synth-voc), ``list``, ``configs``, ``weights fetch`` and ``pretrain`
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from mlcil.errors import MlcilError
@@ -26,27 +27,17 @@ def cmd_export_digits(args: argparse.Namespace) -> int:
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
-    import json
-
     from mlcil.data.synthetic import write_synthetic_coco, write_synthetic_voc
 
+    write = write_synthetic_coco if args.action == "synth-coco" else write_synthetic_voc
     sizes = {"image_size": tuple(args.image_size)} if args.image_size else {}
-    if args.action == "synth-coco":
-        summary = write_synthetic_coco(
-            args.output, args.train, args.test, seed=args.seed, jobs=args.jobs, **sizes
-        )
-    else:
-        summary = write_synthetic_voc(
-            args.output, args.train, args.test, seed=args.seed, jobs=args.jobs, **sizes
-        )
+    summary = write(args.output, args.train, args.test, seed=args.seed, jobs=args.jobs, **sizes)
     print(json.dumps(summary, indent=1))
     print(f"written: {args.output} (data.root={args.output})")
     return 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    import json
-
     from mlcil.data import build_image_cache
     from mlcil.experiment import load_config
 
@@ -70,25 +61,29 @@ def cmd_list(args: argparse.Namespace) -> int:
     width = max(10, *(len(name) for name in names))
     print("methods (default old-class rule, method.old_classes, in brackets):")
     for name, cls in sorted(METHODS.items()):
-        summary = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
         rule = cls.Params.model_fields.get("old_classes")
         tag = f"[{rule.default}] " if rule is not None else "[its own] "
-        print(f"  {name:<{width}} {tag}{summary.splitlines()[0] if summary else ''}")
+        summary = _first_line(cls.__doc__ or sys.modules[cls.__module__].__doc__)
+        print(f"  {name:<{width}} {tag}{summary}")
     print("networks:")
     for name, network in sorted(NETWORKS.items()):
-        summary = (network.__doc__ or "").strip()
-        print(f"  {name:<{width}} {summary.splitlines()[0] if summary else ''}")
+        print(f"  {name:<{width}} {_first_line(network.__doc__)}")
     print("old-class rules (method.old_classes):")
     for name, summary in RULE_SUMMARIES.items():
         print(f"  {name:<{width}} {summary}")
     print("memory policies (memory.policy):")
     for name, policy in sorted(MEMORY_POLICIES.items()):
-        summary = (policy.__doc__ or "").strip()
-        print(f"  {name:<{width}} {summary.splitlines()[0] if summary else ''}")
+        print(f"  {name:<{width}} {_first_line(policy.__doc__)}")
     print("datasets (published protocols):")
     for name, spec in DATASETS.items():
         print(f"  {name:<{width}} {' '.join(spec.protocols)}".rstrip())
     return 0
+
+
+def _first_line(text: str | None) -> str:
+    """A docstring's first line ("" for none)."""
+    lines = (text or "").strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
@@ -129,8 +124,6 @@ def cmd_configs(args: argparse.Namespace) -> int:
 def cmd_weights(args: argparse.Namespace) -> int:
     """``mlcil weights fetch NAME``: hub weights downloaded into the hub cache now (for a
     machine without a network later), or ``imagenet:`` weights converted into mlcil's cache."""
-    import json
-
     from mlcil import hub_weights, imagenet
     from mlcil.weights_cache import read_provenance
 
@@ -152,8 +145,6 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    import json
-
     from mlcil.experiment import load_config
     from mlcil.pretrain import PretrainRecipe, pretrain_backbone
     from mlcil.weights_cache import read_provenance

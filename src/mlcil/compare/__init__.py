@@ -217,13 +217,10 @@ def run_comparison(
     return write_report([run.run_dir for run in plan], Path(output_dir))
 
 
-def _check_plans(
-    plans: Sequence[tuple[str, RunConfig]], output_dir: Path
-) -> list[Experiment | None]:
+def _check_plans(plans: Sequence[tuple[str, RunConfig]], output_dir: Path) -> None:
     """Check every run of the grid before the first one starts: its data, protocol and sessions
     (by building its experiment), and any earlier run in its folder (same settings, or a
-    complete run to resume). Returns the experiments (None for runs already finished)."""
-    experiments: list[Experiment | None] = []
+    complete run to resume)."""
     seen: dict[Path, str] = {}
     for spec, config in plans:
         run_dir = output_dir / "runs" / config.run_name
@@ -236,7 +233,6 @@ def _check_plans(
         if RunDir(run_dir).config_file.is_file():
             _check_same_config(run_dir, config)
             if run_finished(run_dir):
-                experiments.append(None)
                 continue
         elif latest_checkpoint(run_dir) is None and RunDir(run_dir).found_run_files():
             found = ", ".join(RunDir(run_dir).found_run_files())
@@ -245,10 +241,9 @@ def _check_plans(
                 "choose another --output"
             )
         try:
-            experiments.append(Experiment(config))
+            Experiment(config)
         except MlcilError as error:
             raise type(error)(f"{spec} (seed {config.seed}, {config.protocol}): {error}") from None
-    return experiments
 
 
 def _check_same_config(run_dir: Path, config: RunConfig) -> None:
