@@ -61,7 +61,7 @@ from mlcil.data.synthetic_scenes import (
     voc_model,
 )
 from mlcil.errors import ConfigError, DataError, shown
-from mlcil.safety import MAX_JOBS, MAX_SEED, MAX_SYNTHETIC_IMAGES
+from mlcil.safety import MAX_JOBS, MAX_SEED, MAX_SYNTHETIC_IMAGES, check_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -76,22 +76,16 @@ def _check_arguments(
     def is_int(value: Any) -> bool:
         return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
+    def bounded(value: Any, low: int, high: int, what: str) -> None:
+        if isinstance(value, np.integer) and low <= value <= high:
+            value = int(value)  # a NumPy integer in range is welcome
+        check_bounded(value, low, high, f"synthetic {dataset}: {what}")
+
     # Bounded before anything is planned or allocated (the plan takes bytes per image).
     for name, value in counts.items():
-        if not is_int(value) or not 1 <= value <= MAX_SYNTHETIC_IMAGES:
-            raise ConfigError(
-                f"synthetic {dataset}: {name} must be an integer from 1 to "
-                f"{MAX_SYNTHETIC_IMAGES:,}, got {shown(value)}"
-            )
-    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
-        raise ConfigError(
-            f"synthetic {dataset}: seed must be an integer from 0 to {MAX_SEED:,}, "
-            f"got {shown(seed)}"
-        )
-    if not is_int(jobs) or not 1 <= jobs <= MAX_JOBS:
-        raise ConfigError(
-            f"synthetic {dataset}: jobs must be an integer from 1 to {MAX_JOBS}, got {shown(jobs)}"
-        )
+        bounded(value, 1, MAX_SYNTHETIC_IMAGES, name)
+    bounded(seed, 0, MAX_SEED, "seed")
+    bounded(jobs, 1, MAX_JOBS, "jobs")
     try:
         width, height = image_size
     except (TypeError, ValueError):
