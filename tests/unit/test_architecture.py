@@ -325,3 +325,18 @@ def test_metrics_json_is_written_and_read_only_through_the_typed_record() -> Non
     assert users == {"mlcil.rundir", "mlcil.results"}, users
     report = [p for p in (PACKAGE / "report").rglob("*.py") if "json.load" in p.read_text()]
     assert not report, report
+
+
+# --- size helper (issue 25 item 7) ---
+
+
+def test_no_module_of_the_package_is_over_550_lines() -> None:
+    # Temporary: these two are being split on another branch; the lead removes this set on merge.
+    allowance = {"rundir.py", "data/image_cache.py"}
+    sizes = {
+        path.relative_to(PACKAGE).as_posix(): len(path.read_text().splitlines())
+        for path in sorted(PACKAGE.rglob("*.py"))
+    }
+    assert sizes["cli/__init__.py"] > 0 and sizes["compare/workers.py"] > 0  # the walk sees them
+    long = {name: lines for name, lines in sizes.items() if lines > 550 and name not in allowance}
+    assert not long, f"modules over 550 lines: {long}"

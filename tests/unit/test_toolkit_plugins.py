@@ -111,13 +111,13 @@ def test_the_cli_imports_plugins_from_options_and_environment(
 def test_compare_workers_import_the_plugins_of_the_parent(
     tmp_path: Path, clean_registries: None
 ) -> None:
-    from mlcil import compare
+    from mlcil.compare import workers
 
     path = tmp_path / "worker_plugin.py"
     path.write_text(PLUGIN.format(name="renamed-worker"))
     threads = torch.get_num_threads()
     try:
-        compare._start_worker([str(path)])  # what a spawned worker runs first
+        workers.start_worker([str(path)])  # what a spawned worker runs first
     finally:
         torch.set_num_threads(threads)
     assert "renamed-worker" in METHODS
