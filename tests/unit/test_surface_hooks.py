@@ -5,7 +5,7 @@ the prediction hook before evaluation, method tensors in checkpoints, and resume
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,6 +37,7 @@ from mlcil.methods.base import (
 from mlcil.methods.registry import METHODS, register_method
 from mlcil.models.base import IncrementalNetwork, NetworkOutput
 from mlcil.protocol import Session
+from tiny import in_memory_context
 
 CLASSES = 4
 
@@ -255,5 +256,61 @@ def test_a_phase_holding_out_every_row_is_refused(
         return ExtraPhase("all", rows, epochs=1) if self.num_old else None
 
     monkeypatch.setattr(Surface, "extra_phase", everything)
-    with pytest.raises(ConfigError, match="extra phase 'all'.*fewer than all"):
+    with pytest.raises(ConfigError, match=r"extra phase 'all'.*fewer than all \(held out\)"):
         Trainer(config(), run_dir=tmp_path / "run").run()
+
+
+def test_a_phase_that_holds_nothing_out_follows_a_main_fit_on_every_row(
+    surface: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def again(self: Surface, context: SessionContext) -> ExtraPhase | None:
+        rows = np.arange(len(context.train_set))  # every row: refused when held out
+        return ExtraPhase("again", rows, epochs=1, holds_out=False) if self.num_old else None
+
+    monkeypatch.setattr(Surface, "extra_phase", again)
+    assert Trainer(config(), run_dir=tmp_path / "run").run() is not None
+    total = events("begin")[1][2]  # session 1's own images + exemplars
+    steps = events("step")
+    session1 = steps[len(steps) - 2 * -(-total // 4) :]  # 2 epochs of batches of 4
+    assert sum(e[1] for e in session1) == 2 * total  # the main fit saw every row
+    assert sum(e[1] for e in events("phase_step")) == total  # and the phase saw them again
+    epochs = [e[1:] for e in events("after_epoch")][-3:]
+    assert epochs == [("main", 0, 2), ("main", 1, 2), ("again", 2, 3)]
+
+
+class EditedGradients(Surface):
+    """Replaces every gradient by a constant before the optimiser steps."""
+
+    seen_gradients: ClassVar[list[bool]] = []
+
+    def before_optimizer_step(
+        self, optimizer: torch.optim.Optimizer, batches: Sequence[Batch]
+    ) -> None:
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        # Called after the backward passes: every parameter the loss reaches has a gradient.
+        self.seen_gradients.append(all(p.grad is not None for p in parameters))
+        assert len(batches) == 2  # the step's two micro-batches
+        for parameter in parameters:
+            parameter.grad = torch.full_like(parameter, 0.5)
+
+
+def test_before_optimizer_step_edits_the_gradients_the_step_uses() -> None:
+    from mlcil.config.schema import LossConfig
+    from mlcil.engine.fit import train_step
+
+    sessions = [Session(0, [0, 1], [0, 1])]
+    labels = np.eye(2, dtype=np.uint8)[np.arange(8) % 2]
+    context = in_memory_context(sessions[0], sessions, labels, image_size=8, batch_size=4)
+    EditedGradients.seen_gradients.clear()
+    method = EditedGradients(Surface.Params(), Tiny(), LossConfig())
+    method.begin_session(context)
+    optimization = method.configure_optimization(TrainConfig(), sessions[0], 1)  # SGD, lr 0.05
+    before = [p.detach().clone() for p in method.network.parameters()]
+    loader = torch.utils.data.DataLoader(context.training_data(), batch_size=4)
+    batches = [Batch.from_items(items) for items in loader]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train_step(method, batches, optimization, scaler, context)
+    assert EditedGradients.seen_gradients == [True]
+    for old, new in zip(before, method.network.parameters(), strict=True):
+        # The step used the edited gradient (0.5 everywhere), not the loss's own.
+        assert torch.allclose(new.detach(), old - 0.05 * 0.5)

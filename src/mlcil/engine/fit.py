@@ -498,8 +498,12 @@ def train_step(
             logged[name] = logged.get(name, 0.0) + weight * term
     if phase is not None and not phase.trains_network and runtime.world_size > 1:
         average_gradients(optimizer)  # DDP averages the network's; these are the phase's own
+    # Unscaled once (a no-op but under fp16): the hook and the clipping see true gradients.
+    scaler.unscale_(optimizer)
+    hook = getattr(method, "before_optimizer_step", None)  # stand-ins in tests have none
+    if hook is not None:
+        hook(optimizer, micro_batches)
     if optimization.grad_clip_norm is not None:
-        scaler.unscale_(optimizer)
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(parameters, optimization.grad_clip_norm)
     scaler.step(optimizer)

@@ -1,5 +1,5 @@
 """A session's parts around the session loop: the context a method trains in, the fits it runs
-(the main one, then the method's extra phase on rows held out of it), and what follows them
+(the main one, then the method's extra phase, on rows held out of it or not), and what follows them
 (the memory update and the method's preparation of its prediction rule, before evaluation).
 
 Nothing here names a method: every step is a hook of :class:`mlcil.methods.base.Method` with a
@@ -70,22 +70,25 @@ def session_fits(
     if phase is None:
         return [SessionFit(context, FitSchedule(), resume)]
     held_out = check_phase_rows(phase, context)
-    main_rows = np.setdiff1d(np.arange(len(context.train_set)), held_out)
+    every_row = np.arange(len(context.train_set))
+    main_rows = np.setdiff1d(every_row, held_out) if phase.holds_out else every_row
     main_epochs = train.epochs_for(context.session.index)
     in_phase = resume is not None and resume.position.epoch >= main_epochs
     fits = []
     if not in_phase:
         main = FitSchedule(None, 0, ends_session=False)
-        fits.append(SessionFit(context.restricted(main_rows), main, resume))
+        main_context = context.restricted(main_rows) if phase.holds_out else context
+        fits.append(SessionFit(main_context, main, resume))
     at_start = resume is not None and resume.position == FitPosition(main_epochs, 0)
     phase_resume = resume if in_phase and not at_start else None
     schedule = FitSchedule(phase, main_epochs, ends_session=True)
     fits.append(SessionFit(context.restricted(held_out), schedule, phase_resume))
     logger.info(
-        "session %d: %d training rows, then %d held out for the %s phase",
+        "session %d: %d training rows, then %d %s for the %s phase",
         context.session.index,
         len(main_rows),
         len(held_out),
+        "held out" if phase.holds_out else "of them",
         phase.name,
     )
     return fits
@@ -93,14 +96,16 @@ def session_fits(
 
 def check_phase_rows(phase: ExtraPhase, context: SessionContext) -> np.ndarray:
     """The phase's rows, sorted; an error unless they are distinct rows of the training set
-    that leave the main fit at least one row and give the phase at least one."""
+    that give the phase at least one and, held out, leave the main fit at least one."""
     rows = np.asarray(phase.rows, dtype=np.int64)
     total = len(context.train_set)
     held_out = np.unique(rows)
-    if len(held_out) != len(rows) or not 0 < len(held_out) < total:
+    most = total - 1 if phase.holds_out else total
+    if len(held_out) != len(rows) or not 0 < len(held_out) <= most:
+        limit = "and fewer than all (held out)" if phase.holds_out else "and at most all"
         raise ConfigError(
             f"extra phase {phase.name!r}: {len(rows)} rows ({len(held_out)} distinct) of a "
-            f"training set of {total}: it needs distinct rows, at least one, and fewer than all"
+            f"training set of {total}: it needs distinct rows, at least one, {limit}"
         )
     if held_out[0] < 0 or held_out[-1] >= total:
         raise ConfigError(f"extra phase {phase.name!r}: rows outside 0..{total - 1}")
