@@ -72,10 +72,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     trainer = launch.trainer
     _started[0] = trainer.run_dir
-    if not trainer.experiment.runtime.is_main:  # under torchrun, rank 0 logs progress
+    if not trainer.runtime.is_main:  # under torchrun, rank 0 logs progress
         logging.getLogger().setLevel(logging.WARNING)
     metrics = launch.run(max_sessions=args.max_sessions)
-    if not trainer.experiment.runtime.is_main:  # under torchrun, rank 0 reports
+    if not trainer.runtime.is_main:  # under torchrun, rank 0 reports
         return 0
     if metrics is None:
         where = trainer.stopped or f"after session {trainer.next_session - 1}"
@@ -395,12 +395,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     from mlcil.experiment import load_config
     from mlcil.pretrain import PretrainRecipe, pretrain_backbone
+    from mlcil.runs import make_runtime
     from mlcil.weights_cache import read_provenance
 
     config = load_config(args.config, args.overrides)
     changes = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed")}
     recipe = PretrainRecipe(**{k: v for k, v in changes.items() if v is not None})
-    path = pretrain_backbone(config.model, config.data.image_size, recipe)
+    runtime = make_runtime(config)
+    path = pretrain_backbone(config.model, config.data.image_size, recipe, runtime=runtime)
     print(json.dumps(read_provenance(path), indent=1))
     print(f"weights: {path}")
     if recipe != PretrainRecipe():

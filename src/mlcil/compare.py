@@ -52,7 +52,7 @@ from mlcil.report import write_report
 from mlcil.requirements import check_run_requirements
 from mlcil.results import run_finished
 from mlcil.rundir import RunDir
-from mlcil.runs import resume_run, start_run, with_recorded_plugins
+from mlcil.runs import make_runtime, resume_run, start_run, with_recorded_plugins
 from mlcil.safety import RESUME_SAFE_KEYS, result_changes
 
 logger = logging.getLogger(__name__)
@@ -541,7 +541,7 @@ def _check_plans(
                 "choose another --output"
             )
         try:
-            experiments.append(Experiment(config))
+            experiments.append(Experiment(config, runtime=make_runtime(config)))
         except MlcilError as error:
             raise type(error)(f"{spec} (seed {config.seed}, {config.protocol}): {error}") from None
     return experiments

@@ -20,9 +20,8 @@ from mlcil.config.schema import ModelConfig, TrainConfig
 from mlcil.data.base import ArrayImageSource, ImageSource
 from mlcil.data.catalog import DATASETS, DatasetSpec
 from mlcil.engine.checkpoint import restore_run
-from mlcil.engine.loop import Trainer
 from mlcil.errors import ConfigError
-from mlcil.experiment import Experiment, load_config
+from mlcil.experiment import load_config
 from mlcil.methods.base import (
     Batch,
     EpochInfo,
@@ -37,7 +36,7 @@ from mlcil.methods.base import (
 from mlcil.methods.registry import METHODS, register_method
 from mlcil.models.base import IncrementalNetwork, NetworkOutput
 from mlcil.protocol import Session
-from tiny import in_memory_context
+from tiny import experiment_of, in_memory_context, trainer_of
 
 CLASSES = 4
 
@@ -186,7 +185,7 @@ def events(kind: str) -> list[tuple[Any, ...]]:
 def test_hooks_phases_and_exemplar_data_as_the_engine_calls_them(
     surface: None, tmp_path: Path
 ) -> None:
-    metrics = Trainer(config(), run_dir=tmp_path / "run").run()
+    metrics = trainer_of(config(), run_dir=tmp_path / "run").run()
     assert metrics is not None
     kinds = [entry[0] for entry in Surface.log]
     # Session 1: the main fit, then the phase, then the prediction hook, evaluation, the end.
@@ -230,14 +229,14 @@ def test_hooks_phases_and_exemplar_data_as_the_engine_calls_them(
 def test_restore_and_resume_keep_method_tensors_and_exemplar_data(
     surface: None, tmp_path: Path
 ) -> None:
-    straight = Trainer(config(), run_dir=tmp_path / "straight").run()
-    assert Trainer(config(), run_dir=tmp_path / "split").run(max_sessions=1) is None
+    straight = trainer_of(config(), run_dir=tmp_path / "straight").run()
+    assert trainer_of(config(), run_dir=tmp_path / "split").run(max_sessions=1) is None
     folder = tmp_path / "split/checkpoints/session_00"
-    state = restore_run(Experiment(config()), folder)
+    state = restore_run(experiment_of(config()).inputs, folder)
     assert isinstance(state.method, Surface)
     assert state.method.marker.tolist() == sorted(state.memory.labels)
     assert state.memory.data and set(state.memory.data) == set(state.memory.labels)
-    resumed = Trainer(config(), run_dir=tmp_path / "split", resume=True).run()
+    resumed = trainer_of(config(), run_dir=tmp_path / "split", resume=True).run()
     assert straight is not None and resumed is not None
     straight, resumed = straight.plain(), resumed.plain()  # as metrics.json holds them
 
@@ -257,7 +256,7 @@ def test_a_phase_holding_out_every_row_is_refused(
 
     monkeypatch.setattr(Surface, "extra_phase", everything)
     with pytest.raises(ConfigError, match=r"extra phase 'all'.*fewer than all \(held out\)"):
-        Trainer(config(), run_dir=tmp_path / "run").run()
+        trainer_of(config(), run_dir=tmp_path / "run").run()
 
 
 def test_a_phase_that_holds_nothing_out_follows_a_main_fit_on_every_row(
@@ -268,7 +267,7 @@ def test_a_phase_that_holds_nothing_out_follows_a_main_fit_on_every_row(
         return ExtraPhase("again", rows, epochs=1, holds_out=False) if self.num_old else None
 
     monkeypatch.setattr(Surface, "extra_phase", again)
-    assert Trainer(config(), run_dir=tmp_path / "run").run() is not None
+    assert trainer_of(config(), run_dir=tmp_path / "run").run() is not None
     total = events("begin")[1][2]  # session 1's own images + exemplars
     steps = events("step")
     session1 = steps[len(steps) - 2 * -(-total // 4) :]  # 2 epochs of batches of 4

@@ -18,31 +18,32 @@ import numpy as np
 from mlcil.config.schema import TrainConfig
 from mlcil.engine.evaluate import exemplar_set, update_memory
 from mlcil.engine.fit import FitPosition, FitResume, FitSchedule
+from mlcil.engine.inputs import RunData, RunInputs
 from mlcil.engine.observers import Observer, timed
 from mlcil.errors import ConfigError
-from mlcil.experiment import Experiment
 from mlcil.memory import ExemplarMemory
 from mlcil.methods.base import ExtraPhase, Method, SessionContext
 from mlcil.protocol import Session
+from mlcil.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
 
 def session_context(
-    experiment: Experiment, method: Method, session: Session, memory: ExemplarMemory
+    data: RunData, runtime: Runtime, method: Method, session: Session, memory: ExemplarMemory
 ) -> tuple[SessionContext, int]:
     """The context of ``session``: its own images, then the exemplars with the labels replay
     gives them (and, for a method that stores exemplar data, their rows); and how many of its
     training images are the session's own."""
-    train_set, own_images = experiment.train_set(session, memory)
-    context = experiment.context(session, train_set)
-    data = None
+    train_set, own_images = data.train_set(session, memory)
+    context = data.context(session, train_set, runtime)
+    rows = None
     if method.stores_exemplar_data:
         exemplars = memory.data_matrix(train_set.indices[own_images:])
         if exemplars is not None:
-            data = np.full((len(train_set), exemplars.shape[1]), np.nan, dtype=np.float32)
-            data[own_images:] = exemplars
-    return dataclasses.replace(context, own_images=own_images, exemplar_data=data), own_images
+            rows = np.full((len(train_set), exemplars.shape[1]), np.nan, dtype=np.float32)
+            rows[own_images:] = exemplars
+    return dataclasses.replace(context, own_images=own_images, exemplar_data=rows), own_images
 
 
 @dataclasses.dataclass
@@ -117,7 +118,7 @@ def check_phase_rows(phase: ExtraPhase, context: SessionContext) -> np.ndarray:
 
 
 def after_fits(
-    experiment: Experiment,
+    run: RunInputs,
     method: Method,
     memory: ExemplarMemory,
     session: Session,
@@ -126,9 +127,10 @@ def after_fits(
 ) -> ExemplarMemory:
     """Once the session is trained and before it is evaluated: the memory update (the policy's
     selection, the method's exemplar data), then ``Method.prepare_prediction``."""
+    data, runtime, settings = run.data, run.runtime, run.config.memory
     if memory.enabled:
-        phase = experiment.config.memory.policy  # "herding": the phase's name as it always was
-        with timed(observer, session, phase, experiment.runtime, len(own)):
-            memory = update_memory(experiment, method, memory, session, own)
-    method.prepare_prediction(exemplar_set(experiment, method, memory, session))
+        phase = settings.policy  # "herding": the phase's name as it always was
+        with timed(observer, session, phase, runtime, len(own)):
+            memory = update_memory(data, runtime, settings, method, memory, session, own)
+    method.prepare_prediction(exemplar_set(data, runtime, method, memory, session))
     return memory
