@@ -28,10 +28,11 @@ from mlcil import hub_weights, imagenet
 from mlcil.config.schema import LossConfig, ModelConfig, Params, TrainConfig
 from mlcil.data.glyphs import CACHE_VERSION, GLYPH_CLASSES, TEST_IMAGES, TRAIN_IMAGES, load_glyphs
 from mlcil.data.transforms import build_transform
+from mlcil.engine.callbacks import CallbackList, RunView
 from mlcil.engine.evaluate import evaluate_session
 from mlcil.engine.fit import fit_session
 from mlcil.engine.inputs import RunData
-from mlcil.engine.observers import LogObserver, Observers, ProgressObserver
+from mlcil.engine.observers import LogCallback, ProgressCallback
 from mlcil.errors import ConfigError
 from mlcil.memory import ExemplarMemory
 from mlcil.methods import METHODS, Method
@@ -155,11 +156,11 @@ def pretrain_backbone(
     train = TrainConfig(
         epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, tensorboard=False
     )
-    observer = Observers([LogObserver(), ProgressObserver()])
+    hooks = CallbackList(RunView(data, runtime), [LogCallback(), ProgressCallback()])
     try:
-        fit_session(method, context, train, observer)
+        fit_session(method, context, train, hooks)
     finally:
-        observer.close()
+        hooks.teardown()
     scores, targets = evaluate_session(data, runtime, method, session)
     test_map = mean_average_precision(scores, targets)
     record = {

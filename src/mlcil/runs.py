@@ -42,7 +42,7 @@ from mlcil.config.packaged import find_packaged
 from mlcil.config.schema import ModelConfig, RunConfig
 from mlcil.data import DATASETS
 from mlcil.diagnostics import SessionDiagnostics
-from mlcil.engine.callbacks import SessionCallback
+from mlcil.engine.callbacks import Callback, SessionCallback
 from mlcil.engine.checkpoint import RunState, restore_run
 from mlcil.engine.evaluate import evaluate_session, session_result
 from mlcil.engine.loop import Trainer
@@ -365,7 +365,7 @@ def start_run(
     *,
     overwrite: bool = False,
     runtime: Runtime | None = None,
-    observers: Sequence[Observer] = (),
+    observers: Sequence[Callback | Observer] = (),
 ) -> Launch:
     """A new run, checked and ready: nothing of an earlier run is touched before every check
     passed, and with ``overwrite`` it is only set aside until the new run's first checkpoint.
@@ -448,7 +448,7 @@ def resume_run(
     *,
     add_session: str | Path | None = None,
     test_manifest: str | Path | None = None,
-    observers: Sequence[Observer] = (),
+    observers: Sequence[Callback | Observer] = (),
 ) -> Launch:
     """Continue a run from its newest checkpoint; with ``add_session``, learn one more session
     whose classes are the manifest's labels the run has not seen (recorded in the folder, and

@@ -4,6 +4,7 @@ the prediction hook before evaluation, method tensors in checkpoints, and resume
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,6 +20,14 @@ from torch import nn
 from mlcil.config.schema import ModelConfig, TrainConfig
 from mlcil.data.base import ArrayImageSource, ImageSource
 from mlcil.data.catalog import DATASETS, DatasetSpec
+from mlcil.engine.callbacks import (
+    Callback,
+    Observer,
+    RunView,
+    SessionCallback,
+    StepRecord,
+    as_callback,
+)
 from mlcil.engine.checkpoint import restore_run
 from mlcil.errors import ConfigError
 from mlcil.experiment import load_config
@@ -313,3 +322,102 @@ def test_before_optimizer_step_edits_the_gradients_the_step_uses() -> None:
     for old, new in zip(before, method.network.parameters(), strict=True):
         # The step used the edited gradient (0.5 everywhere), not the loss's own.
         assert torch.allclose(new.detach(), old - 0.05 * 0.5)
+
+
+class Recorder(Callback):
+    """Records every hook with what the run view shows at that moment."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def on_session_start(self, run: RunView, session: Session, summary: str, resumed: bool) -> None:
+        assert run.state is not None and run.folder is not None
+        self.calls.append(("session_start", session.index, run.state.next_session, resumed))
+
+    def on_epoch_start(
+        self, run: RunView, session: Session, epoch: int, epochs: int, steps: int
+    ) -> None:
+        self.calls.append(("epoch_start", session.index, epoch))
+
+    def on_train_batch_end(self, run: RunView, record: StepRecord) -> None:
+        self.calls.append(("batch_end", record.session.index, record.session_step))
+
+    def on_epoch_end(
+        self, run: RunView, session: Session, epoch: int, epochs: int, means: dict[str, float]
+    ) -> None:
+        self.calls.append(("epoch_end", session.index, epoch))
+
+    def on_session_evaluated(
+        self, run: RunView, session: Session, own: np.ndarray, result: dict[str, Any]
+    ) -> None:
+        result["recorded_by"] = "callback"  # a callback may add to the session's entry
+        self.calls.append(("evaluated", session.index, len(run.data.class_names)))
+
+    def on_session_end(self, run: RunView, result: dict[str, Any]) -> None:
+        self.calls.append(("session_end", result["index"], result["recorded_by"]))
+
+    def on_checkpoint_saved(self, run: RunView, folder: Path) -> None:
+        self.calls.append(("checkpoint", folder.name))
+
+    def on_metrics_header(self, run: RunView, header: dict[str, Any]) -> None:
+        header["by_callback"] = True
+
+    def teardown(self, run: RunView) -> None:
+        self.calls.append(("teardown",))
+
+
+class OlderObserver(Observer):
+    def __init__(self) -> None:
+        self.steps = 0
+        self.records = 0
+        self.closed = False
+
+    def step_finished(self, *args: Any) -> None:
+        self.steps += 1
+
+    def step_recorded(self, record: StepRecord) -> None:
+        self.records += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class OlderSessionCallback(SessionCallback):
+    def __init__(self) -> None:
+        self.started: list[int] = []
+        self.headers = 0
+
+    def session_starting(self, run: Any, state: Any, session: Session, resumed: bool) -> None:
+        self.started.append(session.index)
+
+    def header_ready(self, header: dict[str, Any]) -> None:
+        self.headers += 1
+
+
+def test_one_callback_vocabulary_with_a_read_only_view_and_the_older_kinds_adapted(
+    surface: None, tmp_path: Path
+) -> None:
+    recorder, observer, older = Recorder(), OlderObserver(), OlderSessionCallback()
+    trainer = trainer_of(config(), tmp_path / "run", observers=[observer], callbacks=[older])
+    trainer.extra_callbacks.append(recorder)  # after the older ones
+    metrics = trainer.run()
+    assert metrics is not None and metrics.plain()["by_callback"] is True
+    kinds = [call[0] for call in recorder.calls]
+    assert kinds[0] == "session_start" and kinds[-1] == "teardown"
+    assert recorder.calls[0] == ("session_start", 0, 0, False)
+    # Session 0: 2 epochs (each opened and closed), its steps, evaluation, end, checkpoint.
+    first = kinds[: kinds.index("checkpoint") + 1]
+    assert first.count("epoch_start") == first.count("epoch_end") == 2
+    assert first[-3:] == ["evaluated", "session_end", "checkpoint"]
+    assert ("session_end", 1, "callback") in recorder.calls  # the entry the callback added to
+    assert ("evaluated", 0, CLASSES) in recorder.calls
+    batches = kinds.count("batch_end")
+    # The older observer hears every step twice over (both of its step notifications) and is
+    # closed; the older session callback hears each session start and each metrics.json header
+    # (after session 0, marked unfinished, and at the end).
+    assert observer.steps == observer.records == batches and observer.closed
+    assert older.started == [0, 1] and older.headers == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        trainer.view.runtime = None  # type: ignore[misc]
+    with pytest.raises(TypeError, match="is not a callback: subclass mlcil.engine.callbacks"):
+        as_callback(object())  # type: ignore[arg-type]

@@ -3,10 +3,10 @@
 ``Trainer`` only orchestrates. Its inputs (data view, runtime, method factory) come from
 :class:`mlcil.engine.inputs.RunInputs`, fitting a session from :func:`mlcil.engine.fit.fit_session`,
 run state and checkpoints from :mod:`mlcil.engine.checkpoint`, the folder from
-:class:`mlcil.rundir.RunDir`, logging, progress bars and TensorBoard from observers, and the
-features above the engine (diagnostics, ``--overwrite``, provenance) take part through session
-callbacks. ``resume=True`` rebuilds the state from the newest checkpoint and continues exactly as
-an uninterrupted run (every session and epoch re-seeds from its indices).
+:class:`mlcil.rundir.RunDir`; logging, progress bars, the trackers and the features above the
+engine (diagnostics, ``--overwrite``, provenance) take part as callbacks. ``resume=True``
+rebuilds the state from the newest checkpoint and continues exactly as an uninterrupted run
+(every session and epoch re-seeds from its indices).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mlcil.config.schema import RunConfig
-from mlcil.engine.callbacks import Callbacks, SessionCallback
+from mlcil.engine.callbacks import Callback, CallbackList, Observer, RunView, SessionCallback
 from mlcil.engine.checkpoint import (
     RunState,
     restore_run,
@@ -32,7 +32,7 @@ from mlcil.engine.checkpoint import (
 from mlcil.engine.evaluate import evaluate_session, session_result
 from mlcil.engine.fit import FitProgress, NonFiniteLossError, TrainingStoppedError, fit_session
 from mlcil.engine.inputs import RunInputs
-from mlcil.engine.observers import Observer, run_observers, timed
+from mlcil.engine.observers import run_callbacks, timed
 from mlcil.engine.session import after_fits, session_context, session_fits
 from mlcil.protocol import Session
 from mlcil.record import RunMetrics, SessionResult
@@ -54,8 +54,8 @@ class Trainer:
         run_dir: output folder (a path or the ``RunDir`` whose lock the caller holds); default
             ``<output_dir>/<run name>``.
         resume: continue from the latest checkpoint in ``run_dir``.
-        observers: extra observers, notified after the built-in ones.
-        callbacks: session callbacks of the features above the engine.
+        observers: extra callbacks (or older observers), called after the built-in ones.
+        callbacks: callbacks of the features above the engine, called after those.
     """
 
     def __init__(
@@ -63,8 +63,8 @@ class Trainer:
         run: RunInputs,
         run_dir: str | Path | RunDir | None = None,
         resume: bool = False,
-        observers: Sequence[Observer] = (),
-        callbacks: Sequence[SessionCallback] = (),
+        observers: Sequence[Callback | Observer] = (),
+        callbacks: Sequence[Callback | SessionCallback] = (),
     ) -> None:
         self.inputs, self.runtime = run, run.runtime
         self.config: RunConfig = run.config
@@ -75,8 +75,9 @@ class Trainer:
         else:
             self.run_folder = RunDir.inside(self.config.output_dir, self.config.run_name)
         self.resume = resume
-        self.extra_observers = list(observers)
-        self.callbacks = Callbacks(callbacks)
+        self.extra_callbacks = [*observers, *callbacks]
+        self.view = RunView(run.data, run.runtime, run.config, self.run_folder, lambda: self.state)
+        self.hooks = CallbackList(self.view, self.extra_callbacks)
         self.state: RunState | None = None
         self.stopped: str | None = None  # why run() stopped early (SIGTERM), after a checkpoint
         self._final_scores: tuple[np.ndarray, np.ndarray] | None = None
@@ -101,15 +102,14 @@ class Trainer:
         owns_lock = runtime.is_main and not self.run_folder.holds_lock
         if owns_lock:
             self.run_folder.acquire_lock()
-        observer = run_observers(
-            self.run_folder, self.config, runtime.is_main, self.extra_observers
-        )
+        built_in = run_callbacks(self.run_folder, self.config, runtime.is_main)
+        self.hooks = hooks = CallbackList(self.view, [*built_in, *self.extra_callbacks])
         try:
             state = self._begin()
             remaining = sessions[state.next_session :]
             for session in remaining[:max_sessions] if max_sessions is not None else remaining:
                 try:
-                    self._run_session(state, session, observer)
+                    self._run_session(state, session, hooks)
                 except TrainingStoppedError as stop:
                     self.stopped = str(stop)
                     logger.warning("stopped %s; resume with --resume", stop)
@@ -118,7 +118,7 @@ class Trainer:
                 return None
             return self._finish(state)
         finally:
-            observer.close()
+            hooks.teardown()
             if owns_lock:
                 self.run_folder.release_lock()
 
@@ -138,20 +138,18 @@ class Trainer:
             run.write_config(self.config.to_yaml())
         return self.state
 
-    def _run_session(self, state: RunState, session: Session, observer: Observer) -> None:
+    def _run_session(self, state: RunState, session: Session, hooks: CallbackList) -> None:
         """Learn one session (its fits), update the memory, evaluate and checkpoint it all."""
         data, runtime, method = self.inputs.data, self.runtime, state.method
         started = time.perf_counter()
         context, own_images = session_context(data, runtime, method, session, state.memory)
         names = ", ".join(data.class_names[c] for c in session.new_classes)
         exemplars = len(context.train_set) - own_images
-        observer.session_started(
-            session, f"classes {names}, {own_images} training images + {exemplars} exemplars"
-        )
         resume, state.resume = state.resume, None
-        self.callbacks.session_starting(self.run_folder, state, session, resume is not None)
+        summary = f"classes {names}, {own_images} training images + {exemplars} exemplars"
+        hooks.on_session_start(session, summary, resume is not None)
         if resume is None:  # else the network is grown, loaded and the method state restored
-            with timed(observer, session, "begin_session", runtime):
+            with timed(hooks, session, "begin_session", runtime):
                 seed_everything(derive_seed(data.seed, session.index, GROWTH_STREAM))
                 method.begin_session(context)
                 method.network.to(runtime.device)
@@ -162,7 +160,7 @@ class Trainer:
         try:
             for part in session_fits(method, context, train, resume):
                 fit = (part.interim(interim), part.resume, save, part.schedule)
-                fit_session(method, part.context, train, observer, *fit)
+                fit_session(method, part.context, train, hooks, *fit)
         except NonFiniteLossError as error:
             # The previous session's checkpoint stays the latest, so the run can resume.
             raise NonFiniteLossError(
@@ -171,23 +169,23 @@ class Trainer:
             ) from None
         train_time = time.perf_counter() - started
         own = context.train_set.indices[:own_images]
-        state.memory = after_fits(self.inputs, method, state.memory, session, own, observer)
-        with timed(observer, session, "evaluation", runtime) as phase:
+        state.memory = after_fits(self.inputs, method, state.memory, session, own, hooks)
+        with timed(hooks, session, "evaluation", runtime) as phase:
             scores, targets = evaluate_session(data, runtime, method, session)
             phase.images = len(scores)
         result = self._result(scores, targets, session)
         result.train_images, result.memory_images = own_images, exemplars
         result.train_time_s, result.method_state = round(train_time, 3), method.state_dict()
-        entry = result.plain()  # callbacks add to it, observers and the checkpoint read it
-        with timed(observer, session, "after_evaluation", runtime):
-            self.callbacks.session_evaluated(state, session, own, entry)
+        entry = result.plain()  # callbacks add to it, then read it; so does the checkpoint
+        with timed(hooks, session, "after_evaluation", runtime):
+            hooks.on_session_evaluated(session, own, entry)
         method.end_session(context)
         state.results.append(entry)
         state.next_session = session.index + 1
         state.elapsed_s += time.perf_counter() - started
         self._final_scores = (scores, targets)
-        observer.session_finished(entry)
-        with timed(observer, session, "checkpoint", runtime):
+        hooks.on_session_end(entry)
+        with timed(hooks, session, "checkpoint", runtime):
             self._save(state, session)
 
     def _result(self, scores: np.ndarray, targets: np.ndarray, session: Session) -> SessionResult:
@@ -210,7 +208,7 @@ class Trainer:
             payload, tensors = self._payload(state), state_tensor_files(state)
             run, index = self.run_folder, session.index
             folder = save_checkpoint(run, index, network, payload, memory, tensors)
-            self.callbacks.checkpoint_written(folder)
+            self.hooks.on_checkpoint_saved(folder)
             if state.next_session < len(self.inputs.data.sessions):  # else _finish writes it
                 write_results(self.run_dir, self._summary(state))  # marked unfinished
         self.runtime.barrier()
@@ -223,7 +221,7 @@ class Trainer:
         if self.runtime.is_main:
             payload = self._payload(state)
             folder = save_progress_checkpoint(self.run_folder, state, payload, progress)
-            self.callbacks.checkpoint_written(folder)
+            self.hooks.on_checkpoint_saved(folder)
         self.runtime.barrier()
 
     def _finish(self, state: RunState) -> RunMetrics:
@@ -241,6 +239,6 @@ class Trainer:
         assert self._final_scores is not None
         scores, targets = self._final_scores
         header = run_header(self.config, self.runtime.device)
-        self.callbacks.header_ready(header)
+        self.hooks.on_metrics_header(header)
         f1, planned = self.config.train.f1_threshold, len(self.inputs.data.sessions)
         return summarize(state.results, scores, targets, f1, header, state.elapsed_s, planned)

@@ -16,10 +16,11 @@ from collections.abc import Callable
 import numpy as np
 
 from mlcil.config.schema import TrainConfig
+from mlcil.engine.callbacks import CallbackList
 from mlcil.engine.evaluate import exemplar_set, update_memory
 from mlcil.engine.fit import FitPosition, FitResume, FitSchedule
 from mlcil.engine.inputs import RunData, RunInputs
-from mlcil.engine.observers import Observer, timed
+from mlcil.engine.observers import timed
 from mlcil.errors import ConfigError
 from mlcil.memory import ExemplarMemory
 from mlcil.methods.base import ExtraPhase, Method, SessionContext
@@ -123,14 +124,14 @@ def after_fits(
     memory: ExemplarMemory,
     session: Session,
     own: np.ndarray,
-    observer: Observer,
+    hooks: CallbackList,
 ) -> ExemplarMemory:
     """Once the session is trained and before it is evaluated: the memory update (the policy's
     selection, the method's exemplar data), then ``Method.prepare_prediction``."""
     data, runtime, settings = run.data, run.runtime, run.config.memory
     if memory.enabled:
         phase = settings.policy  # "herding": the phase's name as it always was
-        with timed(observer, session, phase, runtime, len(own)):
+        with timed(hooks, session, phase, runtime, len(own)):
             memory = update_memory(data, runtime, settings, method, memory, session, own)
     method.prepare_prediction(exemplar_set(data, runtime, method, memory, session))
     return memory
