@@ -64,16 +64,16 @@ def session_fits(
     method: Method, context: SessionContext, train: TrainConfig, resume: FitResume | None
 ) -> list[SessionFit]:
     """The fits a session still runs: the main one on every row, or, when the method has an
-    extra phase, the main one on the rows it does not hold out, then the phase on those.
+    extra phase, the main one on every row it does not hold out, then the phase on its rows.
 
     A resume point inside the phase skips the main fit; one at the phase's very start (the main
     fit's last checkpoint) starts the phase afresh, since it holds the main fit's optimiser."""
     phase = method.extra_phase(context)
     if phase is None:
         return [SessionFit(context, FitSchedule(), resume)]
-    held_out = check_phase_rows(phase, context)
+    phase_rows = check_phase_rows(phase, context)
     every_row = np.arange(len(context.train_set))
-    main_rows = np.setdiff1d(every_row, held_out) if phase.holds_out else every_row
+    main_rows = np.setdiff1d(every_row, phase_rows) if phase.holds_out else every_row
     main_epochs = train.epochs_for(context.session.index)
     in_phase = resume is not None and resume.position.epoch >= main_epochs
     fits = []
@@ -84,12 +84,12 @@ def session_fits(
     at_start = resume is not None and resume.position == FitPosition(main_epochs, 0)
     phase_resume = resume if in_phase and not at_start else None
     schedule = FitSchedule(phase, main_epochs, ends_session=True)
-    fits.append(SessionFit(context.restricted(held_out), schedule, phase_resume))
+    fits.append(SessionFit(context.restricted(phase_rows), schedule, phase_resume))
     logger.info(
         "session %d: %d training rows, then %d %s for the %s phase",
         context.session.index,
         len(main_rows),
-        len(held_out),
+        len(phase_rows),
         "held out" if phase.holds_out else "of them",
         phase.name,
     )
