@@ -238,7 +238,12 @@ def measure_loading(
     """Data loading rows: decoding the JPEGs, then (``--cache``) the image cache."""
     rows = []
     config = load_config(args.config, overrides)
-    rows.append({"source": "JPEG files", **loading_throughput(Experiment(config), args.batches)})
+    rows.append(
+        {
+            "source": "JPEG files",
+            **loading_throughput(Experiment(config, runtime=make_runtime(config)), args.batches),
+        }
+    )
     if not args.cache:
         return rows
     cached = cache_overrides(args.config, overrides, workdir / "image_cache")
@@ -246,7 +251,9 @@ def measure_loading(
     if isinstance(cached, list):
         try:
             started = time.perf_counter()
-            experiment = Experiment(load_config(args.config, cached))  # builds the cache
+            cached_config = load_config(args.config, cached)
+            # Building the experiment builds the cache.
+            experiment = Experiment(cached_config, runtime=make_runtime(cached_config))
             build = time.perf_counter() - started
             row = loading_throughput(experiment, args.batches)
             rows.append({"source": "image cache", "cache_build_s": round(build, 2), **row})
@@ -279,10 +286,10 @@ def prepare_second_session(
     runtime = make_runtime(config)
     experiment = Experiment(config, runtime=runtime, plan=RunPlan.from_config(config, sources))
     method = experiment.build_method()
-    memory = experiment.new_memory()
+    memory = experiment.inputs.new_memory()
     context = None
     for session in experiment.sessions[:2]:
-        train_set, _ = experiment.train_set(session, memory)
+        train_set, _ = experiment.data.train_set(session, memory)
         keep = min(teacher_images, len(train_set))
         subset = TargetedImages(
             train_set.source,
@@ -290,7 +297,7 @@ def prepare_second_session(
             train_set.targets[:keep],
             train_set.transform,
         )
-        context = experiment.context(session, subset)
+        context = experiment.data.context(session, subset, runtime)
         method.begin_session(context)
         method.network.to(runtime.device)
         if session.index == 0:

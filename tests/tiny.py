@@ -88,3 +88,18 @@ def write_manifest_dataset(root: Path) -> list[str]:
         f"data.test_manifest={root / 'test.csv'}",
         f"data.class_list={root / 'classes.txt'}",
     ]
+
+
+def experiment_of(config: Any) -> Any:
+    """The experiment of ``config`` with the runtime its entry point would make."""
+    from mlcil.experiment import Experiment
+    from mlcil.runs import make_runtime
+
+    return Experiment(config, runtime=make_runtime(config))
+
+
+def trainer_of(config: Any, *args: Any, **kwargs: Any) -> Any:
+    """A ``Trainer`` of ``config`` (``Trainer``'s other arguments pass through)."""
+    from mlcil.engine.loop import Trainer
+
+    return Trainer(experiment_of(config).inputs, *args, **kwargs)

@@ -42,8 +42,8 @@ from PIL import Image
 
 from mlcil.config.loading import apply_overrides
 from mlcil.config.schema import RunConfig
+from mlcil.engine.callbacks import Callback, Observer
 from mlcil.engine.checkpoint import RunState
-from mlcil.engine.observers import Observer
 from mlcil.errors import ConfigError
 from mlcil.experiment import Experiment, build_config, load_config, params_lookup
 from mlcil.inference import infer
@@ -307,7 +307,7 @@ def train(
     config: ConfigInput,
     overrides: Overrides = (),
     run_dir: str | Path | None = None,
-    observers: Sequence[Observer] = (),
+    observers: Sequence[Callback | Observer] = (),
     *,
     overwrite: bool = False,
     max_sessions: int | None = None,
@@ -321,8 +321,9 @@ def train(
         overrides: ``{"train.epochs": 2}`` or ``["train.epochs=2"]``, applied last.
         run_dir: the run folder (default ``<output_dir>/<run name>``); it must not hold a run
             unless ``overwrite``.
-        observers: extra :class:`mlcil.engine.observers.Observer` objects notified of every step,
-            epoch and session (after the built-in log, progress bar and TensorBoard).
+        observers: extra :class:`mlcil.engine.callbacks.Callback` objects (or older
+            :class:`mlcil.engine.observers.Observer` ones) called at every step, epoch and session
+            (after the built-in log, progress bar and tracking callbacks).
         overwrite: replace a run already in ``run_dir`` (kept until the new run's first
             checkpoint, and put back if the new run fails before it).
         max_sessions: stop after this many sessions (continue with :func:`resume`).
@@ -344,7 +345,7 @@ def train(
 def resume(
     run_dir: str | Path,
     overrides: Overrides = (),
-    observers: Sequence[Observer] = (),
+    observers: Sequence[Callback | Observer] = (),
     *,
     max_sessions: int | None = None,
 ) -> TrainedRun:

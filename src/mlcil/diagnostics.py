@@ -78,7 +78,7 @@ class SessionDiagnostics:
             if session.index == 0:
                 return
             folder = RunDir(run_dir).checkpoint(checkpoint_name(session.index - 1))
-            method = restore_run(self.experiment, folder).method
+            method = restore_run(self.experiment.inputs, folder).method
         if method.network.num_sessions == 0:
             return
         self.earlier = self._probe_outputs(method)

@@ -1,5 +1,7 @@
 """What a run is about, apart from training it: its config, data, sessions, transforms, runtime
-and the method it builds. The trainer, the dry run, ``eval`` and ``predict`` all start here.
+and the method it builds. The trainer, the dry run, ``eval`` and ``predict`` all start here:
+the experiment checks a config and gives the engine its narrow inputs
+(:class:`mlcil.engine.inputs.RunInputs`: the frozen data view, the runtime, the method factory).
 
 ``load_config`` is the config loader with the registries plugged in: ``mlcil.config`` itself
 imports no method and no network.
@@ -16,22 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from mlcil.config import loading
 from mlcil.config.schema import ModelConfig, Params, RunConfig
 from mlcil.data import ImageSource, build_sources
-from mlcil.data.sessions import (
-    TargetedImages,
-    session_test_set,
-    session_train_indices,
-    session_train_set,
-    test_indices,
-)
+from mlcil.data.sessions import TargetedImages, session_train_indices, test_indices
 from mlcil.data.transforms import build_transform
+from mlcil.engine.inputs import RunData, RunInputs
 from mlcil.errors import ConfigError, DataError, ProtocolError, clip, shown
-from mlcil.memory import ExemplarMemory
-from mlcil.methods import METHODS, Method, SessionContext
+from mlcil.methods import METHODS, Method
 from mlcil.models import NETWORKS
 from mlcil.protocol import Session, protocol_sessions
 from mlcil.runtime import Runtime, seed_everything
@@ -126,7 +121,7 @@ class Experiment:
     """The plan, transforms and runtime of a config, checked before any training.
 
     Built once per run and never changed afterwards: ``plan`` is frozen, and a run with added
-    sessions is given its extended plan when it is built.
+    sessions is given its extended plan when it is built. ``inputs`` is what the engine gets.
     """
 
     def __init__(
@@ -134,7 +129,7 @@ class Experiment:
         config: RunConfig,
         sources: tuple[ImageSource, ImageSource] | None = None,
         *,
-        runtime: Runtime | None = None,
+        runtime: Runtime,
         plan: RunPlan | None = None,
         starting_model: ModelConfig | None = None,
     ) -> None:
@@ -142,8 +137,8 @@ class Experiment:
         config: the run's configuration.
         sources: ``(train, test)`` image sources to use instead of loading ``config.data``
             (data held in memory, or a subset).
-        runtime: the process's runtime, made once by the entry point (default: made here from
-            ``config.train``).
+        runtime: the process's runtime, made once by the entry point (``mlcil.runs.make_runtime``;
+            an experiment never makes one: it would start a process group).
         plan: the run's plan (default: ``RunPlan.from_config(config, sources)``).
         starting_model: the model section whose weights a fresh run starts from (e.g. with a
             ``pretrain:`` name resolved to its cached file); default ``config.model``.
@@ -155,7 +150,7 @@ class Experiment:
                 f"method {config.method.name!r} replays exemplars: set memory.per_class > 0 "
                 "or memory.total"
             )
-        self.runtime = runtime or Runtime.from_config(config.train, config.data.num_workers)
+        self.runtime = runtime
         self.plan = plan or RunPlan.from_config(config, sources)
         self.starting_model = starting_model or config.model
         self.check_sessions()
@@ -164,6 +159,20 @@ class Experiment:
             data.image_size, True, data.augment, data.randaugment
         )
         self.eval_transform = build_transform(data.image_size, False)
+        train = config.train
+        self.data = RunData(
+            train_source=self.plan.train_source,
+            test_source=self.plan.test_source,
+            class_names=self.plan.class_names,
+            sessions=self.plan.sessions,
+            seed=config.seed,
+            train_transform=self.train_transform,
+            eval_transform=self.eval_transform,
+            overlap=data.overlap,
+            batch_size=train.batch_size,
+            eval_batch_size=train.eval_batch_size or 2 * train.batch_size,
+        )
+        self.inputs = RunInputs(config, self.data, runtime, self.build_method)
 
     @property
     def train_source(self) -> ImageSource:
@@ -239,61 +248,16 @@ class Experiment:
         method.runtime = self.runtime
         return method
 
-    def new_memory(self) -> ExemplarMemory:
-        memory = self.config.memory
-        return ExemplarMemory(
-            per_class=memory.per_class, total=memory.total, label_mode=memory.labels
-        )
-
-    def train_set(self, session: Session, memory: ExemplarMemory) -> tuple[TargetedImages, int]:
-        """The session's training images followed by the exemplars, and how many are its own."""
-        exemplar_indices, exemplar_targets = memory.targets(
-            self.train_source.labels, session, self.sessions
-        )
-        train_set = session_train_set(
-            self.train_source,
-            session,
-            self.sessions,
-            self.train_transform,
-            overlap=self.config.data.overlap,
-            extra_indices=exemplar_indices,
-            extra_targets=exemplar_targets,
-        )
-        return train_set, len(train_set) - len(exemplar_indices)
-
-    def context(self, session: Session, train_set: TargetedImages) -> SessionContext:
-        """What the method may use while ``session`` starts and ends."""
-        return SessionContext(
-            session=session,
-            sessions=self.sessions,
-            train_set=train_set,
-            train_source=self.train_source,
-            runtime=self.runtime,
-            seed=self.config.seed,
-            # Each process loads its share of the global batch (train.batch_size).
-            batch_size=max(self.config.train.batch_size // self.runtime.world_size, 1),
-        )
+    # The data view's parts the diagnostics read (they score the experiment's images).
 
     @property
     def eval_batch_size(self) -> int:
-        return self.config.train.eval_batch_size or 2 * self.config.train.batch_size
-
-    def eval_loader(self, dataset: TargetedImages) -> DataLoader:
-        return self.runtime.loader(dataset, self.eval_batch_size, shuffle=False)
-
-    def test_loader(self, session: Session) -> DataLoader:
-        """The test images of the classes seen after ``session``, un-augmented, in order."""
-        test_set = session_test_set(self.test_source, session.seen_classes, self.eval_transform)
-        return self.eval_loader(test_set)
+        return self.data.eval_batch_size
 
     def plain_images(
         self, indices: np.ndarray, source: ImageSource | None = None
     ) -> TargetedImages:
-        """Images at ``indices`` of the training split (or ``source``) with the evaluation
-        transform (no augmentation) and empty targets."""
-        targets = np.zeros((len(indices), 1), dtype=np.float32)
-        source = source or self.train_source
-        return TargetedImages(source, indices, targets, self.eval_transform)
+        return self.data.plain_images(indices, source)
 
     def describe_device(self) -> str:
         return f"{self.runtime.device} ({self.runtime.precision}, torch {torch.__version__})"

@@ -12,6 +12,7 @@ only when the provenance (source, classes, seed, backbone, stage, image size, re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -24,14 +25,21 @@ import torch
 from pydantic import Field
 
 from mlcil import hub_weights, imagenet
-from mlcil.config.schema import ModelConfig, Params
+from mlcil.config.schema import LossConfig, ModelConfig, Params, TrainConfig
 from mlcil.data.glyphs import CACHE_VERSION, GLYPH_CLASSES, TEST_IMAGES, TRAIN_IMAGES, load_glyphs
+from mlcil.data.transforms import build_transform
+from mlcil.engine.callbacks import CallbackList, RunView
 from mlcil.engine.evaluate import evaluate_session
 from mlcil.engine.fit import fit_session
-from mlcil.engine.observers import LogObserver, Observers, ProgressObserver
+from mlcil.engine.inputs import RunData
+from mlcil.engine.observers import LogCallback, ProgressCallback
 from mlcil.errors import ConfigError
-from mlcil.experiment import Experiment, load_config
+from mlcil.memory import ExemplarMemory
+from mlcil.methods import METHODS, Method
 from mlcil.metrics import mean_average_precision
+from mlcil.models import NETWORKS
+from mlcil.protocol import Session
+from mlcil.runtime import Runtime, seed_everything
 from mlcil.weights_cache import find_cached, read_provenance, store, weights_dir
 
 logger = logging.getLogger(__name__)
@@ -67,27 +75,40 @@ def provenance(model: ModelConfig, image_size: int, recipe: PretrainRecipe) -> d
     }
 
 
-def _training_overrides(model: ModelConfig, image_size: int, recipe: PretrainRecipe) -> list[str]:
-    stage = "null" if model.feature_stage is None else str(model.feature_stage)
-    return [
-        "data.dataset=glyphs",
-        f"data.image_size={image_size}",
-        f"data.augment=[{', '.join(recipe.augment)}]",
-        "data.num_workers=0",
-        f"protocol=B{len(GLYPH_CLASSES)}-C1",
-        "method.name=joint",
-        "model.network=linear",
-        f"model.backbone={model.backbone}",
-        f"model.feature_stage={stage}",
-        "model.pretrained=null",
-        f"seed={recipe.seed}",
-        f"train.epochs={recipe.epochs}",
-        f"train.batch_size={recipe.batch_size}",
-        f"train.lr={recipe.lr}",
-        # The classification loss summed over each batch (R = the batch), as the recipe was set.
-        f"loss.reference_images={recipe.batch_size}",
-        "train.tensorboard=false",
-    ]
+def _glyph_data(image_size: int, recipe: PretrainRecipe) -> RunData:
+    """The glyph scenes as the engine reads them: one session of every glyph class (joint
+    training), the recipe's augmentation and batch."""
+    train = load_glyphs("train", recipe.train_images, recipe.seed, image_size)
+    test = load_glyphs("test", recipe.test_images, recipe.seed, image_size)
+    every = list(range(len(train.class_names)))
+    return RunData(
+        train_source=train,
+        test_source=test,
+        class_names=tuple(train.class_names),
+        sessions=(Session(index=0, new_classes=every, seen_classes=every),),
+        seed=recipe.seed,
+        train_transform=build_transform(image_size, True, list(recipe.augment), "torchvision"),
+        eval_transform=build_transform(image_size, False),
+        overlap="all",
+        batch_size=recipe.batch_size,
+        eval_batch_size=2 * recipe.batch_size,
+    )
+
+
+def _glyph_method(model: ModelConfig, image_size: int, recipe: PretrainRecipe) -> Method:
+    """Joint training of the benchmark's backbone (no pretrained weights) under a linear head;
+    the classification loss summed over each batch (R = the batch), as the recipe was set."""
+    linear = ModelConfig(
+        backbone=model.backbone,
+        feature_stage=model.feature_stage,
+        network="linear",
+        pretrained=None,
+        params=NETWORKS.get_class("linear").Params(),
+    )
+    joint = METHODS.get_class("joint")
+    seed_everything(recipe.seed)  # the head's and trunk's initial weights
+    network = joint.build_network(linear, image_size)
+    return joint(joint.Params(), network, LossConfig(reference_images=recipe.batch_size))
 
 
 def pretrain_backbone(
@@ -96,6 +117,8 @@ def pretrain_backbone(
     recipe: PretrainRecipe | None = None,
     cache: Path | None = None,
     command: str | None = None,
+    *,
+    runtime: Runtime,
 ) -> Path:
     """The cached glyph-pretrained weights of ``model``'s backbone, trained now if missing.
 
@@ -105,6 +128,8 @@ def pretrain_backbone(
         recipe: training settings; None: the default recipe.
         cache: the weights cache folder; None: ``weights_dir()``.
         command: the command line recorded in the provenance; None: this process's.
+        runtime: the entry point's runtime; the pretraining runs on its device, precision and
+            processes, with the glyph scenes in memory (no loader workers) and uncompiled.
 
     Returns:
         The ``.safetensors`` file (the truncated trunk's tensors, timm key names).
@@ -119,23 +144,24 @@ def pretrain_backbone(
     logger.info("pretraining %s on glyph scenes (one-time; cached afterwards)", model.backbone)
     started = time.perf_counter()
     load_before = load_average()
-    config = load_config(None, _training_overrides(model, image_size, recipe))
-    sources = (
-        load_glyphs("train", recipe.train_images, recipe.seed, image_size),
-        load_glyphs("test", recipe.test_images, recipe.seed, image_size),
-    )
-    experiment = Experiment(config, sources)
-    method = experiment.build_method()
-    session = experiment.sessions[0]  # joint training: one session of every glyph class
-    train_set, _ = experiment.train_set(session, experiment.new_memory())
-    context = experiment.context(session, train_set)
+    runtime = dataclasses.replace(runtime, num_workers=0, persistent_loaders=False, compile=False)
+    data = _glyph_data(image_size, recipe)
+    method = _glyph_method(model, image_size, recipe)
+    method.network.to(runtime.device)
+    method.runtime = runtime
+    session = data.sessions[0]  # joint training: one session of every glyph class
+    train_set, _ = data.train_set(session, ExemplarMemory(per_class=0))
+    context = data.context(session, train_set, runtime)
     method.begin_session(context)
-    observer = Observers([LogObserver(), ProgressObserver()])
+    train = TrainConfig(
+        epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, tensorboard=False
+    )
+    hooks = CallbackList(RunView(data, runtime), [LogCallback(), ProgressCallback()])
     try:
-        fit_session(method, context, experiment.config.train, observer)
+        fit_session(method, context, train, hooks)
     finally:
-        observer.close()
-    scores, targets = evaluate_session(experiment, method, session)
+        hooks.teardown()
+    scores, targets = evaluate_session(data, runtime, method, session)
     test_map = mean_average_precision(scores, targets)
     record = {
         **wanted,
@@ -204,7 +230,9 @@ def cached_provenance(model: ModelConfig, image_size: int) -> dict[str, Any] | N
     return read_provenance(path) if path is not None else None
 
 
-def resolve_pretrained(model: ModelConfig, image_size: int) -> tuple[ModelConfig, dict | None]:
+def resolve_pretrained(
+    model: ModelConfig, image_size: int, *, runtime: Runtime
+) -> tuple[ModelConfig, dict | None]:
     """``model`` with a ``pretrain:<source>`` or ``imagenet:<name>`` weights name replaced by the
     cached file (made on first use), and that file's provenance. Hub weights are downloaded
     into the hub cache when missing (unless ``HF_HUB_OFFLINE``) and keep their name, which the
@@ -229,5 +257,5 @@ def resolve_pretrained(model: ModelConfig, image_size: int) -> tuple[ModelConfig
             f"model.pretrained: {name!r} names no pretraining source; known: "
             + ", ".join(SCHEME + s for s in SOURCES)
         )
-    path = pretrain_backbone(model, image_size)
+    path = pretrain_backbone(model, image_size, runtime=runtime)
     return model.model_copy(update={"pretrained": str(path)}), read_provenance(path)

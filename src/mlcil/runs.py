@@ -42,7 +42,7 @@ from mlcil.config.packaged import find_packaged
 from mlcil.config.schema import ModelConfig, RunConfig
 from mlcil.data import DATASETS
 from mlcil.diagnostics import SessionDiagnostics
-from mlcil.engine.callbacks import SessionCallback
+from mlcil.engine.callbacks import Callback, SessionCallback
 from mlcil.engine.checkpoint import RunState, restore_run
 from mlcil.engine.evaluate import evaluate_session, session_result
 from mlcil.engine.loop import Trainer
@@ -93,7 +93,7 @@ class OpenedRun:
         folder = self.run.latest(session_end=session_end)
         if folder is None:
             raise ConfigError(f"{self.run.path}: no checkpoint yet (has a session finished?)")
-        return folder, restore_run(self.experiment, folder)
+        return folder, restore_run(self.experiment.inputs, folder)
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, RunMetrics | None]:
@@ -215,7 +215,7 @@ def open_run(
         plan, added = plan_added_session(run.path, config, learned, add_session, test_manifest)
     experiment = Experiment(config, runtime=runtime or make_runtime(config), plan=plan)
     if folder is not None:
-        restore_run(experiment, folder)  # the checkpoint must fit before anything is written
+        restore_run(experiment.inputs, folder)  # the checkpoint must fit before anything is written
     return OpenedRun(run, experiment), added
 
 
@@ -232,7 +232,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     experiment = opened.experiment
     _, state = opened.restore(session_end=True)
     session = experiment.sessions[state.next_session - 1]
-    scores, targets = evaluate_session(experiment, state.method, session)
+    scores, targets = evaluate_session(experiment.data, experiment.runtime, state.method, session)
     base = experiment.sessions[0]
     result = session_result(scores, targets, session, base, experiment.class_names)
     recorded = [e for e in (metrics.sessions if metrics else []) if e.index == session.index]
@@ -365,7 +365,7 @@ def start_run(
     *,
     overwrite: bool = False,
     runtime: Runtime | None = None,
-    observers: Sequence[Observer] = (),
+    observers: Sequence[Callback | Observer] = (),
 ) -> Launch:
     """A new run, checked and ready: nothing of an earlier run is touched before every check
     passed, and with ``overwrite`` it is only set aside until the new run's first checkpoint.
@@ -394,7 +394,7 @@ def start_run(
             else:
                 again = _check_fresh(run, config)
         again = runtime.broadcast(again) if runtime.world_size > 1 else again
-        model, _ = resolve_pretrained(config.model, config.data.image_size)
+        model, _ = resolve_pretrained(config.model, config.data.image_size, runtime=runtime)
         experiment = Experiment(config, runtime=runtime, plan=plan, starting_model=model)
         preflight(experiment)
         if overwrite and runtime.is_main:
@@ -405,7 +405,9 @@ def start_run(
         guard.close()
         raise
     callbacks = standard_callbacks(experiment, run)
-    trainer = Trainer(experiment, run, resume=again, observers=observers, callbacks=callbacks)
+    trainer = Trainer(
+        experiment.inputs, run, resume=again, observers=observers, callbacks=callbacks
+    )
     return Launch(trainer, guard)
 
 
@@ -446,7 +448,7 @@ def resume_run(
     *,
     add_session: str | Path | None = None,
     test_manifest: str | Path | None = None,
-    observers: Sequence[Observer] = (),
+    observers: Sequence[Callback | Observer] = (),
 ) -> Launch:
     """Continue a run from its newest checkpoint; with ``add_session``, learn one more session
     whose classes are the manifest's labels the run has not seen (recorded in the folder, and
@@ -479,5 +481,5 @@ def resume_run(
         raise
     experiment = opened.experiment
     callbacks = standard_callbacks(experiment, run)
-    trainer = Trainer(experiment, run, resume=True, observers=observers, callbacks=callbacks)
+    trainer = Trainer(experiment.inputs, run, resume=True, observers=observers, callbacks=callbacks)
     return Launch(trainer, guard)

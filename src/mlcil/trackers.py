@@ -2,8 +2,9 @@
 
 A tracker only stores what it is given: the resolved config once, then named scalars at a global
 step (optimiser steps since the run began, continuing across sessions and ``--resume``). What is
-logged and when is decided in one place, :class:`mlcil.engine.observers.TrackingObserver`, so
-every backend receives the same tags:
+logged and when is decided in one place, the run's one tracking callback
+(:class:`mlcil.engine.observers.TrackingCallback`), whose backends the trackers are, so every
+backend receives the same tags:
 
 - ``train/lr`` (``train/lr_group<i>`` when parameter groups differ), ``train/loss`` and the
   method's loss parts after every optimiser step; ``train_epoch/<part>``: the epoch's means;

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from mlcil.diagnostics import PROBE_IMAGES, RESTORE_IMAGES
-from mlcil.experiment import Experiment, load_config
+from mlcil.experiment import load_config
 from mlcil.protocol import Session
-from tiny import CONFIGS, REPO
+from tiny import CONFIGS, REPO, experiment_of
 
 # The benchmarks are scripts, not a package: import them from their folder as gpu.py does.
 if str(REPO / "benchmarks") not in sys.path:
@@ -264,7 +264,7 @@ def test_loader_throughput_counts_the_batches_after_the_first(measured: Any) -> 
     _, _, workdir = measured
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLCIL_CACHE", str(workdir / "cache"))
-        row = gpu.loading_throughput(Experiment(tiny_config(workdir)), batches=2)
+        row = gpu.loading_throughput(experiment_of(tiny_config(workdir)), batches=2)
     assert row["batch_size"] == 32 and row["num_workers"] == 0
     assert row["images"] == 2 * 32  # batches 1 and 2 (the first one timed apart)
     assert row["first_batch_s"] > 0 and row["images_per_s"] > 0

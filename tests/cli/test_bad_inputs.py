@@ -499,7 +499,8 @@ def _pretrain_stopped(ws: Workspace) -> list[str]:
     def few_scenes(split: str, count: int, seed: int, size: int) -> Any:
         return scenes(split, 16, seed, size)
 
-    ws.monkeypatch.setattr("mlcil.pretrain.ProgressObserver", SigtermAtOnce)
+    # An older Observer in place of the progress callback: adapted, it still hears every step.
+    ws.monkeypatch.setattr("mlcil.pretrain.ProgressCallback", SigtermAtOnce)
     ws.monkeypatch.setattr("mlcil.pretrain.load_glyphs", few_scenes)
     ws.monkeypatch.setenv("MLCIL_CACHE", str(ws.tmp / "cache"))
     ws.absent.append(ws.tmp / "cache" / "weights")

@@ -19,13 +19,12 @@ from PIL import Image
 
 import mlcil
 from mlcil.cli import main
-from mlcil.engine.loop import Trainer
 from mlcil.engine.observers import Observer
 from mlcil.errors import ConfigError
 from mlcil.experiment import load_config
 from mlcil.rundir import RunDir
 from spawn import hold_lock
-from tiny import REPO, TINY_ICA, tiny_overrides
+from tiny import REPO, TINY_ICA, tiny_overrides, trainer_of
 
 TINY = [
     *tiny_overrides(train__batch_size="64", train__tensorboard="false", memory__per_class="2"),
@@ -187,12 +186,12 @@ def test_a_trainer_holds_the_lock_while_it_runs_and_keeps_its_callers(
     config = load_config(REPO / "configs" / "coco_b40_c10.yaml", [*overrides, "protocol=B40-C20"])
     alone = tmp_path / "alone"
     probe = LockProbe(alone)
-    assert Trainer(config, alone, observers=[probe]).run() is not None
+    assert trainer_of(config, alone, observers=[probe]).run() is not None
     assert probe.free == [False, False, False]
     RunDir(alone).acquire_lock()  # released when the run ended
     held = RunDir(tmp_path / "held")
     held.acquire_lock()
-    assert Trainer(config, held).run() is not None
+    assert trainer_of(config, held).run() is not None
     assert held.holds_lock  # the caller's lock outlives the run it wraps
 
 

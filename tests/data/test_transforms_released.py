@@ -138,6 +138,7 @@ def test_the_config_key_selects_the_released_policy_for_training(
     fake_package: type[_RecordingPolicy],
 ) -> None:
     from mlcil.experiment import Experiment, load_config
+    from mlcil.runs import make_runtime
 
     config = load_config(
         None,
@@ -149,7 +150,7 @@ def test_the_config_key_selects_the_released_policy_for_training(
             "model.pretrained=null",
         ],
     )
-    experiment = Experiment(config)
+    experiment = Experiment(config, runtime=make_runtime(config))
     experiment.train_transform(_image())
     experiment.eval_transform(_image())
     assert len(fake_package.calls) == 1  # training only

@@ -43,10 +43,11 @@ from mlcil.engine.fit import (
 )
 from mlcil.engine.loop import Trainer
 from mlcil.engine.observers import Observer
-from mlcil.experiment import Experiment, load_config
+from mlcil.experiment import load_config
 from mlcil.methods.base import Batch, SessionContext
 from mlcil.protocol import Session
 from spawn import free_port, join_as_torchrun
+from tiny import experiment_of, trainer_of
 
 NUM_CLASSES = 6
 _WORLD = 2
@@ -110,7 +111,7 @@ class FrozenBatchNorm(Observer):
         trainer = self.trainer
         assert trainer is not None and trainer.state is not None
         freeze_batch_norm(trainer.state.method.network)
-        if session.index == 1 and epoch == 1 and trainer.experiment.runtime.is_main:
+        if session.index == 1 and epoch == 1 and trainer.runtime.is_main:
             folder = latest_checkpoint(trainer.run_dir)
             assert folder is not None and folder.name == "session_01_epoch_001_step_000000"
             shutil.copytree(folder, trainer.run_dir.parent / f"mid_{trainer.run_dir.name}")
@@ -125,14 +126,13 @@ def freeze_batch_norm(network: nn.Module) -> None:
 def first_step_gradients(trainer: Trainer, accumulation: int) -> dict[str, Any]:
     """Begin the next session and return the gradient of its first global batch (and the DPL
     threshold), computed by the engine's own step on this process's layout."""
-    experiment, state = trainer.experiment, trainer.state
+    data, state = trainer.inputs.data, trainer.state
     assert state is not None
-    method, runtime = state.method, experiment.runtime
-    session = experiment.sessions[state.next_session]
-    train_set, _ = experiment.train_set(session, state.memory)
-    context = SessionContext(
-        session, experiment.sessions, train_set, experiment.train_source, runtime, 0, 8
-    )
+    method, runtime = state.method, trainer.runtime
+    session = data.sessions[state.next_session]
+    train_set, _ = data.train_set(session, state.memory)
+    sessions = list(data.sessions)
+    context = SessionContext(session, sessions, train_set, data.train_source, runtime, 0, 8)
     # With lr ~0 the layouts' runs leave their zero-initialised weights (timm's last batch norm
     # of every residual block) at different +-1e-20, which flips ReLU gates that sit exactly at
     # 0: the gradient is compared at generic weights, the same in every layout.
@@ -165,15 +165,15 @@ def first_step_gradients(trainer: Trainer, accumulation: int) -> dict[str, Any]:
 
 def run_two_sessions(run_dir: Path) -> tuple[Trainer, dict[str, Any]]:
     observer = FrozenBatchNorm()
-    trainer = Trainer(run_config(run_dir), observers=[observer])
+    trainer = trainer_of(run_config(run_dir), observers=[observer])
     observer.trainer = trainer
     trainer.run(max_sessions=2)
     assert trainer.state is not None
     summary = {
         "results": trainer.state.results,
         "memory": trainer.state.memory.to_dict(),
-        "rank": trainer.experiment.runtime.rank,
-        "world_size": trainer.experiment.runtime.world_size,
+        "rank": trainer.runtime.rank,
+        "world_size": trainer.runtime.world_size,
     }
     return trainer, summary
 
@@ -265,7 +265,9 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     assert differing == [], differing
 
     # A mid-session checkpoint written by the 2 processes restores into a plain network.
-    restored = restore_run(Experiment(run_config(tmp_path / "two")), tmp_path / "two" / "mid_run")
+    restored = restore_run(
+        experiment_of(run_config(tmp_path / "two")).inputs, tmp_path / "two" / "mid_run"
+    )
     assert restored.resume is not None and restored.resume.position == FitPosition(1, 0)
     assert restored.next_session == 1 and restored.method.old_network is not None
     assert restored.resume.layout == [2, 1, 16]
@@ -287,14 +289,14 @@ class SigtermAtLastStep(Observer):
 
 def test_sigterm_at_a_sessions_last_step_resumes_without_losing_it(tmp_path: Path) -> None:
     config = run_config(tmp_path / "straight")
-    straight = Trainer(config)
+    straight = trainer_of(config)
     straight.run(max_sessions=2)
-    stopped = Trainer(run_config(tmp_path / "stopped"), observers=[SigtermAtLastStep()])
+    stopped = trainer_of(run_config(tmp_path / "stopped"), observers=[SigtermAtLastStep()])
     assert stopped.run(max_sessions=2) is None
     assert stopped.stopped is not None and "SIGTERM in session 0, epoch 2" in stopped.stopped
     folder = latest_checkpoint(stopped.run_dir)
     assert folder is not None and folder.name == "session_00_epoch_002_step_000000"
-    resumed = Trainer(run_config(tmp_path / "stopped"), resume=True)
+    resumed = trainer_of(run_config(tmp_path / "stopped"), resume=True)
     resumed.run(max_sessions=2)
     assert straight.state is not None and resumed.state is not None
 

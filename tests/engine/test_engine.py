@@ -17,13 +17,13 @@ from torch import nn
 from mlcil.config.schema import ModelConfig, Params, TrainConfig
 from mlcil.data.base import ArrayImageSource, ImageSource
 from mlcil.data.catalog import DATASETS, DatasetSpec
-from mlcil.engine.loop import Trainer
 from mlcil.errors import TrainingError
 from mlcil.experiment import load_config
 from mlcil.methods.base import Batch, Method, Optimization, SessionContext, StepOutput
 from mlcil.methods.registry import METHODS, register_method
 from mlcil.models.base import IncrementalNetwork, NetworkOutput
 from mlcil.protocol import Session
+from tiny import trainer_of
 
 NUM_CLASSES = 4
 
@@ -140,7 +140,7 @@ def config(*overrides: str) -> Any:
 def test_hooks_run_in_order_with_the_methods_own_network_and_optimiser(
     engine_setup: None, tmp_path: Path
 ) -> None:
-    metrics = Trainer(config(), run_dir=tmp_path / "run").run()
+    metrics = trainer_of(config(), run_dir=tmp_path / "run").run()
     assert metrics is not None and [s.num_seen for s in metrics.sessions] == [2, 4]
     calls = [c for c in RecordingMethod.calls if c != "training_step"]
     # 24 images hold each pair of classes; 2 epochs of ceil(n / 8) steps per session.
@@ -165,7 +165,7 @@ def test_gradient_clipping_of_the_methods_optimisation_bounds_each_step(
     # every parameter change by 5e-5 in norm. Without clipping the first step moves far more.
     def first_step_change(run: str, *overrides: str) -> float:
         settings = config("train.epochs=1", "train.batch_size=64", *overrides)
-        trainer = Trainer(settings, tmp_path / run)
+        trainer = trainer_of(settings, tmp_path / run)
         trainer.run(max_sessions=1)
         assert trainer.state is not None
         method = trainer.state.method
@@ -182,7 +182,7 @@ def test_a_non_finite_loss_stops_before_the_weights_change(
     engine_setup: None, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    trainer = Trainer(config("method.nan_at_session=1"), run_dir=run_dir)
+    trainer = trainer_of(config("method.nan_at_session=1"), run_dir=run_dir)
     with pytest.raises(TrainingError, match=r"session 1 epoch 1 step 1: the loss is nan"):
         trainer.run()
     # The first session's checkpoint stays the latest; nothing of session 1 was saved.
@@ -196,7 +196,7 @@ def test_a_non_finite_loss_stops_before_the_weights_change(
 def test_old_heads_stay_frozen_and_resume_equals_an_uninterrupted_run(
     engine_setup: None, tmp_path: Path
 ) -> None:
-    straight = Trainer(config(), run_dir=tmp_path / "straight").run()
+    straight = trainer_of(config(), run_dir=tmp_path / "straight").run()
     first = load_file(str(tmp_path / "straight/checkpoints/session_00/model.safetensors"))
     last = load_file(str(tmp_path / "straight/checkpoints/session_01/model.safetensors"))
     # The session-0 head is frozen during session 1; the shared backbone keeps learning.
@@ -204,8 +204,8 @@ def test_old_heads_stay_frozen_and_resume_equals_an_uninterrupted_run(
         assert torch.equal(first[key], last[key]), key
     assert not torch.equal(first["backbone.weight"], last["backbone.weight"])
 
-    assert Trainer(config(), run_dir=tmp_path / "split").run(max_sessions=1) is None
-    resumed = Trainer(config(), run_dir=tmp_path / "split", resume=True).run()
+    assert trainer_of(config(), run_dir=tmp_path / "split").run(max_sessions=1) is None
+    resumed = trainer_of(config(), run_dir=tmp_path / "split", resume=True).run()
     assert straight is not None and resumed is not None
     straight, resumed = straight.plain(), resumed.plain()  # as metrics.json holds them
     for key in ("sessions", "final", "avg_map", "last_map"):

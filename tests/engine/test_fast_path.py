@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+from mlcil.engine.callbacks import CallbackList
 from mlcil.engine.fit import NonFiniteLossError, _SessionRun
 from mlcil.engine.observers import Observer, PhaseTimer
 from mlcil.experiment import load_config
@@ -145,9 +146,10 @@ def run_steps(runtime: Runtime, nan_at: int | None = None) -> tuple[list[dict], 
 
     recorder = Recorder()
     layout = BatchLayout.of(TrainConfig(batch_size=2), 1)
+    hooks = CallbackList(None, [recorder])  # type: ignore[arg-type]  # an older observer
     session_run = _SessionRun(
-        method, context, layout, optimization, runtime.grad_scaler(), recorder, 6
-    )  # type: ignore[arg-type]
+        method, context, layout, optimization, runtime.grad_scaler(), hooks, 6
+    )
     with _StopSignal() as stop:
         session_run.epoch(0, 1, 0, None, stop)
     return recorder.steps, method.network.weight.detach().clone()

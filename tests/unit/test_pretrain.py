@@ -14,7 +14,10 @@ from mlcil.config.schema import ModelConfig
 from mlcil.data.classes import DIGIT_CLASSES
 from mlcil.errors import ConfigError
 from mlcil.models import Backbone
+from mlcil.runtime import Runtime
 from mlcil.weights_cache import defining_fields, load_cached, read_provenance, store
+
+CPU = Runtime(torch.device("cpu"), "fp32")  # what an entry point makes on this machine
 
 MODEL = ModelConfig(backbone="resnet18", feature_stage=2, pretrained="pretrain:glyphs")
 TINY = pretrain.PretrainRecipe(epochs=1, batch_size=16, train_images=48, test_images=16)
@@ -28,7 +31,7 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_pretraining_is_cached_and_reused_only_for_the_same_provenance(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    path = pretrain.pretrain_backbone(MODEL, 32, TINY, command="test")
+    path = pretrain.pretrain_backbone(MODEL, 32, TINY, command="test", runtime=CPU)
     provenance = read_provenance(path)
     assert provenance["classes"] and not set(provenance["classes"]) & set(DIGIT_CLASSES)
     assert not any(ch.isdigit() for name in provenance["classes"] for ch in name)
@@ -52,16 +55,16 @@ def test_pretraining_is_cached_and_reused_only_for_the_same_provenance(
         raise AssertionError("the cached weights should have been reused")
 
     monkeypatch.setattr(pretrain, "fit_session", no_training)
-    assert pretrain.pretrain_backbone(MODEL, 32, TINY, command="again") == path
+    assert pretrain.pretrain_backbone(MODEL, 32, TINY, command="again", runtime=CPU) == path
     # Another seed (or image size) is another provenance: it must train, not reuse.
     with pytest.raises(AssertionError, match="reused"):
-        pretrain.pretrain_backbone(MODEL, 32, TINY.model_copy(update={"seed": 1}))
+        pretrain.pretrain_backbone(MODEL, 32, TINY.model_copy(update={"seed": 1}), runtime=CPU)
     with pytest.raises(AssertionError, match="reused"):
-        pretrain.pretrain_backbone(MODEL, 48, TINY)
+        pretrain.pretrain_backbone(MODEL, 48, TINY, runtime=CPU)
 
 
 def test_the_truncated_trunk_loads_into_the_benchmark_backbone() -> None:
-    path = pretrain.pretrain_backbone(MODEL, 32, TINY, command="test")
+    path = pretrain.pretrain_backbone(MODEL, 32, TINY, command="test", runtime=CPU)
     backbone = Backbone("resnet18", feature_stage=2, pretrained=path)
     stored = load_cached(path)
     assert set(stored) == set(backbone.body.state_dict())  # only the kept stages are stored
@@ -74,14 +77,14 @@ def test_pretrain_names_resolve_to_the_cached_file() -> None:
     trunk = Backbone("resnet18", feature_stage=2).body.state_dict()
     wanted = pretrain.provenance(MODEL, 48, pretrain.PretrainRecipe())
     path = store(trunk, {**wanted, "command": "test"})
-    resolved, provenance = pretrain.resolve_pretrained(MODEL, 48)
+    resolved, provenance = pretrain.resolve_pretrained(MODEL, 48, runtime=CPU)
     assert resolved.pretrained == str(path) and resolved.backbone == "resnet18"
     assert provenance is not None and provenance["source"].startswith("glyphs-v")
     plain = ModelConfig(backbone="resnet18", pretrained="weights/resnet18.pth")
-    assert pretrain.resolve_pretrained(plain, 48) == (plain, None)
+    assert pretrain.resolve_pretrained(plain, 48, runtime=CPU) == (plain, None)
     with pytest.raises(ConfigError, match="pretrain:imagenet.*known: pretrain:glyphs"):
         pretrain.resolve_pretrained(
-            MODEL.model_copy(update={"pretrained": "pretrain:imagenet"}), 48
+            MODEL.model_copy(update={"pretrained": "pretrain:imagenet"}), 48, runtime=CPU
         )
 
 
@@ -119,7 +122,7 @@ def test_corrupt_cached_weights_are_rebuilt_and_unreadable_weights_are_named(
     # The checksum in the provenance no longer matches: the weights are made again, never used.
     monkeypatch.setattr(pretrain, "fit_session", training)
     with pytest.raises(RebuiltError):
-        pretrain.resolve_pretrained(MODEL, 48)
+        pretrain.resolve_pretrained(MODEL, 48, runtime=CPU)
     # A damaged weights file named directly is refused naming the file.
     with pytest.raises(WeightsError, match=f"{path.name} is not a readable safetensors file"):
         Backbone("resnet18", feature_stage=2, pretrained=path)

@@ -176,7 +176,7 @@ def test_only_the_marker_mlcil_wrote_beside_its_config_makes_a_run(tmp_path: Pat
 def test_a_link_planted_at_the_lock_or_the_log_is_refused_and_never_written(
     tmp_path: Path,
 ) -> None:
-    from mlcil.engine.observers import LogObserver
+    from mlcil.engine.observers import LogCallback
     from mlcil.fileio import NotOwnFileError
 
     victim = tmp_path / "victim.txt"
@@ -192,7 +192,7 @@ def test_a_link_planted_at_the_lock_or_the_log_is_refused_and_never_written(
     run.log_file.unlink()
     run.log_file.symlink_to(victim)
     with pytest.raises(NotOwnFileError, match="train.log is a symbolic link"):
-        LogObserver(run.log_file)
+        LogCallback(run.log_file)
     with pytest.raises(ConfigError, match="train.log is a symbolic link"):
         run.check_own_files()
     assert victim.read_text() == "precious\n"

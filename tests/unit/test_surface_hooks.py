@@ -4,8 +4,9 @@ the prediction hook before evaluation, method tensors in checkpoints, and resume
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,10 +20,17 @@ from torch import nn
 from mlcil.config.schema import ModelConfig, TrainConfig
 from mlcil.data.base import ArrayImageSource, ImageSource
 from mlcil.data.catalog import DATASETS, DatasetSpec
+from mlcil.engine.callbacks import (
+    Callback,
+    Observer,
+    RunView,
+    SessionCallback,
+    StepRecord,
+    as_callback,
+)
 from mlcil.engine.checkpoint import restore_run
-from mlcil.engine.loop import Trainer
 from mlcil.errors import ConfigError
-from mlcil.experiment import Experiment, load_config
+from mlcil.experiment import load_config
 from mlcil.methods.base import (
     Batch,
     EpochInfo,
@@ -37,6 +45,7 @@ from mlcil.methods.base import (
 from mlcil.methods.registry import METHODS, register_method
 from mlcil.models.base import IncrementalNetwork, NetworkOutput
 from mlcil.protocol import Session
+from tiny import experiment_of, in_memory_context, trainer_of
 
 CLASSES = 4
 
@@ -185,7 +194,7 @@ def events(kind: str) -> list[tuple[Any, ...]]:
 def test_hooks_phases_and_exemplar_data_as_the_engine_calls_them(
     surface: None, tmp_path: Path
 ) -> None:
-    metrics = Trainer(config(), run_dir=tmp_path / "run").run()
+    metrics = trainer_of(config(), run_dir=tmp_path / "run").run()
     assert metrics is not None
     kinds = [entry[0] for entry in Surface.log]
     # Session 1: the main fit, then the phase, then the prediction hook, evaluation, the end.
@@ -229,14 +238,14 @@ def test_hooks_phases_and_exemplar_data_as_the_engine_calls_them(
 def test_restore_and_resume_keep_method_tensors_and_exemplar_data(
     surface: None, tmp_path: Path
 ) -> None:
-    straight = Trainer(config(), run_dir=tmp_path / "straight").run()
-    assert Trainer(config(), run_dir=tmp_path / "split").run(max_sessions=1) is None
+    straight = trainer_of(config(), run_dir=tmp_path / "straight").run()
+    assert trainer_of(config(), run_dir=tmp_path / "split").run(max_sessions=1) is None
     folder = tmp_path / "split/checkpoints/session_00"
-    state = restore_run(Experiment(config()), folder)
+    state = restore_run(experiment_of(config()).inputs, folder)
     assert isinstance(state.method, Surface)
     assert state.method.marker.tolist() == sorted(state.memory.labels)
     assert state.memory.data and set(state.memory.data) == set(state.memory.labels)
-    resumed = Trainer(config(), run_dir=tmp_path / "split", resume=True).run()
+    resumed = trainer_of(config(), run_dir=tmp_path / "split", resume=True).run()
     assert straight is not None and resumed is not None
     straight, resumed = straight.plain(), resumed.plain()  # as metrics.json holds them
 
@@ -255,5 +264,160 @@ def test_a_phase_holding_out_every_row_is_refused(
         return ExtraPhase("all", rows, epochs=1) if self.num_old else None
 
     monkeypatch.setattr(Surface, "extra_phase", everything)
-    with pytest.raises(ConfigError, match="extra phase 'all'.*fewer than all"):
-        Trainer(config(), run_dir=tmp_path / "run").run()
+    with pytest.raises(ConfigError, match=r"extra phase 'all'.*fewer than all \(held out\)"):
+        trainer_of(config(), run_dir=tmp_path / "run").run()
+
+
+def test_a_phase_that_holds_nothing_out_follows_a_main_fit_on_every_row(
+    surface: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def again(self: Surface, context: SessionContext) -> ExtraPhase | None:
+        rows = np.arange(len(context.train_set))  # every row: refused when held out
+        return ExtraPhase("again", rows, epochs=1, holds_out=False) if self.num_old else None
+
+    monkeypatch.setattr(Surface, "extra_phase", again)
+    assert trainer_of(config(), run_dir=tmp_path / "run").run() is not None
+    total = events("begin")[1][2]  # session 1's own images + exemplars
+    steps = events("step")
+    session1 = steps[len(steps) - 2 * -(-total // 4) :]  # 2 epochs of batches of 4
+    assert sum(e[1] for e in session1) == 2 * total  # the main fit saw every row
+    assert sum(e[1] for e in events("phase_step")) == total  # and the phase saw them again
+    epochs = [e[1:] for e in events("after_epoch")][-3:]
+    assert epochs == [("main", 0, 2), ("main", 1, 2), ("again", 2, 3)]
+
+
+class EditedGradients(Surface):
+    """Replaces every gradient by a constant before the optimiser steps."""
+
+    seen_gradients: ClassVar[list[bool]] = []
+
+    def before_optimizer_step(
+        self, optimizer: torch.optim.Optimizer, batches: Sequence[Batch]
+    ) -> None:
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        # Called after the backward passes: every parameter the loss reaches has a gradient.
+        self.seen_gradients.append(all(p.grad is not None for p in parameters))
+        assert len(batches) == 2  # the step's two micro-batches
+        for parameter in parameters:
+            parameter.grad = torch.full_like(parameter, 0.5)
+
+
+def test_before_optimizer_step_edits_the_gradients_the_step_uses() -> None:
+    from mlcil.config.schema import LossConfig
+    from mlcil.engine.fit import train_step
+
+    sessions = [Session(0, [0, 1], [0, 1])]
+    labels = np.eye(2, dtype=np.uint8)[np.arange(8) % 2]
+    context = in_memory_context(sessions[0], sessions, labels, image_size=8, batch_size=4)
+    EditedGradients.seen_gradients.clear()
+    method = EditedGradients(Surface.Params(), Tiny(), LossConfig())
+    method.begin_session(context)
+    optimization = method.configure_optimization(TrainConfig(), sessions[0], 1)  # SGD, lr 0.05
+    before = [p.detach().clone() for p in method.network.parameters()]
+    loader = torch.utils.data.DataLoader(context.training_data(), batch_size=4)
+    batches = [Batch.from_items(items) for items in loader]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train_step(method, batches, optimization, scaler, context)
+    assert EditedGradients.seen_gradients == [True]
+    for old, new in zip(before, method.network.parameters(), strict=True):
+        # The step used the edited gradient (0.5 everywhere), not the loss's own.
+        assert torch.allclose(new.detach(), old - 0.05 * 0.5)
+
+
+class Recorder(Callback):
+    """Records every hook with what the run view shows at that moment."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def on_session_start(self, run: RunView, session: Session, summary: str, resumed: bool) -> None:
+        assert run.state is not None and run.folder is not None
+        self.calls.append(("session_start", session.index, run.state.next_session, resumed))
+
+    def on_epoch_start(
+        self, run: RunView, session: Session, epoch: int, epochs: int, steps: int
+    ) -> None:
+        self.calls.append(("epoch_start", session.index, epoch))
+
+    def on_train_batch_end(self, run: RunView, record: StepRecord) -> None:
+        self.calls.append(("batch_end", record.session.index, record.session_step))
+
+    def on_epoch_end(
+        self, run: RunView, session: Session, epoch: int, epochs: int, means: dict[str, float]
+    ) -> None:
+        self.calls.append(("epoch_end", session.index, epoch))
+
+    def on_session_evaluated(
+        self, run: RunView, session: Session, own: np.ndarray, result: dict[str, Any]
+    ) -> None:
+        result["recorded_by"] = "callback"  # a callback may add to the session's entry
+        self.calls.append(("evaluated", session.index, len(run.data.class_names)))
+
+    def on_session_end(self, run: RunView, result: dict[str, Any]) -> None:
+        self.calls.append(("session_end", result["index"], result["recorded_by"]))
+
+    def on_checkpoint_saved(self, run: RunView, folder: Path) -> None:
+        self.calls.append(("checkpoint", folder.name))
+
+    def on_metrics_header(self, run: RunView, header: dict[str, Any]) -> None:
+        header["by_callback"] = True
+
+    def teardown(self, run: RunView) -> None:
+        self.calls.append(("teardown",))
+
+
+class OlderObserver(Observer):
+    def __init__(self) -> None:
+        self.steps = 0
+        self.records = 0
+        self.closed = False
+
+    def step_finished(self, *args: Any) -> None:
+        self.steps += 1
+
+    def step_recorded(self, record: StepRecord) -> None:
+        self.records += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class OlderSessionCallback(SessionCallback):
+    def __init__(self) -> None:
+        self.started: list[int] = []
+        self.headers = 0
+
+    def session_starting(self, run: Any, state: Any, session: Session, resumed: bool) -> None:
+        self.started.append(session.index)
+
+    def header_ready(self, header: dict[str, Any]) -> None:
+        self.headers += 1
+
+
+def test_one_callback_vocabulary_with_a_read_only_view_and_the_older_kinds_adapted(
+    surface: None, tmp_path: Path
+) -> None:
+    recorder, observer, older = Recorder(), OlderObserver(), OlderSessionCallback()
+    trainer = trainer_of(config(), tmp_path / "run", observers=[observer], callbacks=[older])
+    trainer.extra_callbacks.append(recorder)  # after the older ones
+    metrics = trainer.run()
+    assert metrics is not None and metrics.plain()["by_callback"] is True
+    kinds = [call[0] for call in recorder.calls]
+    assert kinds[0] == "session_start" and kinds[-1] == "teardown"
+    assert recorder.calls[0] == ("session_start", 0, 0, False)
+    # Session 0: 2 epochs (each opened and closed), its steps, evaluation, end, checkpoint.
+    first = kinds[: kinds.index("checkpoint") + 1]
+    assert first.count("epoch_start") == first.count("epoch_end") == 2
+    assert first[-3:] == ["evaluated", "session_end", "checkpoint"]
+    assert ("session_end", 1, "callback") in recorder.calls  # the entry the callback added to
+    assert ("evaluated", 0, CLASSES) in recorder.calls
+    batches = kinds.count("batch_end")
+    # The older observer hears every step twice over (both of its step notifications) and is
+    # closed; the older session callback hears each session start and each metrics.json header
+    # (after session 0, marked unfinished, and at the end).
+    assert observer.steps == observer.records == batches and observer.closed
+    assert older.started == [0, 1] and older.headers == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        trainer.view.runtime = None  # type: ignore[misc]
+    with pytest.raises(TypeError, match="is not a callback: subclass mlcil.engine.callbacks"):
+        as_callback(object())  # type: ignore[arg-type]

@@ -18,10 +18,10 @@ from mlcil.config.schema import TrainConfig
 from mlcil.engine.observers import (
     LearningRateLog,
     StepRecord,
-    TrackingObserver,
+    TrackingCallback,
     active_trackers,
+    run_callbacks,
     run_id,
-    run_observers,
 )
 from mlcil.errors import ConfigError
 from mlcil.protocol import Session
@@ -72,19 +72,22 @@ def target(tmp_path: Path, config: dict[str, Any] | None = None) -> TrackingTarg
     return TrackingTarget(run, "tiny_run", "abc123", config, run / "tensorboard", run / "tracking")
 
 
-def session_of(observer: TrackingObserver, index: int, epochs: int, steps: int) -> None:
-    """Tell ``observer`` a session of ``epochs`` x ``steps`` optimiser steps (lr 0.1 x step)."""
+VIEW: Any = None  # the tracking callback reads nothing of the run view
+
+
+def session_of(callback: TrackingCallback, index: int, epochs: int, steps: int) -> None:
+    """Tell ``callback`` a session of ``epochs`` x ``steps`` optimiser steps (lr 0.1 x step)."""
     session = Session(index, [index], list(range(index + 1)))
-    observer.session_started(session, "")
+    callback.on_session_start(VIEW, session, "", False)
     for epoch in range(epochs):
-        observer.epoch_started(session, epoch, epochs, steps)
+        callback.on_epoch_start(VIEW, session, epoch, epochs, steps)
         for step in range(steps):
             rate = 0.1 * (step + 1)
             record = StepRecord(session, epoch, step, steps, {"loss": 1.0 / (step + 1)}, (rate,))
-            observer.step_recorded(record)
-        observer.epoch_finished(session, epoch, epochs, {"loss": 0.5})
+            callback.on_train_batch_end(VIEW, record)
+        callback.on_epoch_end(VIEW, session, epoch, epochs, {"loss": 0.5})
     result = {"index": index, "num_seen": index + 1, "seen_map": 90.0 - index, "base_map": 95.0}
-    observer.session_finished({**result, "new_map": None, "ap": {"cat": 80.0}})
+    callback.on_session_end(VIEW, {**result, "new_map": None, "ap": {"cat": 80.0}})
 
 
 def steps_of(rows: list[tuple[int, str, float]], tag: str) -> list[int]:
@@ -102,10 +105,10 @@ def test_unknown_trackers_and_missing_packages_are_named(
     )
     with pytest.raises(ConfigError, match=r"'wandb'.*pip install 'mlcil\[wandb\]'"):
         check_trackers(["csv", "wandb"])
-    # The run stops before any training: the observers are made first.
+    # The run stops before any training: the callbacks are made first.
     train = TrainConfig(trackers=["csv", "wandb"], progress=False)
     with pytest.raises(ConfigError, match=r"mlcil\[wandb\]"):
-        run_observers(RunDir(tmp_path), train, is_main=True)
+        run_callbacks(RunDir(tmp_path), train, is_main=True)
     check_trackers(["csv", "tensorboard"])  # installed: no error
 
 
@@ -120,20 +123,21 @@ def test_the_older_tensorboard_switch_still_turns_it_off(tmp_path: Path) -> None
     run = RunDir(tmp_path)
     off = TrainConfig(tensorboard=False, trackers=["tensorboard"])
     for train, tracking in ((TrainConfig(), True), (off, False)):
-        observers = run_observers(run, train, is_main=True)
-        kinds = [type(o).__name__ for o in observers.observers]
-        observers.close()
-        assert ("TrackingObserver" in kinds) == tracking
-    assert run_observers(run, TrainConfig(), is_main=False).observers == []  # rank > 0
+        callbacks = run_callbacks(run, train, is_main=True)
+        kinds = [type(c).__name__ for c in callbacks]
+        for callback in callbacks:
+            callback.teardown(VIEW)
+        assert ("TrackingCallback" in kinds) == tracking
+    assert run_callbacks(run, TrainConfig(), is_main=False) == []  # rank > 0
 
 
 def test_the_global_step_runs_on_across_sessions(
     recording: list[Recording], tmp_path: Path
 ) -> None:
-    observer = TrackingObserver(["recording"], RunDir(tmp_path / "run"), TrainConfig())
+    observer = TrackingCallback(["recording"], RunDir(tmp_path / "run"), TrainConfig())
     session_of(observer, 0, epochs=2, steps=3)
     session_of(observer, 1, epochs=1, steps=2)
-    observer.close()
+    observer.teardown(VIEW)
     (tracker,) = recording
     rows = tracker.rows
     assert steps_of(rows, "train/loss") == [1, 2, 3, 4, 5, 6, 7, 8]  # no restart at session 1
@@ -148,7 +152,7 @@ def test_the_global_step_runs_on_across_sessions(
 
 def test_the_global_step_survives_resume(recording: list[Recording], tmp_path: Path) -> None:
     train = TrainConfig(batch_size=16, base_epochs=2, epochs=1)
-    straight = TrackingObserver(["recording"], RunDir(tmp_path / "straight"), train)
+    straight = TrackingCallback(["recording"], RunDir(tmp_path / "straight"), train)
     # Session 0: 40 images in batches of 16 = 3 steps per epoch, 2 epochs.
     session_of(straight, 0, epochs=2, steps=3)
     session_of(straight, 1, epochs=1, steps=2)
@@ -159,7 +163,7 @@ def test_the_global_step_survives_resume(recording: list[Recording], tmp_path: P
     results = [{"index": 0, "train_images": 30, "memory_images": 10}]
     (folder / "state.json").write_text(json.dumps({"results": results}))
     (run.checkpoints / "latest").write_text("session_00\n")
-    resumed = TrackingObserver(["recording"], run, train)
+    resumed = TrackingCallback(["recording"], run, train)
     session_of(resumed, 1, epochs=1, steps=2)
     first, second = recording
     session_1 = [row for row in first.rows if row[0] > 6]
@@ -180,7 +184,7 @@ def test_a_failing_tracker_is_switched_off_and_the_others_go_on(
             raise OSError("disk full")
 
     monkeypatch.setitem(trackers._REGISTRY, "broken", TrackerSpec(lambda target: Broken()))
-    observer = TrackingObserver(["broken", "recording"], RunDir(tmp_path / "run"), TrainConfig())
+    observer = TrackingCallback(["broken", "recording"], RunDir(tmp_path / "run"), TrainConfig())
     with caplog.at_level(logging.WARNING, logger="mlcil"):
         session_of(observer, 0, epochs=1, steps=2)
     assert "tracker broken failed (disk full); it is off" in caplog.text

@@ -48,10 +48,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     trainer = launch.trainer
     started_run[0] = trainer.run_dir
-    if not trainer.experiment.runtime.is_main:  # under torchrun, rank 0 logs progress
+    if not trainer.runtime.is_main:  # under torchrun, rank 0 logs progress
         logging.getLogger().setLevel(logging.WARNING)
     metrics = launch.run(max_sessions=args.max_sessions)
-    if not trainer.experiment.runtime.is_main:  # under torchrun, rank 0 reports
+    if not trainer.runtime.is_main:  # under torchrun, rank 0 reports
         return 0
     if metrics is None:
         where = trainer.stopped or f"after session {trainer.next_session - 1}"

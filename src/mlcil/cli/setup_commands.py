@@ -147,12 +147,14 @@ def cmd_weights(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from mlcil.experiment import load_config
     from mlcil.pretrain import PretrainRecipe, pretrain_backbone
+    from mlcil.runs import make_runtime
     from mlcil.weights_cache import read_provenance
 
     config = load_config(args.config, args.overrides)
     changes = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed")}
     recipe = PretrainRecipe(**{k: v for k, v in changes.items() if v is not None})
-    path = pretrain_backbone(config.model, config.data.image_size, recipe)
+    runtime = make_runtime(config)
+    path = pretrain_backbone(config.model, config.data.image_size, recipe, runtime=runtime)
     print(json.dumps(read_provenance(path), indent=1))
     print(f"weights: {path}")
     if recipe != PretrainRecipe():

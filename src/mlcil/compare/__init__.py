@@ -37,7 +37,7 @@ from mlcil.report import write_report
 from mlcil.requirements import check_run_requirements
 from mlcil.results import run_finished
 from mlcil.rundir import RunDir
-from mlcil.runs import with_recorded_plugins
+from mlcil.runs import make_runtime, with_recorded_plugins
 from mlcil.safety import result_changes
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def _check_plans(plans: Sequence[tuple[str, RunConfig]], output_dir: Path) -> No
                 "choose another --output"
             )
         try:
-            Experiment(config)
+            Experiment(config, runtime=make_runtime(config))
         except MlcilError as error:
             raise type(error)(f"{spec} (seed {config.seed}, {config.protocol}): {error}") from None
 

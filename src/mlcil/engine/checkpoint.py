@@ -62,7 +62,7 @@ from mlcil.rundir import LATEST, MID_SESSION, RunDir, checkpoint_name
 from mlcil.runtime import unwrap
 
 if TYPE_CHECKING:
-    from mlcil.experiment import Experiment
+    from mlcil.engine.inputs import RunInputs
 
 logger = logging.getLogger(__name__)
 
@@ -385,7 +385,7 @@ def check_finite_weights(tensors: dict[str, Any], path: Path) -> None:
         )
 
 
-def restore_run(experiment: Experiment, folder: Path) -> RunState:
+def restore_run(run: RunInputs, folder: Path) -> RunState:
     """Rebuild a run's method, network and memory from one checkpoint folder.
 
     The network is built without reading ``model.pretrained`` (the checkpoint holds every
@@ -406,15 +406,16 @@ def restore_run(experiment: Experiment, folder: Path) -> RunState:
         ) from error
     in_session = state.get("in_session")
     low = 0 if in_session is not None else 1  # a mid-session checkpoint's session is unfinished
-    if not low <= next_session <= len(experiment.sessions) - 1 + low:
+    sessions = run.data.sessions
+    if not low <= next_session <= len(sessions) - 1 + low:
         raise WeightsError(
             f"{folder / 'state.json'}: next_session {next_session} does not fit the run's "
-            f"{len(experiment.sessions)} sessions"
+            f"{len(sessions)} sessions"
         )
-    method = experiment.build_method(load_weights=False)
+    method = run.build_method(load_weights=False)
     for size in sizes:
         method.network.add_session(size)
-    method.network.to(experiment.runtime.device)
+    method.network.to(run.runtime.device)
     load_network_weights(folder, method.network)
     method.load_state_dict(state.get("method_state") or {})
     method_file = folder / "method.safetensors"
@@ -424,24 +425,24 @@ def restore_run(experiment: Experiment, folder: Path) -> RunState:
         raise WeightsError(f"{method_file}: {error}") from None
     resume = None
     if in_session is None:
-        method.restore(experiment.sessions[next_session - 1])
+        method.restore(sessions[next_session - 1])
     else:
-        session = experiment.sessions[next_session]
-        resume = _restore_in_session(experiment, method, folder, in_session, session)
+        session = sessions[next_session]
+        resume = _restore_in_session(run, method, folder, in_session, session)
     memory_path = folder / "memory.json"
     memory = ExemplarMemory.load(memory_path)
-    memory.check_against(experiment.train_source.image_refs, where=str(memory_path))
+    memory.check_against(run.data.train_source.image_refs, where=str(memory_path))
     data_path = folder / "memory.safetensors"
     memory.load_data_tensors(read_tensor_file(data_path), where=str(data_path))
     if method.stores_exemplar_data:
         # Each row as the method stored it: the width of the outputs at the exemplar's session.
-        widths = [session.num_seen for session in experiment.sessions]
+        widths = [session.num_seen for session in sessions]
         memory.check_data_rows(widths, where=str(data_path))
     return RunState(method, memory, results, next_session, elapsed, resume)
 
 
 def _restore_in_session(
-    experiment: Experiment,
+    run: RunInputs,
     method: Method,
     folder: Path,
     in_session: dict[str, Any],
@@ -450,10 +451,10 @@ def _restore_in_session(
     """Re-enter a session mid-training: the teacher, then what ``fit_session`` resumes from."""
     teacher = None
     if in_session.get("teacher_sizes") is not None:
-        teacher = experiment.build_method(load_weights=False).network
+        teacher = run.build_method(load_weights=False).network
         for size in in_session["teacher_sizes"]:
             teacher.add_session(int(size))
-        teacher.to(experiment.runtime.device)
+        teacher.to(run.runtime.device)
         load_network_weights(folder, teacher, "teacher.safetensors")
         teacher.eval()
         teacher.requires_grad_(False)

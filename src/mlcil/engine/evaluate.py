@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mlcil.experiment import Experiment
+from mlcil.config.schema import MemoryConfig
+from mlcil.engine.inputs import RunData
 from mlcil.inference import infer
 from mlcil.memory import ExemplarMemory
 from mlcil.memory_policies import get_policy
@@ -52,7 +53,9 @@ def pooled_features(method: Method, loader: DataLoader, runtime: Runtime) -> tor
 
 
 def update_memory(
-    experiment: Experiment,
+    data: RunData,
+    runtime: Runtime,
+    settings: MemoryConfig,
     method: Method,
     memory: ExemplarMemory,
     session: Session,
@@ -62,62 +65,62 @@ def update_memory(
     with the run's memory policy (herding: on un-augmented pooled features), once, on the main
     process, then share the memory with every process as plain data; then store the method's
     data rows of the new exemplars (``Method.stores_exemplar_data``)."""
-    config, source, runtime = experiment.config, experiment.train_source, experiment.runtime
-    policy = get_policy(config.memory.policy, config.memory.rho)
+    source = data.train_source
+    policy = get_policy(settings.policy, settings.rho)
     features = None
     if policy.needs_features:
-        loader = experiment.eval_loader(experiment.plain_images(own))
+        loader = data.eval_loader(data.plain_images(own), runtime)
         features = pooled_features(method, loader, runtime)
     if runtime.is_main:
-        seed = derive_seed(config.seed, session.index, MEMORY_STREAM)
+        seed = derive_seed(data.seed, session.index, MEMORY_STREAM)
         memory.update(session, own, features, source.labels, source.image_refs, policy, seed)
     if runtime.world_size > 1:
-        plain, data = runtime.broadcast((memory.to_dict(), memory.data))
+        plain, rows = runtime.broadcast((memory.to_dict(), memory.data))
         memory = ExemplarMemory.from_dict(plain)
-        memory.data = data
+        memory.data = rows
     if method.stores_exemplar_data:
-        store_exemplar_data(experiment, method, memory)
+        store_exemplar_data(data, runtime, method, memory)
     return memory
 
 
-def store_exemplar_data(experiment: Experiment, method: Method, memory: ExemplarMemory) -> None:
+def store_exemplar_data(
+    data: RunData, runtime: Runtime, method: Method, memory: ExemplarMemory
+) -> None:
     """``method.exemplar_data`` of every stored image without data yet (the new exemplars), on
     un-augmented images in eval mode, computed on every process alike."""
     positions = memory.positions_without_data()
     if not len(positions):
         return
-    loader = experiment.eval_loader(experiment.plain_images(positions))
+    loader = data.eval_loader(data.plain_images(positions), runtime)
 
     def step(images: torch.Tensor, _: object) -> dict[str, torch.Tensor]:
         return {"data": method.exemplar_data(images)}
 
-    memory.set_data(positions, infer(loader, step, experiment.runtime, method.network)["data"])
+    memory.set_data(positions, infer(loader, step, runtime, method.network)["data"])
 
 
 def exemplar_set(
-    experiment: Experiment, method: Method, memory: ExemplarMemory, session: Session
+    data: RunData, runtime: Runtime, method: Method, memory: ExemplarMemory, session: Session
 ) -> ExemplarSet:
     """The memory after ``session`` as ``Method.prepare_prediction`` sees it: the stored images,
     the labels replay gives them, and their features on demand."""
-    positions, targets = memory.targets(
-        experiment.train_source.labels, session, experiment.sessions
-    )
+    positions, targets = memory.targets(data.train_source.labels, session, data.sessions)
 
     def features() -> torch.Tensor:
         if not len(positions):
             return torch.zeros(0, 0)
-        loader = experiment.eval_loader(experiment.plain_images(positions))
-        return pooled_features(method, loader, experiment.runtime)
+        loader = data.eval_loader(data.plain_images(positions), runtime)
+        return pooled_features(method, loader, runtime)
 
     return ExemplarSet(positions, torch.from_numpy(targets[:, : session.num_seen]), features)
 
 
 def evaluate_session(
-    experiment: Experiment, method: Method, session: Session
+    data: RunData, runtime: Runtime, method: Method, session: Session
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scores and targets of the test set after ``session``."""
-    loader = experiment.test_loader(session)
-    return predict_scores(method, loader, experiment.runtime, session.num_seen)
+    loader = data.test_loader(session, runtime)
+    return predict_scores(method, loader, runtime, session.num_seen)
 
 
 def session_result(

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 
 from mlcil.config.schema import TrainConfig
 from mlcil.distributed import ShardSampler, all_reduce_mean, loss_scale, shard_size
-from mlcil.engine.observers import LearningRateLog, Observer, StepRecord, learning_rates
+from mlcil.engine.callbacks import CallbackList, StepRecord
+from mlcil.engine.observers import LearningRateLog, learning_rates
 from mlcil.errors import ConfigError, TrainingError
 from mlcil.methods.base import (
     MAIN_PHASE,
@@ -187,7 +188,7 @@ def fit_session(
     method: Method,
     context: SessionContext,
     train: TrainConfig,
-    observer: Observer,
+    callbacks: CallbackList,
     interim_map: Callable[[], float] | None = None,
     resume: FitResume | None = None,
     checkpoint: Callable[[FitProgress], None] | None = None,
@@ -200,7 +201,7 @@ def fit_session(
         method: the method, already past ``begin_session``.
         context: the session's training set, runtime and seed.
         train: epochs, batch layout, learning rates, evaluation and checkpoint settings.
-        observer: notified of epochs and steps.
+        callbacks: the run's callbacks, told of epochs and steps.
         interim_map: scores the test set (seen mAP) for the optional per-epoch evaluation.
         resume: continue from a mid-session checkpoint instead of the session's start.
         checkpoint: writes a mid-session checkpoint (every ``train.checkpoint_every_epochs``
@@ -225,11 +226,11 @@ def fit_session(
         scaler.load_state_dict(resume.scaler)
         position = resume.position
     # The run steps a stand-in for the scheduler that notes each step's learning rates for the
-    # observers; checkpoints keep saving the scheduler itself.
+    # callbacks; checkpoints keep saving the scheduler itself.
     rates = LearningRateLog(optimization.scheduler)
     noting = dataclasses.replace(optimization, scheduler=cast(Any, rates))
     run = _SessionRun(
-        method, context, layout, noting, scaler, observer, steps, learning_rates=rates
+        method, context, layout, noting, scaler, callbacks, steps, learning_rates=rates
     )
     run.phase = schedule.phase
     with training_network(method, runtime), _StopSignal() as stop:
@@ -252,7 +253,7 @@ def fit_session(
                 )
             if interim_map is not None and train.eval_every_epoch and epoch < epochs - 1:
                 # Logged for curiosity only: the reported model is always the last epoch's.
-                observer.interim_evaluated(session, epoch, interim_map())
+                callbacks.on_interim_evaluation(session, epoch, interim_map())
             every = train.checkpoint_every_epochs
             last = epoch + 1 == epochs and schedule.ends_session
             due = every is not None and (epoch + 1) % every == 0 and not last
@@ -282,10 +283,10 @@ class _SessionRun:
     layout: BatchLayout
     optimization: Optimization
     scaler: torch.amp.GradScaler
-    observer: Observer
+    callbacks: CallbackList
     steps: int
     session_loader: DataLoader | None = None
-    learning_rates: LearningRateLog | None = None  # each step's rates, for the observers
+    learning_rates: LearningRateLog | None = None  # each step's rates, for the callbacks
     phase: ExtraPhase | None = None  # the method's extra phase; None: the main fit
 
     @property
@@ -309,7 +310,7 @@ class _SessionRun:
         self, pending: list[tuple[int, StepValues]], totals: dict[str, float], epoch: int
     ) -> None:
         """Read the pending steps' values (one device read), add them to the epoch's totals and
-        tell the observers, in step order, with the learning rates each step used."""
+        tell the callbacks, in step order, with the learning rates each step used."""
         if not pending:
             return
         context = self.context
@@ -326,8 +327,8 @@ class _SessionRun:
         for (step, _), parts, used in zip(pending, read, rates, strict=True):
             for name, value in parts.items():
                 totals[name] = totals.get(name, 0.0) + value
-            self.observer.step_finished(session, epoch, step, parts, self.steps)
-            self.observer.step_recorded(StepRecord(session, epoch, step, self.steps, parts, used))
+            record = StepRecord(session, epoch, step, self.steps, parts, used)
+            self.callbacks.on_train_batch_end(record)
         pending.clear()
 
     def _hook(self, name: str, info: StepInfo | EpochInfo) -> None:
@@ -363,7 +364,7 @@ class _SessionRun:
         runtime.seed_process(epoch_seed)
         # A phase that trains only its own parameters keeps batch-norm statistics frozen.
         self.method.network.train(self.phase is None or self.phase.trains_network)
-        self.observer.epoch_started(session, epoch, epochs, self.steps)
+        self.callbacks.on_epoch_start(session, epoch, epochs, self.steps)
         layout = self.layout
         start_index = first_step * layout.accumulation * layout.micro_batch
         loader = self._loader(epoch_seed, start_index)
@@ -394,8 +395,8 @@ class _SessionRun:
         means = {k: v / done for k, v in totals.items()}
         runtime.synchronize()
         images = min(done * layout.global_batch, len(context.train_set))
-        self.observer.phase_finished(session, "epoch", time.perf_counter() - started, images)
-        self.observer.epoch_finished(session, epoch, epochs, means)
+        self.callbacks.on_phase_end(session, "epoch", time.perf_counter() - started, images)
+        self.callbacks.on_epoch_end(session, epoch, epochs, means)
         self._hook("after_epoch", EpochInfo(session, self.phase_name, epoch, epochs, means))
         return self.steps, stopped
 
@@ -498,8 +499,12 @@ def train_step(
             logged[name] = logged.get(name, 0.0) + weight * term
     if phase is not None and not phase.trains_network and runtime.world_size > 1:
         average_gradients(optimizer)  # DDP averages the network's; these are the phase's own
+    # Unscaled once (a no-op but under fp16): the hook and the clipping see true gradients.
+    scaler.unscale_(optimizer)
+    hook = getattr(method, "before_optimizer_step", None)  # stand-ins in tests have none
+    if hook is not None:
+        hook(optimizer, micro_batches)
     if optimization.grad_clip_norm is not None:
-        scaler.unscale_(optimizer)
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(parameters, optimization.grad_clip_norm)
     scaler.step(optimizer)

@@ -1,9 +1,11 @@
-"""Observers the training loop notifies: log lines, the log file, progress bars, trackers.
+"""The built-in callbacks of a run: log lines and the log file, progress bars, the experiment
+trackers, phase timers (:class:`mlcil.engine.callbacks.Callback` objects).
 
-The loop calls every observer at the same few moments and never depends on what they do; an
-observer only reads what it is given. Adding one touches no loop code. The experiment trackers
-(TensorBoard, CSV, W&B, MLflow: :mod:`mlcil.trackers`) are fed by one :class:`TrackingObserver`,
-which names the scalars and places them on a global step.
+The experiment trackers (TensorBoard, CSV, W&B, MLflow, or one registered with
+:func:`mlcil.trackers.register_tracker`) are the backends of one :class:`TrackingCallback`, which
+names the scalars and places them on a global step. :class:`Observer` is the older vocabulary of
+notifications, still accepted wherever callbacks are (adapted by
+:func:`mlcil.engine.callbacks.as_callback`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import torch
 from tqdm import tqdm
 
 from mlcil.config.schema import RunConfig, TrainConfig
+from mlcil.engine.callbacks import Callback, CallbackList, RunView
+from mlcil.engine.callbacks import Observer as Observer  # where it always was
+from mlcil.engine.callbacks import StepRecord as StepRecord
 from mlcil.errors import ConfigError, MlcilError, clip
 from mlcil.fileio import OwnFileHandler
 from mlcil.protocol import Session
@@ -35,77 +40,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mlcil.engine")
 
 
-class Observer:
-    """Base class: every notification is a no-op unless overridden."""
-
-    def session_started(self, session: Session, summary: str) -> None:
-        """A session begins; ``summary`` names its classes and image counts."""
-
-    def epoch_started(self, session: Session, epoch: int, epochs: int, steps: int) -> None:
-        """Epoch ``epoch`` (0-based) of ``epochs`` begins, with ``steps`` batches."""
-
-    def step_finished(
-        self, session: Session, epoch: int, step: int, parts: dict[str, float], steps: int
-    ) -> None:
-        """One optimiser step is done; ``parts`` are the loss and its named parts."""
-
-    def step_recorded(self, record: StepRecord) -> None:
-        """The same step with its learning rates and place in the session (right after
-        ``step_finished``); what trackers read."""
-
-    def epoch_finished(
-        self, session: Session, epoch: int, epochs: int, means: dict[str, float]
-    ) -> None:
-        """An epoch is done; ``means`` are the loss parts averaged over its steps."""
-
-    def interim_evaluated(self, session: Session, epoch: int, seen_map: float) -> None:
-        """The optional per-epoch evaluation (logged only, never used to select a model)."""
-
-    def session_finished(self, result: dict[str, Any]) -> None:
-        """A session is evaluated; ``result`` is its ``metrics.json`` entry."""
-
-    def phase_finished(self, session: Session, phase: str, seconds: float, images: int) -> None:
-        """A timed phase of ``session`` is done: ``begin_session`` (growth and the method's
-        own passes, e.g. KRT's threshold pass over its teacher), ``epoch``, ``evaluation``,
-        ``after_evaluation`` (diagnostics), ``herding`` or ``checkpoint``; ``images`` is how
-        many images it read (0 when none)."""
-
-    def close(self) -> None:
-        """The run stops (finished, interrupted or failed)."""
-
-
 @dataclasses.dataclass
 class Phase:
     """A phase being timed; ``images`` may be set inside the ``with`` block."""
 
     images: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class StepRecord:
-    """One optimiser step as :meth:`Observer.step_recorded` reports it.
-
-    Attributes:
-        session: the session being learned.
-        epoch: the epoch (0-based).
-        step: the step in the epoch (0-based).
-        steps: steps per epoch.
-        parts: the loss and its named parts.
-        learning_rates: the rate of every optimiser parameter group during this step.
-    """
-
-    session: Session
-    epoch: int
-    step: int
-    steps: int
-    parts: dict[str, float]
-    learning_rates: tuple[float, ...]
-
-    @property
-    def session_step(self) -> int:
-        """Optimiser steps done in the session once this one is done (1 for the first). It
-        follows from the position alone, so a resumed session counts on where it stopped."""
-        return self.epoch * self.steps + self.step + 1
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> tuple[float, ...]:
@@ -143,7 +82,7 @@ class LearningRateLog:
 
 @contextlib.contextmanager
 def timed(
-    observer: Observer, session: Session, phase: str, runtime: Runtime, images: int = 0
+    callbacks: CallbackList, session: Session, phase: str, runtime: Runtime, images: int = 0
 ) -> Iterator[Phase]:
     """Time the ``with`` block as ``phase`` of ``session`` (the device is synchronised at the
     end, once per phase, so queued GPU work is counted where it was issued)."""
@@ -151,84 +90,31 @@ def timed(
     started = time.perf_counter()
     yield record
     runtime.synchronize()
-    observer.phase_finished(session, phase, time.perf_counter() - started, record.images)
+    callbacks.on_phase_end(session, phase, time.perf_counter() - started, record.images)
 
 
-class Observers(Observer):
-    """Forwards every notification to a list of observers, in order."""
-
-    def __init__(self, observers: Sequence[Observer] = ()) -> None:
-        self.observers = list(observers)
-
-    def session_started(self, session: Session, summary: str) -> None:
-        for observer in self.observers:
-            observer.session_started(session, summary)
-
-    def epoch_started(self, session: Session, epoch: int, epochs: int, steps: int) -> None:
-        for observer in self.observers:
-            observer.epoch_started(session, epoch, epochs, steps)
-
-    def step_finished(
-        self, session: Session, epoch: int, step: int, parts: dict[str, float], steps: int
-    ) -> None:
-        for observer in self.observers:
-            observer.step_finished(session, epoch, step, parts, steps)
-
-    def step_recorded(self, record: StepRecord) -> None:
-        for observer in self.observers:
-            observer.step_recorded(record)
-
-    def epoch_finished(
-        self, session: Session, epoch: int, epochs: int, means: dict[str, float]
-    ) -> None:
-        for observer in self.observers:
-            observer.epoch_finished(session, epoch, epochs, means)
-
-    def interim_evaluated(self, session: Session, epoch: int, seen_map: float) -> None:
-        for observer in self.observers:
-            observer.interim_evaluated(session, epoch, seen_map)
-
-    def session_finished(self, result: dict[str, Any]) -> None:
-        for observer in self.observers:
-            observer.session_finished(result)
-
-    def phase_finished(self, session: Session, phase: str, seconds: float, images: int) -> None:
-        for observer in self.observers:
-            observer.phase_finished(session, phase, seconds, images)
-
-    def close(self) -> None:
-        for observer in self.observers:
-            observer.close()
-
-
-def run_observers(
-    run: RunDir,
-    config: RunConfig | TrainConfig,
-    is_main: bool,
-    extra: Sequence[Observer] = (),
-) -> Observers:
-    """A run's observers: its log file, progress bars and ``train.trackers`` (on the main
-    process only), then ``extra``.
+def run_callbacks(run: RunDir, config: RunConfig | TrainConfig, is_main: bool) -> list[Callback]:
+    """A run's built-in callbacks: its log file, progress bars and ``train.trackers`` (on the
+    main process only).
 
     Args:
         run: the run folder.
         config: the resolved config (logged by the trackers); given only its ``train`` section,
             the trackers log that section.
         is_main: whether this process writes the run's files.
-        extra: further observers, notified last.
 
     Raises:
         ConfigError: an unknown tracker, or one whose package is not installed (before any
             training).
     """
     train = config.train if isinstance(config, RunConfig) else config
-    observers: list[Observer] = [LogObserver(run.log_file)] if is_main else []
+    callbacks: list[Callback] = [LogCallback(run.log_file)] if is_main else []
     if train.progress and is_main:
-        observers.append(ProgressObserver())
+        callbacks.append(ProgressCallback())
     names = active_trackers(train)
     if names and is_main:
-        observers.append(TrackingObserver(names, run, config))
-    return Observers([*observers, *extra])
+        callbacks.append(TrackingCallback(names, run, config))
+    return callbacks
 
 
 def active_trackers(train: TrainConfig) -> list[str]:
@@ -241,7 +127,7 @@ def _fmt(value: float | None) -> str:
     return "  -  " if value is None else f"{value:5.2f}"
 
 
-class LogObserver(Observer):
+class LogCallback(Callback):
     """The run's story as log lines (and, with ``log_file``, in ``train.log`` too)."""
 
     def __init__(self, log_file: Path | None = None) -> None:
@@ -257,16 +143,18 @@ class LogObserver(Observer):
             if root.level == logging.NOTSET or root.level > logging.INFO:
                 root.setLevel(logging.INFO)
 
-    def session_started(self, session: Session, summary: str) -> None:
+    def on_session_start(self, run: RunView, session: Session, summary: str, resumed: bool) -> None:
         logger.info("session %d: %s", session.index, summary)
 
-    def epoch_finished(
-        self, session: Session, epoch: int, epochs: int, means: dict[str, float]
+    def on_epoch_end(
+        self, run: RunView, session: Session, epoch: int, epochs: int, means: dict[str, float]
     ) -> None:
         parts = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
         logger.info("session %d epoch %d/%d: %s", session.index, epoch + 1, epochs, parts)
 
-    def interim_evaluated(self, session: Session, epoch: int, seen_map: float) -> None:
+    def on_interim_evaluation(
+        self, run: RunView, session: Session, epoch: int, seen_map: float
+    ) -> None:
         logger.info(
             "session %d epoch %d: seen mAP %.2f (not used for selection)",
             session.index,
@@ -274,7 +162,7 @@ class LogObserver(Observer):
             seen_map,
         )
 
-    def session_finished(self, result: dict[str, Any]) -> None:
+    def on_session_end(self, run: RunView, result: dict[str, Any]) -> None:
         logger.info(
             "session %d done: seen mAP %s | base %s | new %s | %d test images | %.1f s",
             result["index"],
@@ -291,6 +179,9 @@ class LogObserver(Observer):
                 ", ".join(result["classes_without_positives"]),
             )
 
+    def teardown(self, run: RunView) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.handler is not None:
             logging.getLogger("mlcil").removeHandler(self.handler)
@@ -298,14 +189,16 @@ class LogObserver(Observer):
             self.handler = None
 
 
-class ProgressObserver(Observer):
+class ProgressCallback(Callback):
     """A tqdm bar per epoch with the running mean of each loss part."""
 
     def __init__(self) -> None:
         self.bar: Any = None
         self.totals: dict[str, float] = {}
 
-    def epoch_started(self, session: Session, epoch: int, epochs: int, steps: int) -> None:
+    def on_epoch_start(
+        self, run: RunView, session: Session, epoch: int, epochs: int, steps: int
+    ) -> None:
         # disable=None lets tqdm hide itself when stderr is not a terminal (logs, CI).
         self.bar = tqdm(
             total=steps,
@@ -316,20 +209,22 @@ class ProgressObserver(Observer):
         )
         self.totals = {}
 
-    def step_finished(
-        self, session: Session, epoch: int, step: int, parts: dict[str, float], steps: int
-    ) -> None:
-        for name, value in parts.items():
+    def on_train_batch_end(self, run: RunView, record: StepRecord) -> None:
+        for name, value in record.parts.items():
             self.totals[name] = self.totals.get(name, 0.0) + value
         if self.bar is None:
             return
         self.bar.update(1)
-        if step % 10 == 0 or step == steps - 1:
+        step = record.step
+        if step % 10 == 0 or step == record.steps - 1:
             self.bar.set_postfix({k: f"{v / (step + 1):.3g}" for k, v in self.totals.items()})
 
-    def epoch_finished(
-        self, session: Session, epoch: int, epochs: int, means: dict[str, float]
+    def on_epoch_end(
+        self, run: RunView, session: Session, epoch: int, epochs: int, means: dict[str, float]
     ) -> None:
+        self.close()
+
+    def teardown(self, run: RunView) -> None:
         self.close()
 
     def close(self) -> None:
@@ -338,8 +233,9 @@ class ProgressObserver(Observer):
             self.bar = None
 
 
-class TrackingObserver(Observer):
-    """Feeds the run's experiment trackers (:mod:`mlcil.trackers`) on one global step.
+class TrackingCallback(Callback):
+    """The one tracking callback: feeds the run's experiment trackers (its backends,
+    :mod:`mlcil.trackers`) on one global step.
 
     The global step counts the optimiser steps since the run began: step ``i`` (1-based) of a
     session comes after every step of the earlier sessions. It is derived from counts, never
@@ -375,7 +271,7 @@ class TrackingObserver(Observer):
             self.run.path, name, run_id(self.run), config, self.run.tensorboard, self.run.tracking
         )
 
-    def session_started(self, session: Session, summary: str) -> None:
+    def on_session_start(self, run: RunView, session: Session, summary: str, resumed: bool) -> None:
         if self.trackers is None:
             self.trackers = self._start_trackers()
         if any(index not in self.session_steps for index in range(session.index)):
@@ -403,7 +299,9 @@ class TrackingObserver(Observer):
                 ) from None
         return started
 
-    def epoch_started(self, session: Session, epoch: int, epochs: int, steps: int) -> None:
+    def on_epoch_start(
+        self, run: RunView, session: Session, epoch: int, epochs: int, steps: int
+    ) -> None:
         self.session_steps[session.index] = epochs * steps
         self.epoch_steps[session.index] = steps
 
@@ -411,7 +309,7 @@ class TrackingObserver(Observer):
         """The run's step for step ``session_step`` (1-based) of session ``session``."""
         return sum(self.session_steps.get(i, 0) for i in range(session)) + session_step
 
-    def step_recorded(self, record: StepRecord) -> None:
+    def on_train_batch_end(self, run: RunView, record: StepRecord) -> None:
         scalars = {f"train/{name}": value for name, value in record.parts.items()}
         rates = record.learning_rates
         if len(set(rates)) == 1:
@@ -420,18 +318,20 @@ class TrackingObserver(Observer):
             scalars.update({f"train/lr_group{i}": rate for i, rate in enumerate(rates)})
         self._log(scalars, self.global_step(record.session.index, record.session_step))
 
-    def epoch_finished(
-        self, session: Session, epoch: int, epochs: int, means: dict[str, float]
+    def on_epoch_end(
+        self, run: RunView, session: Session, epoch: int, epochs: int, means: dict[str, float]
     ) -> None:
         done = (epoch + 1) * self.epoch_steps.get(session.index, 0)
         scalars = {f"train_epoch/{name}": value for name, value in means.items()}
         self._log(scalars, self.global_step(session.index, done))
 
-    def interim_evaluated(self, session: Session, epoch: int, seen_map: float) -> None:
+    def on_interim_evaluation(
+        self, run: RunView, session: Session, epoch: int, seen_map: float
+    ) -> None:
         done = (epoch + 1) * self.epoch_steps.get(session.index, 0)
         self._log({"eval/epoch_seen_map": seen_map}, self.global_step(session.index, done))
 
-    def session_finished(self, result: dict[str, Any]) -> None:
+    def on_session_end(self, run: RunView, result: dict[str, Any]) -> None:
         index = result["index"]
         keys = ("seen_map", "base_map", "new_map", "base_map_subset", "new_map_subset")
         scalars = {f"eval/{k}": result[k] for k in keys if result.get(k) is not None}
@@ -452,6 +352,9 @@ class TrackingObserver(Observer):
             logger.warning("tracker %s failed (%s); it is off for the rest of the run", name, error)
             if self.trackers is not None:
                 self.trackers.pop(name, None)
+
+    def teardown(self, run: RunView) -> None:
+        self.close()
 
     def close(self) -> None:
         trackers, self.trackers = self.trackers or {}, None
@@ -491,7 +394,7 @@ def finished_session_steps(run: RunDir, train: TrainConfig) -> dict[int, int]:
         return {}
 
 
-class PhaseTimer(Observer):
+class PhaseTimer(Callback):
     """Collects every timed phase with the process's peak memory (for benchmarks/scale.py).
 
     Attributes:
@@ -503,7 +406,9 @@ class PhaseTimer(Observer):
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
 
-    def phase_finished(self, session: Session, phase: str, seconds: float, images: int) -> None:
+    def on_phase_end(
+        self, run: RunView, session: Session, phase: str, seconds: float, images: int
+    ) -> None:
         import resource
 
         import torch

@@ -15,8 +15,12 @@ evaluation, exemplar memory and checkpoints. The whole surface, each with its de
 - ``configure_optimization(train, session, steps)``: Adam and OneCycle (docs/method.md).
 - ``after_step(step)`` / ``after_epoch(epoch)``: after every optimiser step / finished epoch
   (nothing).
-- ``extra_phase(context)``: a second, short fit per session on rows held out of the first
-  (None), trained by ``phase_step`` under ``configure_phase_optimization``.
+- ``before_optimizer_step(optimizer, batches)``: after the step's backward passes (gradients
+  unscaled, averaged over processes), before clipping and ``optimizer.step()``: A-GEM's
+  projection, SAM's second pass (nothing).
+- ``extra_phase(context)``: a second, short fit per session, on rows held out of the first or
+  (``ExtraPhase.holds_out=False``) on rows the first also trained on (None), trained by
+  ``phase_step`` under ``configure_phase_optimization``.
 - ``stores_exemplar_data`` / ``exemplar_data(images)``: a row stored with every new exemplar
   and replayed in ``Batch.exemplar_data`` (off).
 - ``prepare_prediction(exemplars)``: after the memory update, before evaluation (nothing).
@@ -194,6 +198,19 @@ class Method:
     def training_step(self, batch: Batch) -> StepOutput:
         raise NotImplementedError
 
+    def before_optimizer_step(
+        self, optimizer: torch.optim.Optimizer, batches: Sequence[Batch]
+    ) -> None:
+        """After the backward passes of an optimiser step and before ``optimizer.step()``, in
+        the main fit and in the extra phase; default nothing.
+
+        The gradients of ``optimizer``'s parameters are final here (unscaled under fp16,
+        averaged over processes): change them in place (A-GEM's projection onto a reference
+        gradient), or run more passes over ``batches`` (the step's micro-batches, on the CPU as
+        loaded) before the step (SAM). Gradient clipping (``Optimization.grad_clip_norm``)
+        follows this hook."""
+        del optimizer, batches
+
     def after_step(self, step: StepInfo) -> None:
         """After every optimiser step, in the main fit and in the extra phase; default nothing.
 
@@ -209,8 +226,9 @@ class Method:
 
         Called after ``begin_session``, and again when a run resumes inside the session, so it
         must depend on ``context`` alone (draw randomness from ``context.seed``). The phase's
-        rows are held out of the main fit; ``phase_step`` trains on them under
-        ``configure_phase_optimization``; its epochs follow the main fit's (checkpoints, seeds).
+        rows are held out of the main fit unless ``ExtraPhase.holds_out`` is False;
+        ``phase_step`` trains on them under ``configure_phase_optimization``; its epochs follow
+        the main fit's (checkpoints, seeds).
         """
         del context
         return None

@@ -86,17 +86,20 @@ class ExtraPhase:
 
     Attributes:
         name: what logs and ``StepInfo.phase`` call it.
-        rows: rows of the session context's ``train_set``: held out of the main fit, they are
-            this phase's whole training set.
+        rows: rows of the session context's ``train_set``: this phase's whole training set
+            (held out of the main fit unless ``holds_out`` is False).
         epochs: its epochs, numbered on after the main fit's (seeds and checkpoint names).
         trains_network: False: the network stays in eval mode (batch-norm statistics frozen)
             and only the phase's own parameters learn, their gradients averaged over processes.
+        holds_out: True (BiC): the main fit never sees ``rows``; False: the main fit trains on
+            every row and the phase trains on ``rows`` again afterwards (all of them allowed).
     """
 
     name: str
     rows: np.ndarray
     epochs: int
     trains_network: bool = False
+    holds_out: bool = True
 
 
 @dataclasses.dataclass
