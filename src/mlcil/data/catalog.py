@@ -55,14 +55,14 @@ def _root(config: DataConfig) -> str:
 
 
 def _coco(config: DataConfig, split: str) -> ImageSource:
+    from mlcil.data.annotation_cache import annotation_cache_root
     from mlcil.data.coco import load_coco
-    from mlcil.data.image_cache import annotation_cache_root
 
     return load_coco(_root(config), split, cache=annotation_cache_root(config))
 
 
 def _voc(config: DataConfig, split: str) -> ImageSource:
-    from mlcil.data.image_cache import annotation_cache_root
+    from mlcil.data.annotation_cache import annotation_cache_root
     from mlcil.data.voc import load_voc
 
     return load_voc(_root(config), split, cache=annotation_cache_root(config))
