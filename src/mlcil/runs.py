@@ -412,11 +412,9 @@ def start_run(
 def _check_fresh(run: RunDir, config: RunConfig) -> bool:
     """Refuse a folder that holds a run, unless it is this very run stopped before its first
     checkpoint (then it starts again: True)."""
-    found = run.found_run_files()
-    if not found:
-        return False
-    if run.learned_nothing():
-        changes = result_changes(load_config(run.config_file), config)
+
+    def same_settings(config_file: Path) -> None:
+        changes = result_changes(load_config(config_file), config)
         if changes:
             key, before, after = changes[0]
             raise ConfigError(
@@ -425,10 +423,8 @@ def _check_fresh(run: RunDir, config: RunConfig) -> bool:
                 "again with its settings or --resume, replace it with --overwrite, or choose "
                 "another --run-dir"
             )
-        logger.info("%s stopped before its first checkpoint: starting it again", run.path)
-        return True
-    run.check_fresh_start()  # refuses, naming what the folder holds
-    return False
+
+    return run.check_fresh(same_settings=same_settings)
 
 
 @contextlib.contextmanager
