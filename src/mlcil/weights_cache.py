@@ -23,6 +23,7 @@ list with the same items.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from mlcil import cache
-from mlcil.cache import cache_root, canonical_json, file_sha256, stamped
+from mlcil.cache import cache_root, canonical_json, exclusive, file_sha256, stamped
 from mlcil.errors import MlcilError, WeightsError
 from mlcil.fileio import make_temporary_file, use_umask, write_text_atomic
 
@@ -55,6 +56,9 @@ REQUIRED_FIELDS: tuple[str, ...] = (
 NON_DEFINING_FIELDS: frozenset[str] = frozenset(
     {"command", "created", "mlcil_version", "weights_sha256", "result", "environment"}
 )
+
+
+BUILD_LOCK = "build.lock"
 
 
 def weights_dir() -> Path:
@@ -121,6 +125,12 @@ def read_provenance(weights_path: str | Path) -> dict[str, Any]:
             f"provenance file {path} holds a {type(provenance).__name__}, not an object"
         )
     return provenance
+
+
+def building(cache: Path | None = None) -> contextlib.AbstractContextManager[None]:
+    """The cache's build lock (``build.lock`` in it), held while weights are looked up and made:
+    a second process waits, then finds them made (:func:`mlcil.cache.exclusive`)."""
+    return exclusive(Path(cache if cache is not None else weights_dir()) / BUILD_LOCK)
 
 
 def _mismatch(stored: Mapping[str, Any], wanted: dict[str, Any]) -> list[str]:
