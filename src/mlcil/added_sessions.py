@@ -51,11 +51,11 @@ from mlcil.fileio import parse_json, write_atomic, write_text_atomic
 from mlcil.protocol import Session
 from mlcil.record import AddedSessionEntry, RunMetrics
 from mlcil.results import write_results
-from mlcil.rundir import ADDED_SESSIONS
+from mlcil.rundir import ADDED_SESSIONS, RunDir, checkpoint_name
 
 logger = logging.getLogger(__name__)
 
-ADDED_FILE = ADDED_SESSIONS
+ADDED_FILE = ADDED_SESSIONS  # the file's name, for messages (the path is RunDir's)
 _FORMAT = "mlcil-added-sessions"
 _VERSION = 1
 
@@ -87,7 +87,7 @@ class AddedSession:
 
 def read_added_sessions(run_dir: str | Path) -> list[AddedSession]:
     """The sessions recorded in ``<run>/added_sessions.json`` (none when the file is absent)."""
-    path = Path(run_dir) / ADDED_FILE
+    path = RunDir(run_dir).added_sessions_file
     if not path.is_file():
         return []
     try:
@@ -117,7 +117,7 @@ def write_added_sessions(run_dir: str | Path, sessions: Sequence[AddedSession]) 
         "version": _VERSION,
         "sessions": [session.to_json() for session in sessions],
     }
-    write_text_atomic(Path(run_dir) / ADDED_FILE, json.dumps(payload, indent=1) + "\n")
+    write_text_atomic(RunDir(run_dir).added_sessions_file, json.dumps(payload, indent=1) + "\n")
 
 
 @contextlib.contextmanager
@@ -125,14 +125,14 @@ def recorded_until_learned(run_dir: str | Path, added: Sequence[AddedSession]) -
     """Record ``added`` for the duration of a training call; when that call fails before the
     added session's checkpoint is written, the run's previous record is put back, so a failed
     ``--add-session`` leaves the run folder as it was (rerun the same command)."""
-    path = Path(run_dir) / ADDED_FILE
+    path = RunDir(run_dir).added_sessions_file
     previous = path.read_bytes() if path.is_file() else None
     write_added_sessions(run_dir, added)
     try:
         yield
     except BaseException:
         folder = latest_checkpoint(Path(run_dir))
-        learned = folder is not None and folder.name == f"session_{added[-1].index:02d}"
+        learned = folder is not None and folder.name == checkpoint_name(added[-1].index)
         if not learned:
             try:
                 if previous is None:

@@ -24,7 +24,6 @@ run's ``metrics.json`` (``pretrained``).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import logging
 import os
@@ -32,6 +31,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mlcil import cache
 from mlcil.errors import ConfigError, WeightsError
 
 logger = logging.getLogger(__name__)
@@ -233,11 +233,7 @@ def file_sha256(path: Path) -> str:
     status = path.stat()
     key = (str(path.resolve()), status.st_size, status.st_mtime_ns)
     if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        _DIGESTS[key] = digest.hexdigest()
+        _DIGESTS[key] = cache.file_sha256(path)
     return _DIGESTS[key]
 
 

@@ -22,7 +22,7 @@ from mlcil.fileio import write_text_atomic
 from mlcil.metrics import average_map, f1_scores, forgetting, last_map
 from mlcil.plots import plot_sessions
 from mlcil.record import FORMAT, VERSION, RunMetrics, SessionResult
-from mlcil.rundir import METRICS_CSV, METRICS_JSON, PLOT
+from mlcil.rundir import RunDir
 from mlcil.version import __version__
 
 CSV_COLUMNS = (
@@ -140,8 +140,8 @@ def _fraction(ap: float | None) -> float:
 def write_results(run_dir: Path, metrics: RunMetrics) -> None:
     """Write the three result files of a run (atomically): ``metrics.json``, ``metrics.csv``
     (one row per session done) and ``map_per_session.png``."""
-    run_dir = Path(run_dir)
-    write_text_atomic(run_dir / METRICS_JSON, metrics.to_json())
+    run = RunDir(run_dir)
+    write_text_atomic(run.metrics_file, metrics.to_json())
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -156,9 +156,15 @@ def write_results(run_dir: Path, metrics: RunMetrics) -> None:
                 **{k: _fmt(row.get(k)) for k in ("base_map_subset", "new_map_subset")},
             }
         )
-    write_text_atomic(run_dir / METRICS_CSV, buffer.getvalue())
+    write_text_atomic(run.metrics_csv, buffer.getvalue())
     points = [(entry.num_seen, entry.seen_map) for entry in metrics.sessions]
-    plot_sessions({metrics.method: points}, run_dir / PLOT, f"{metrics.dataset} {metrics.protocol}")
+    plot_sessions({metrics.method: points}, run.plot_file, f"{metrics.dataset} {metrics.protocol}")
+
+
+def result_files(run_dir: str | Path) -> tuple[Path, Path]:
+    """Where ``run_dir`` keeps its results: ``metrics.json`` and the per-session mAP plot."""
+    run = RunDir(run_dir)
+    return run.metrics_file, run.plot_file
 
 
 def read_metrics(run_dir: str | Path) -> RunMetrics | None:
@@ -169,7 +175,7 @@ def read_metrics(run_dir: str | Path) -> RunMetrics | None:
         ConfigError: naming the file and the key at fault when it cannot be read or checked
             (:meth:`mlcil.record.RunMetrics.from_json`).
     """
-    path = Path(run_dir) / METRICS_JSON
+    path = RunDir(run_dir).metrics_file
     if not path.is_file():
         return None
     try:
@@ -183,7 +189,7 @@ def run_finished(run_dir: str | Path) -> bool:
     """Whether a run folder's ``metrics.json`` says every session is done (a file without the
     flag was written at the end of a run, by version 1). Only the flag is looked at: the
     file's content is checked by whoever reads it."""
-    path = Path(run_dir) / METRICS_JSON
+    path = RunDir(run_dir).metrics_file
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

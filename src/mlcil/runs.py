@@ -51,9 +51,11 @@ from mlcil.errors import ConfigError, DataError, MlcilError, shown
 from mlcil.experiment import Experiment, load_config
 from mlcil.hub_weights import download as download_hub_weights
 from mlcil.hub_weights import is_hub_name
+from mlcil.imagenet import SCHEME as IMAGENET_SCHEME
 from mlcil.methods import METHODS
 from mlcil.models import NETWORKS
 from mlcil.plugins import import_recorded, plugins_to_record, recorded_plugins
+from mlcil.pretrain import SCHEME as PRETRAIN_SCHEME
 from mlcil.pretrain import cached_provenance, resolve_pretrained
 from mlcil.protocol import Session
 from mlcil.record import RunMetrics
@@ -62,6 +64,7 @@ from mlcil.results import read_metrics
 from mlcil.rundir import RunDir
 from mlcil.runtime import Runtime, environment_rank
 from mlcil.safety import check_resume_config, result_changes
+from mlcil.weights_cache import building
 
 logger = logging.getLogger(__name__)
 
@@ -394,7 +397,7 @@ def start_run(
             else:
                 again = _check_fresh(run, config)
         again = runtime.broadcast(again) if runtime.world_size > 1 else again
-        model, _ = resolve_pretrained(config.model, config.data.image_size, runtime=runtime)
+        model = resolve_starting_weights(config.model, config.data.image_size, runtime)
         experiment = Experiment(config, runtime=runtime, plan=plan, starting_model=model)
         preflight(experiment)
         if overwrite and runtime.is_main:
@@ -411,14 +414,30 @@ def start_run(
     return Launch(trainer, guard)
 
 
+def resolve_starting_weights(model: ModelConfig, image_size: int, runtime: Runtime) -> ModelConfig:
+    """``model`` with its ``pretrain:``/``imagenet:`` weights resolved to the cached file, made
+    once per machine: local rank 0 looks them up (and makes them on first use) under the weights
+    cache's build lock while the other ranks wait at a barrier; then they find them made. The
+    lock also keeps another run on the machine from making the same file at the same time."""
+    name = model.pretrained or ""
+    if not name.startswith((PRETRAIN_SCHEME, IMAGENET_SCHEME)):
+        return resolve_pretrained(model, image_size, runtime=runtime)[0]
+
+    def resolve() -> ModelConfig:
+        with building():
+            return resolve_pretrained(model, image_size, runtime=runtime)[0]
+
+    resolved = resolve() if runtime.local_rank == 0 else None
+    runtime.barrier()
+    return resolved if resolved is not None else resolve()
+
+
 def _check_fresh(run: RunDir, config: RunConfig) -> bool:
     """Refuse a folder that holds a run, unless it is this very run stopped before its first
     checkpoint (then it starts again: True)."""
-    found = run.found_run_files()
-    if not found:
-        return False
-    if run.learned_nothing():
-        changes = result_changes(load_config(run.config_file), config)
+
+    def same_settings(config_file: Path) -> None:
+        changes = result_changes(load_config(config_file), config)
         if changes:
             key, before, after = changes[0]
             raise ConfigError(
@@ -427,10 +446,8 @@ def _check_fresh(run: RunDir, config: RunConfig) -> bool:
                 "again with its settings or --resume, replace it with --overwrite, or choose "
                 "another --run-dir"
             )
-        logger.info("%s stopped before its first checkpoint: starting it again", run.path)
-        return True
-    run.check_fresh_start()  # refuses, naming what the folder holds
-    return False
+
+    return run.check_fresh(same_settings=same_settings)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """A cache of backbone weights made on this machine, each file kept with its provenance.
 
 Pretraining a backbone (for example the digits benchmark's ResNet-18 on the glyph scenes of
-:mod:`mlcil.data.glyphs`) takes minutes; the result is kept under ``cache_dir() / "weights"``
+:mod:`mlcil.data.glyphs`) takes minutes; the result is kept under ``cache_root() / "weights"``
 (beside the embedded data cache) as a pair of files::
 
     <key>.safetensors   the tensors (safetensors: no pickle, no code)
@@ -23,8 +23,7 @@ list with the same items.
 
 from __future__ import annotations
 
-import datetime
-import hashlib
+import contextlib
 import json
 import logging
 import os
@@ -36,10 +35,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from mlcil.data.embedded import cache_dir
+from mlcil import cache
+from mlcil.cache import cache_root, canonical_json, exclusive, file_sha256, stamped
 from mlcil.errors import MlcilError, WeightsError
 from mlcil.fileio import make_temporary_file, use_umask, write_text_atomic
-from mlcil.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +56,14 @@ REQUIRED_FIELDS: tuple[str, ...] = (
 NON_DEFINING_FIELDS: frozenset[str] = frozenset(
     {"command", "created", "mlcil_version", "weights_sha256", "result", "environment"}
 )
-KEY_LENGTH = 16
+
+
+BUILD_LOCK = "build.lock"
 
 
 def weights_dir() -> Path:
-    """The default folder of the weights cache: ``cache_dir() / "weights"``."""
-    return cache_dir() / "weights"
-
-
-def _canonical_json(value: Any, what: str) -> str:
-    try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as error:
-        raise MlcilError(f"{what} must be JSON-serialisable (finite numbers): {error}") from error
+    """The default folder of the weights cache: ``cache_root() / "weights"``."""
+    return cache_root() / "weights"
 
 
 def defining_fields(provenance: Mapping[str, Any]) -> dict[str, Any]:
@@ -90,7 +84,7 @@ def defining_fields(provenance: Mapping[str, Any]) -> dict[str, Any]:
     if missing:
         raise MlcilError(f"provenance lacks the required field(s) {missing}")
     fields = {str(k): v for k, v in provenance.items() if k not in NON_DEFINING_FIELDS}
-    return json.loads(_canonical_json(fields, "provenance"))
+    return json.loads(canonical_json(fields, "provenance"))
 
 
 def provenance_key(provenance: Mapping[str, Any]) -> str:
@@ -106,16 +100,7 @@ def provenance_key(provenance: Mapping[str, Any]) -> str:
     Raises:
         MlcilError: when a required field is missing or a value is not JSON.
     """
-    canonical = _canonical_json(defining_fields(provenance), "provenance")
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:KEY_LENGTH]
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return cache.provenance_key(defining_fields(provenance), "provenance")
 
 
 def read_provenance(weights_path: str | Path) -> dict[str, Any]:
@@ -140,6 +125,12 @@ def read_provenance(weights_path: str | Path) -> dict[str, Any]:
             f"provenance file {path} holds a {type(provenance).__name__}, not an object"
         )
     return provenance
+
+
+def building(cache: Path | None = None) -> contextlib.AbstractContextManager[None]:
+    """The cache's build lock (``build.lock`` in it), held while weights are looked up and made:
+    a second process waits, then finds them made (:func:`mlcil.cache.exclusive`)."""
+    return exclusive(Path(cache if cache is not None else weights_dir()) / BUILD_LOCK)
 
 
 def _mismatch(stored: Mapping[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -185,7 +176,7 @@ def find_cached(provenance: Mapping[str, Any], cache: Path | None = None) -> Pat
         logger.info("not reusing %s: its provenance differs in %s", path, differing)
         return None
     recorded = stored.get("weights_sha256")
-    if recorded is not None and recorded != _file_sha256(path):
+    if recorded is not None and recorded != file_sha256(path):
         logger.info("not reusing %s: the file's SHA-256 does not match its provenance", path)
         return None
     logger.info("reusing cached weights %s (%s)", path, stored.get("command", "no command"))
@@ -240,10 +231,8 @@ def store(
     path.with_suffix(".json").unlink(missing_ok=True)
     tensors = {name: value.detach().cpu().contiguous() for name, value in state_dict.items()}
     _write_weights_atomic(tensors, path, key)
-    record = dict(provenance)
-    record.setdefault("mlcil_version", __version__)
-    record.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat())
-    record["weights_sha256"] = _file_sha256(path)
+    record = stamped(provenance)
+    record["weights_sha256"] = file_sha256(path)
     write_text_atomic(
         path.with_suffix(".json"), json.dumps(record, indent=1, sort_keys=True) + "\n"
     )

@@ -197,7 +197,7 @@ def test_a_trainer_holds_the_lock_while_it_runs_and_keeps_its_callers(
 
 KILL_AT_RENAME = """
 import os, signal, sys
-import mlcil.rundir
+import mlcil.run_overwrite
 from mlcil.cli import main
 
 renames = [0]
@@ -210,7 +210,7 @@ def kill_at(what):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-mlcil.rundir.STEP_HOOK = kill_at
+mlcil.run_overwrite.STEP_HOOK = kill_at
 sys.exit(main(sys.argv[1:]))
 """
 

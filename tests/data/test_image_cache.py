@@ -397,7 +397,7 @@ def test_a_changed_coco_file_is_parsed_again(coco_fixture, tmp_path, caplog):
     document["annotations"] = document["annotations"][: len(document["annotations"]) // 2]
     path.write_text(json.dumps(document))
     age(root, 50.0)
-    with caplog.at_level(logging.INFO, logger="mlcil.data.image_cache"):
+    with caplog.at_level(logging.INFO, logger="mlcil.data.annotation_cache"):
         after = load_coco(root, "train", cache=cache)
     assert any("changed since they were cached" in r.getMessage() for r in caplog.records)
     assert same_source(after, load_coco(root, "train"))

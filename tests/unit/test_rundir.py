@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import mlcil.rundir
+import mlcil.run_overwrite
 from mlcil.errors import ConfigError, WeightsError
 from mlcil.rundir import RunDir, is_folder_name
 from spawn import hold_lock
@@ -321,11 +321,11 @@ def overwrite(run: RunDir, outcome: str) -> None:
 def steps_of(outcome: str, folder: Path) -> list[str]:
     """The renames, deletions and phase records of an uninterrupted ``overwrite``."""
     steps: list[str] = []
-    mlcil.rundir.STEP_HOOK = steps.append
+    mlcil.run_overwrite.STEP_HOOK = steps.append
     try:
         overwrite(fake_run(folder), outcome)
     finally:
-        mlcil.rundir.STEP_HOOK = None
+        mlcil.run_overwrite.STEP_HOOK = None
     return steps
 
 
@@ -340,7 +340,7 @@ def killed_at(run: RunDir, outcome: str, step: int) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             done[0] += 1
 
-        mlcil.rundir.STEP_HOOK = kill
+        mlcil.run_overwrite.STEP_HOOK = kill
         try:
             overwrite(run, outcome)
         finally:
@@ -415,3 +415,29 @@ def test_without_a_pointer_the_newest_finished_session_is_the_latest(tmp_path: P
     assert run.latest() == run.checkpoints / "session_01"
     (run.checkpoints / "latest").write_text("session_07\n")  # a pointer to nothing: no fallback
     assert run.latest() is None
+
+
+def test_one_fresh_folder_check_for_every_way_a_run_starts(tmp_path: Path) -> None:
+    empty = RunDir(tmp_path / "empty")
+    assert empty.check_fresh() is False  # nothing there: a fresh start
+    with pytest.raises(ConfigError, match="--resume: no checkpoint found"):
+        empty.check_fresh(resuming=True)
+    stopped = RunDir(tmp_path / "stopped")
+    stopped.write_config("seed: 0\n")  # config and marker, no checkpoint: learned nothing
+    seen: list[Path] = []
+    assert stopped.check_fresh(same_settings=seen.append) is True  # starts again
+    assert seen == [stopped.config_file]
+    assert stopped.check_fresh(resuming=True) is True
+
+    def differs(config_file: Path) -> None:
+        raise ConfigError(f"{config_file}: other settings")
+
+    with pytest.raises(ConfigError, match="other settings"):
+        stopped.check_fresh(same_settings=differs)
+    with pytest.raises(ConfigError, match="already holds a run \\(config.yaml\\)"):
+        stopped.check_fresh()  # no settings check: a run is there, refused
+    done = RunDir(tmp_path / "done")
+    done.write_config("seed: 0\n")
+    (done.checkpoints / "session_00").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        done.check_fresh(same_settings=seen.append)  # it learned something: never restarted

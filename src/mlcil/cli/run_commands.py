@@ -63,7 +63,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         annotate_metrics(trainer.run_dir, metrics)
     print(session_table(metrics))
-    print(f"results: {trainer.run_dir}/metrics.json  plot: {trainer.run_dir}/map_per_session.png")
+    from mlcil.results import result_files
+
+    metrics_file, plot_file = result_files(trainer.run_dir)
+    print(f"results: {metrics_file}  plot: {plot_file}")
     return 0
 
 

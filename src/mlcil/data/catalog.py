@@ -1,111 +1,35 @@
 """The dataset catalog: every dataset name a config may use, its default root, its published
-protocols and how its splits are loaded. This is the one place that knows which datasets exist;
-the config schema validates ``data.dataset`` against it.
+protocols and how its splits are loaded; the config schema validates ``data.dataset`` against it.
 
-A new format is one loader module plus one ``DatasetSpec`` entry here. A dataset of the user's own
-is registered from Python, without editing the package: :func:`register_dataset` (in a script, a
-notebook, or a plugin module imported with ``--plugin``, see :mod:`mlcil.plugins`).
+The built-in datasets are discovered: each is one file in :mod:`mlcil.data.datasets` that
+registers its :class:`~mlcil.data.dataset_spec.DatasetSpec`, so a new one is one new file there.
+A dataset of the user's own is registered from Python, without editing the package:
+:func:`register_dataset` (in a script, a notebook, or a plugin module imported with
+``--plugin``, see :mod:`mlcil.plugins`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import mlcil.data.datasets  # noqa: F401  (registers the built-in datasets)
 from mlcil.data.base import FileImageSource, ImageSource
+from mlcil.data.dataset_spec import (
+    DATASETS,
+    DatasetSpec,
+    ImageSourceFactory,
+    dataset_spec,
+    resolved_root,
+)
 from mlcil.errors import DataError
 
 if TYPE_CHECKING:  # the schema imports this module; the loaders only read its fields
     from mlcil.config.schema import DataConfig
 
 logger = logging.getLogger(__name__)
-
-ImageSourceFactory = Callable[["DataConfig", str], ImageSource]
-"""``(data config, "train" | "test") -> ImageSource``: how a dataset's split is loaded."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-    """What the toolkit knows about one dataset.
-
-    Attributes:
-        name: the ``data.dataset`` value.
-        load: ``(data config, "train" | "test") -> ImageSource``.
-        default_root: folder used when ``data.root`` is not set (None: the dataset needs none).
-        protocols: the published B{b}-C{c} settings (listed by ``mlcil list``).
-        needs_manifests: the config must name ``data.train_manifest`` and ``data.test_manifest``.
-    """
-
-    name: str
-    load: ImageSourceFactory
-    default_root: str | None = None
-    protocols: tuple[str, ...] = ()
-    needs_manifests: bool = False
-
-
-def _root(config: DataConfig) -> str:
-    root = resolved_root(config)
-    if root is None:
-        raise DataError(f"data.root: dataset {config.dataset!r} needs a root folder")
-    return root
-
-
-def _coco(config: DataConfig, split: str) -> ImageSource:
-    from mlcil.data.coco import load_coco
-    from mlcil.data.image_cache import annotation_cache_root
-
-    return load_coco(_root(config), split, cache=annotation_cache_root(config))
-
-
-def _voc(config: DataConfig, split: str) -> ImageSource:
-    from mlcil.data.image_cache import annotation_cache_root
-    from mlcil.data.voc import load_voc
-
-    return load_voc(_root(config), split, cache=annotation_cache_root(config))
-
-
-def _digits(config: DataConfig, split: str) -> ImageSource:
-    from mlcil.data.embedded import load_digits
-
-    return load_digits(split)
-
-
-def _glyphs(config: DataConfig, split: str) -> ImageSource:
-    from mlcil.data.glyphs import load_glyphs
-
-    return load_glyphs(split, image_size=config.image_size)
-
-
-def _manifest(config: DataConfig, split: str) -> ImageSource:
-    from mlcil.data.manifest import infer_class_names, load_manifest, read_class_file
-
-    manifests = [config.train_manifest, config.test_manifest]
-    if config.class_list:
-        names = read_class_file(config.class_list)
-    else:
-        names = infer_class_names([m for m in manifests if m])
-    path = config.train_manifest if split == "train" else config.test_manifest
-    assert path is not None  # the schema requires both manifests
-    return load_manifest(path, split, names, root=config.root)
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    spec.name: spec
-    for spec in (
-        DatasetSpec("coco", _coco, "datasets/coco2014", ("B0-C10", "B40-C10", "B0-C5", "B20-C4")),
-        DatasetSpec("voc", _voc, "datasets/voc2007", ("B0-C4", "B10-C2", "B4-C2", "B5-C3")),
-        DatasetSpec("digits", _digits, None, ("B0-C2", "B4-C2")),
-        # Letters and symbols, never digits: the leak-free pretraining source of the digits
-        # benchmark's backbone (``mlcil pretrain``).
-        DatasetSpec("glyphs", _glyphs, None, ()),
-        DatasetSpec("manifest", _manifest, None, (), needs_manifests=True),
-    )
-}
-
 
 BUILT_IN = frozenset(DATASETS)
 _DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -153,8 +77,7 @@ def register_dataset(
             f"register_dataset: {name!r} is registered already (by {_describe(earlier.load)}); "
             "choose another name or pass replace=True"
         )
-    spec = DatasetSpec(name, load, default_root, tuple(protocols))
-    DATASETS[name] = spec
+    spec = DATASETS.add(name, DatasetSpec(name, load, default_root, tuple(protocols)), replace=True)
     logger.debug("dataset %r registered: %s", name, _describe(load))
     return spec
 
@@ -167,20 +90,6 @@ def _same_function(old: ImageSourceFactory, new: ImageSourceFactory) -> bool:
 def _describe(load: ImageSourceFactory) -> str:
     module = getattr(load, "__module__", None) or "?"
     return f"{module}.{getattr(load, '__qualname__', type(load).__name__)}"
-
-
-def dataset_spec(name: str) -> DatasetSpec:
-    """The catalog entry of ``name``; an unknown name is an error listing the known ones."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        known = ", ".join(map(repr, DATASETS))
-        raise DataError(f"data.dataset: {name!r} is not one of {known}") from None
-
-
-def resolved_root(config: DataConfig) -> str | None:
-    """``data.root``, or the dataset's default root when it is not set."""
-    return config.root if config.root is not None else dataset_spec(config.dataset).default_root
 
 
 def build_sources(config: DataConfig) -> tuple[ImageSource, ImageSource]:
@@ -247,3 +156,16 @@ def build_image_cache(config: DataConfig) -> dict[str, Any]:
         "path": str(image_cache_root(config)),
         "splits": splits,
     }
+
+
+__all__ = [
+    "BUILT_IN",
+    "DATASETS",
+    "DatasetSpec",
+    "ImageSourceFactory",
+    "build_image_cache",
+    "build_sources",
+    "dataset_spec",
+    "register_dataset",
+    "resolved_root",
+]

@@ -24,7 +24,6 @@ import functools
 import gzip
 import importlib.util
 import logging
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mlcil.cache import cache_root, save_arrays_atomic
 from mlcil.data.base import ArrayImageSource
 from mlcil.data.classes import class_names
 from mlcil.errors import DataError
-from mlcil.fileio import write_atomic
 from mlcil.plugins import MissingDependencyError
 
 logger = logging.getLogger(__name__)
@@ -160,18 +159,11 @@ def compose_scenes(
 
 
 CACHE_VERSION = 1
-
-
-def cache_dir() -> Path:
-    """Folder for the embedded benchmark's cache (``$MLCIL_CACHE`` or the user cache folder)."""
-    if os.environ.get("MLCIL_CACHE"):
-        return Path(os.environ["MLCIL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mlcil"
+cache_dir = cache_root  # the name this module gave the cache root before mlcil.cache
 
 
 def _cache_path(train_images: int, test_images: int, seed: int) -> Path:
-    return cache_dir() / f"digits-v{CACHE_VERSION}-{train_images}-{test_images}-{seed}.npz"
+    return cache_root() / f"digits-v{CACHE_VERSION}-{train_images}-{test_images}-{seed}.npz"
 
 
 @functools.lru_cache(maxsize=4)
@@ -196,8 +188,7 @@ def _build(train_images: int, test_images: int, seed: int) -> dict[str, tuple[np
         for key, value in zip(("images", "labels", "pool"), values, strict=True)
     }
     try:
-        # Atomic (readers never see a half-written cache) and readable as the umask allows.
-        write_atomic(path, lambda handle: np.savez(handle, **arrays))
+        save_arrays_atomic(path, arrays)  # readers never see a half-written cache
     except OSError as error:
         logger.debug("could not cache the digits benchmark at %s: %s", path, error)
     return result

@@ -18,7 +18,7 @@ the fonts come from matplotlib, so another matplotlib version may draw other pix
 Generating the default 5,000 training scenes took 2.7 to 4.8 s on one core of the 2-core
 development machine while other work shared it (1,000 test scenes: 0.5 to 1.3 s; reading them
 back from the cache: 0.03 s). The scenes are cached as one ``.npz`` per split next to the digits
-cache (``mlcil.data.embedded.cache_dir()``), named ``glyphs-v{version}-{split}-{count}-{size}-
+cache (``mlcil.cache.cache_root()``), named ``glyphs-v{version}-{split}-{count}-{size}-
 {seed}.npz``; a missing, unreadable or mismatched cache falls back to generating in memory.
 """
 
@@ -33,10 +33,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mlcil.cache import cache_root, save_arrays_atomic
 from mlcil.data.base import ArrayImageSource
-from mlcil.data.embedded import cache_dir
 from mlcil.errors import DataError
-from mlcil.fileio import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +236,7 @@ def compose_glyph_scenes(
 
 
 def _cache_path(split: str, num_images: int, image_size: int, seed: int) -> Path:
-    return cache_dir() / f"glyphs-v{CACHE_VERSION}-{split}-{num_images}-{image_size}-{seed}.npz"
+    return cache_root() / f"glyphs-v{CACHE_VERSION}-{split}-{num_images}-{image_size}-{seed}.npz"
 
 
 def _read_cache(path: Path, num_images: int, image_size: int) -> tuple[np.ndarray, ...] | None:
@@ -262,8 +261,7 @@ def _read_cache(path: Path, num_images: int, image_size: int) -> tuple[np.ndarra
 
 def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     try:
-        # Atomic (readers never see a half-written cache) and readable as the umask allows.
-        write_atomic(path, lambda handle: np.savez(handle, images=images, labels=labels))
+        save_arrays_atomic(path, {"images": images, "labels": labels})  # never half-written
     except OSError as error:
         logger.debug("glyphs: could not cache the scenes at %s: %s", path, error)
 

@@ -13,14 +13,14 @@ Image cache (``data.image_cache: true``)
     transform's own first step, taken from ``build_transform`` and checked to be a plain resize
     to ``(S, S)``, on the same decoded RGB image (``decode_image_file``).
 
-    One folder per split below ``data.image_cache_dir`` (default ``cache_dir() / "images"``)::
+    One folder per split below ``data.image_cache_dir`` (default ``cache_root() / "images"``)::
 
         <dataset>-<split>-<S>px-<key>/
             shard-00000.npy   (n, S, S, 3) uint8, a few thousand images (512 MiB at most)
             shard-00001.npy   ...
             files.npy         (N, 2) int64: size and mtime (ns) of each image file when read
             cache.json        the provenance, written last
-            build.lock        held (flock) while a process builds the folder
+            build.lock        held (mlcil.cache.exclusive) while a process builds the folder
 
     ``key`` hashes what the images are: dataset, split, the resolved root, the class list, the
     image refs, the image size, the resize step (its repr: size, interpolation, antialias), the
@@ -43,41 +43,37 @@ Image cache (``data.image_cache: true``)
     ``cache.json`` and is never accepted. Building decodes with ``data.num_workers`` threads
     (Pillow releases the GIL while decoding and resizing).
 
-Annotation cache (``data.annotation_cache: true``, the default)
-    COCO's instances JSON (175 MB for train2014) and VOC's XML files are parsed into a label
-    matrix and image refs once; the result is kept as ``<dataset>-<split>-<key>.npy`` (the uint8
-    labels) and ``.json`` (refs, class names, the annotation files' paths, sizes and mtimes, the
-    labels' SHA-256) under ``cache_dir() / "annotations"``. ``key`` hashes the dataset, split,
-    resolved root, class list and loader version; an entry is reused only while every annotation
-    file keeps its size and mtime, else the files are parsed again and the entry replaced. A
-    file modified less than ``RACY_SECONDS`` before it was read is parsed but not cached: a file
-    system with coarse timestamps could give a later edit of the same size the same mtime.
+The annotation cache (parsed label matrices) is :mod:`mlcil.data.annotation_cache`; what
+every cache shares (root, provenance key, lock, atomic array writes) is :mod:`mlcil.cache`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
+from mlcil.cache import cache_root, exclusive, provenance_key, save_array_atomic, stamped
+from mlcil.data.annotation_cache import (
+    annotation_cache_root,
+    cached_annotations,
+    file_stats,
+    read_json_object,
+)
 from mlcil.data.base import FileImageSource, ImageSource
-from mlcil.data.embedded import cache_dir
 from mlcil.errors import ConfigError, DataError
-from mlcil.fileio import write_atomic, write_text_atomic, writing
-from mlcil.version import __version__
+from mlcil.fileio import write_text_atomic, writing
 
 if TYPE_CHECKING:  # the schema imports the catalog, which imports this module lazily
     from mlcil.config.schema import DataConfig
@@ -86,93 +82,16 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 """Bump when what a cache holds changes (decoding, layout): older caches are then rebuilt."""
-KEY_LENGTH = 16
 SHARD_BYTES = 512 * 2**20
 PROVENANCE = "cache.json"
 FILE_STATS = "files.npy"
 BUILD_LOCK = "build.lock"
-RACY_SECONDS = 2.0
 _PROGRESS_SECONDS = 30.0
 
 
 def image_cache_root(config: DataConfig) -> Path:
-    """``data.image_cache_dir``, or ``cache_dir() / "images"`` when it is not set."""
-    return Path(config.image_cache_dir) if config.image_cache_dir else cache_dir() / "images"
-
-
-def annotation_cache_root(config: DataConfig) -> Path | None:
-    """``cache_dir() / "annotations"``, or None when ``data.annotation_cache`` is off."""
-    return cache_dir() / "annotations" if config.annotation_cache else None
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(_canonical(value).encode("utf-8")).hexdigest()
-
-
-def file_stats(paths: Sequence[Path]) -> np.ndarray:
-    """``(N, 2)`` int64 of each file's size and mtime in ns; ``(-1, -1)`` for a missing one."""
-    stats = np.full((len(paths), 2), -1, dtype=np.int64)
-    for row, path in enumerate(paths):
-        try:
-            status = os.stat(path)
-        except OSError:
-            continue
-        stats[row] = (status.st_size, status.st_mtime_ns)
-    return stats
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """``np.save`` through a temporary sibling and ``os.replace`` (no pickle: plain arrays)."""
-    write_atomic(path, lambda handle: np.save(handle, array, allow_pickle=False))
-
-
-def _provenance(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """``fields`` plus the bookkeeping every cache record carries."""
-    return {
-        **fields,
-        "mlcil_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-    }
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``; OSError/ValueError when it is unreadable or not an object."""
-    record = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(record, dict):
-        raise ValueError(f"it holds a {type(record).__name__}, not an object")
-    return record
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """Hold an advisory lock on ``path`` (waiting for another holder) for the ``with`` block."""
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = path.open("a")
-    with handle:
-        _lock(handle, path)
-        yield  # closing the file drops the lock
-
-
-def _lock(handle: IO[str], path: Path) -> None:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: builders are not serialised
-        logger.debug("no fcntl on this platform: %s is not locked", path)
-        return
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        logger.info("waiting for another process that is building the cache (%s)", path)
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-
-
-# ---------------------------------------------------------------------------------------------
-# Image cache
+    """``data.image_cache_dir``, or ``cache_root() / "images"`` when it is not set."""
+    return Path(config.image_cache_dir) if config.image_cache_dir else cache_root() / "images"
 
 
 def resize_step(image_size: int) -> Callable[[Image.Image], Image.Image]:
@@ -231,7 +150,7 @@ def cache_identity(source: FileImageSource, image_size: int, resize: object) -> 
 
 def cache_folder(base: Path, identity: Mapping[str, Any]) -> Path:
     """``<base>/<dataset>-<split>-<S>px-<key>``: one folder per split and image size."""
-    key = _digest(dict(identity))[:KEY_LENGTH]
+    key = provenance_key(dict(identity))
     name = f"{identity['dataset']}-{identity['split']}-{identity['image_size']}px-{key}"
     return Path(base) / name
 
@@ -359,7 +278,7 @@ def _cache_problem(
     if not path.exists():
         return "missing", sizes
     try:
-        record = _read_json_object(path)
+        record = read_json_object(path)
     except (OSError, ValueError) as error:
         return f"its provenance {path} is unreadable ({error})", sizes
     stored = record.get("identity")
@@ -398,7 +317,7 @@ def ensure_image_cache(
     if problem is None:
         logger.info("%s/%s: reading images from the cache %s", source.dataset, source.split, folder)
         return CachedImageSource(source, folder, shard_sizes(len(source), image_size))
-    with _exclusive(folder / BUILD_LOCK):
+    with exclusive(folder / BUILD_LOCK):
         # Another process may have built it while this one waited for the lock.
         problem = _cache_problem(folder, source, identity)
         if problem is None:
@@ -488,7 +407,7 @@ def _build(
             _write_shard(folder / shard_name(index), source, resize, rows, pool)
             start += count
             progress.update(start)
-    _save_npy_atomic(folder / FILE_STATS, stats)
+    save_array_atomic(folder / FILE_STATS, stats)
     seconds = time.perf_counter() - progress.started
     record = {
         "identity": dict(identity),
@@ -497,7 +416,7 @@ def _build(
         "files_sha256": hashlib.sha256(stats.tobytes()).hexdigest(),
         "build_seconds": round(seconds, 3),
     }
-    text = json.dumps(_provenance(record), indent=1, sort_keys=True) + "\n"
+    text = json.dumps(stamped(record), indent=1, sort_keys=True) + "\n"
     write_text_atomic(folder / PROVENANCE, text)
     logger.info("%s: %d images written in %.1f s", what, len(source), seconds)
     return seconds
@@ -570,111 +489,11 @@ def cached_source(source: ImageSource, config: DataConfig) -> ImageSource:
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Annotation cache
-
-
-def _annotation_files(paths: Sequence[Path]) -> list[list[Any]]:
-    """``[path, size, mtime_ns]`` of each annotation file (``-1`` for a missing one)."""
-    stats = file_stats(paths)
-    return [[str(p), int(s), int(m)] for p, (s, m) in zip(paths, stats, strict=True)]
-
-
-def _read_annotation_entry(
-    stem: Path, identity: Mapping[str, Any], files: list[list[Any]], root: Path
-) -> FileImageSource | str:
-    """The cached source under ``stem``, or why it cannot be used (``"missing"`` when absent)."""
-    json_path, labels_path = stem.with_suffix(".json"), stem.with_suffix(".npy")
-    if not json_path.exists():
-        return "missing"
-    try:
-        record = _read_json_object(json_path)
-        labels = np.load(labels_path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        return f"the cache entry {json_path} or {labels_path} is unreadable ({error})"
-    if record.get("identity") != dict(identity):
-        return f"{json_path} records another dataset or loader version"
-    if record.get("files") != files:
-        changed = [f[0] for f, g in zip(files, record.get("files") or [], strict=False) if f != g]
-        return f"annotation file(s) changed since they were cached, e.g. {(changed or ['?'])[0]}"
-    if hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest() != record.get(
-        "labels_sha256"
-    ):
-        return f"{labels_path} does not match the checksum {json_path} records"
-    try:
-        return FileImageSource(
-            dataset=str(identity["dataset"]),
-            split=str(identity["split"]),
-            root=root,
-            class_names=record["class_names"],
-            image_refs=record["image_refs"],
-            labels=labels,
-            label_density=record["label_density"],
-        )
-    except (KeyError, TypeError, DataError) as error:
-        return f"{json_path} is not a complete cache entry ({error})"
-
-
-def _store_annotation_entry(
-    stem: Path, identity: Mapping[str, Any], files: list[list[Any]], source: FileImageSource
-) -> None:
-    """Write the labels, then the JSON that vouches for them (both atomically)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").unlink(missing_ok=True)  # never pair new labels with an old JSON
-    labels = np.ascontiguousarray(source.labels, dtype=np.uint8)
-    _save_npy_atomic(stem.with_suffix(".npy"), labels)
-    record = {
-        "identity": dict(identity),
-        "files": files,
-        "class_names": source.class_names,
-        "image_refs": source.image_refs,
-        "label_density": source.label_density,
-        "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
-    }
-    write_text_atomic(stem.with_suffix(".json"), json.dumps(_provenance(record)) + "\n")
-
-
-def cached_annotations(
-    folder: Path | None,
-    identity: Mapping[str, Any],
-    annotation_files: Sequence[Path],
-    root: Path,
-    parse: Callable[[], FileImageSource],
-) -> FileImageSource:
-    """``parse()``'s source, reused from ``folder`` while the annotation files are unchanged.
-
-    Args:
-        folder: the annotation cache folder; None: always parse.
-        identity: what the parse depends on besides the files: ``dataset``, ``split``, the
-            resolved root, the class list and the loader's version.
-        annotation_files: every file ``parse`` reads; their sizes and mtimes guard the entry.
-        root: the ``root`` of the returned source (as the caller named it).
-        parse: the loader's parse, called on a miss; its errors propagate unchanged.
-
-    Returns:
-        The source, from the cache or freshly parsed (and then stored, unless a file is newer
-        than ``RACY_SECONDS`` or the folder cannot be written: a WARNING says so).
-    """
-    if folder is None:
-        return parse()
-    key = _digest(dict(identity))[:KEY_LENGTH]
-    stem = Path(folder) / f"{identity['dataset']}-{identity['split']}-{key}"
-    read_at = time.time_ns()
-    files = _annotation_files(annotation_files)
-    cached = _read_annotation_entry(stem, identity, files, root)
-    if isinstance(cached, FileImageSource):
-        logger.info(
-            "%s/%s: labels from the annotation cache %s", cached.dataset, cached.split, stem
-        )
-        return cached
-    if cached != "missing":
-        logger.info("%s: parsing the annotations again: %s", stem.name, cached)
-    source = parse()
-    if any(mtime < 0 or mtime > read_at - RACY_SECONDS * 1e9 for _, _, mtime in files):
-        logger.info("not caching %s: an annotation file was modified just now", stem.name)
-        return source
-    try:
-        _store_annotation_entry(stem, identity, files, source)
-    except OSError as error:
-        logger.warning("could not write the annotation cache %s: %s", stem, error)
-    return source
+__all__ = [  # the loaders (coco, voc) and the catalog read the annotation cache through here too
+    "CachedImageSource",
+    "annotation_cache_root",
+    "cached_annotations",
+    "cached_source",
+    "ensure_image_cache",
+    "image_cache_root",
+]

@@ -58,7 +58,7 @@ from mlcil.fileio import (
 from mlcil.memory import ExemplarMemory
 from mlcil.methods.base import Method
 from mlcil.protocol import Session
-from mlcil.rundir import LATEST, MID_SESSION, RunDir, checkpoint_name
+from mlcil.rundir import LATEST, MID_SESSION, RunDir, checkpoint_name, mid_session_name
 from mlcil.runtime import unwrap
 
 if TYPE_CHECKING:
@@ -294,7 +294,7 @@ def save_progress_checkpoint(
         "layout": progress.layout,
     }
     index = state.next_session
-    name = f"session_{index:02d}_epoch_{position.epoch:03d}_step_{position.step:06d}"
+    name = mid_session_name(index, position.epoch, position.step)
     memory = state.memory.to_dict()
     network = unwrap(method.network)  # written inside the fit, where it may be DDP-wrapped
     return save_checkpoint(run_dir, index, network, payload, memory, extra, name)

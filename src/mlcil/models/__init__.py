@@ -1,4 +1,5 @@
-"""Backbones and incremental networks, registered by name (``model.network``)."""
+"""Backbones and incremental networks, one file each, registered by name (``model.network``)
+and discovered: importing this package imports every module in this folder."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from mlcil.models.gcn import GCNNetwork, GCNOutput, GCNParams
 from mlcil.models.ica import ClassAttentionBlock, ICANetwork, ICAParams
 from mlcil.models.linear import LinearNetwork
 from mlcil.models.registry import NETWORKS
+from mlcil.registry import discover
+
+# Every module of this folder is imported, so a new network is one new file here (registered by
+# its @NETWORKS.register); the imports above only name the built-in ones for users.
+discover(__name__, __path__)
 
 
 def input_normalisation(
