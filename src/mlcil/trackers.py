@@ -43,6 +43,7 @@ import yaml
 from mlcil.config import flatten
 from mlcil.errors import ConfigError
 from mlcil.fileio import write_text_atomic
+from mlcil.registry import Entries
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ class TrackerSpec:
     probe: Callable[[], None] | None = None
 
 
-_REGISTRY: dict[str, TrackerSpec] = {}
+# The one registry's shape (mlcil.registry): built-in trackers below, others from plugins.
+TRACKERS: Entries[TrackerSpec] = Entries("tracker")
 
 
 def register_tracker(
@@ -127,12 +129,12 @@ def register_tracker(
         probe: checks, before any work, that the tracker can start (raising any exception when
             it cannot); it must not write into the run folder.
     """
-    _REGISTRY[name] = TrackerSpec(factory, package, extra, probe)
+    TRACKERS.add(name, TrackerSpec(factory, package, extra, probe), replace=True)
 
 
 def tracker_names() -> list[str]:
     """Every registered tracker name, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(TRACKERS)
 
 
 def check_trackers(names: Sequence[str], start: bool = False) -> None:
@@ -143,7 +145,7 @@ def check_trackers(names: Sequence[str], start: bool = False) -> None:
         ConfigError: naming ``train.trackers``, the tracker and what to install or fix.
     """
     for name in names:
-        spec = _REGISTRY.get(name)
+        spec = TRACKERS.get(name)
         if spec is None:
             raise ConfigError(
                 f"train.trackers: unknown tracker {name!r}; known: {', '.join(tracker_names())}"
@@ -189,7 +191,7 @@ def make_trackers(names: Sequence[str], target: TrackingTarget) -> list[Tracker]
     trackers: list[Tracker] = []
     try:
         for name in names:
-            spec = _REGISTRY[name]
+            spec = TRACKERS[name]
             try:
                 trackers.append(spec.factory(target))
             except ConfigError:

@@ -470,7 +470,7 @@ def _failing_tracker(ws: Workspace) -> list[str]:
     def refuse(target: Any) -> Any:
         raise RuntimeError("the tracking server refused the login")
 
-    ws.monkeypatch.setitem(trackers._REGISTRY, "boom", trackers.TrackerSpec(refuse))
+    ws.monkeypatch.setitem(trackers.TRACKERS, "boom", trackers.TrackerSpec(refuse))
     new = ws.tmp / "new"
     ws.absent.append(new / "checkpoints")
     return ["train", "--config", CONFIG, "--run-dir", str(new), *TINY, "train.trackers=[boom]"]

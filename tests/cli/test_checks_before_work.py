@@ -130,7 +130,7 @@ def test_a_tracker_failing_at_its_start_is_a_config_error_naming_it(tmp_path: Pa
     registry = {"fine": TrackerSpec(Fine), "refuses": TrackerSpec(refuses)}
     with pytest.MonkeyPatch.context() as patch:
         for name, spec in registry.items():
-            patch.setitem(trackers._REGISTRY, name, spec)
+            patch.setitem(trackers.TRACKERS, name, spec)
         with pytest.raises(
             ConfigError, match=r"train.trackers: 'refuses' cannot start: RuntimeError: the server"
         ):

@@ -482,3 +482,26 @@ def test_layout_names_are_imported_only_by_the_owner_and_known_modules() -> None
             if isinstance(node, ast.ImportFrom) and node.module in OWNER_MODULES:
                 layout = {a.name for a in node.names if a.name.isupper()}
                 assert layout <= allowed.get(name, set()), (name, layout)
+
+
+def test_every_kind_of_component_is_named_in_one_registry_shape() -> None:
+    # Methods, networks, memory policies, datasets and trackers: each kind one mlcil.registry
+    # Entries (name -> entry, the same refusal of a taken name, the same unknown-name error),
+    # and no module keeps a plain dict of components of its own.
+    from mlcil import trackers
+    from mlcil.data.dataset_spec import DATASETS
+    from mlcil.memory_policies import MEMORY_POLICIES
+    from mlcil.methods.registry import METHODS
+    from mlcil.models.registry import NETWORKS
+    from mlcil.registry import Entries
+
+    kinds = {r.kind: r for r in (METHODS, NETWORKS, MEMORY_POLICIES, DATASETS, trackers.TRACKERS)}
+    assert set(kinds) == {"method", "network", "memory policy", "dataset", "tracker"}
+    assert all(isinstance(registry, Entries) for registry in kinds.values())
+    assert {"coco", "voc", "digits"} <= set(DATASETS) and {"csv", "wandb"} <= set(trackers.TRACKERS)
+    plain = [
+        module_name(path)
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if re.search(r"^_?[A-Z_]*REGISTRY\w*\s*(:[^=]*)?=\s*(\{|dict\()", path.read_text(), re.M)
+    ]
+    assert not plain, plain

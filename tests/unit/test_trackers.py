@@ -62,7 +62,7 @@ def recording(monkeypatch: pytest.MonkeyPatch) -> list[Recording]:
         built.append(Recording(target))
         return built[-1]
 
-    monkeypatch.setitem(trackers._REGISTRY, "recording", TrackerSpec(factory))
+    monkeypatch.setitem(trackers.TRACKERS, "recording", TrackerSpec(factory))
     return built
 
 
@@ -183,7 +183,7 @@ def test_a_failing_tracker_is_switched_off_and_the_others_go_on(
             Broken.calls += 1
             raise OSError("disk full")
 
-    monkeypatch.setitem(trackers._REGISTRY, "broken", TrackerSpec(lambda target: Broken()))
+    monkeypatch.setitem(trackers.TRACKERS, "broken", TrackerSpec(lambda target: Broken()))
     observer = TrackingCallback(["broken", "recording"], RunDir(tmp_path / "run"), TrainConfig())
     with caplog.at_level(logging.WARNING, logger="mlcil"):
         session_of(observer, 0, epochs=1, steps=2)
