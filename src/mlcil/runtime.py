@@ -12,9 +12,9 @@ import dataclasses
 import hashlib
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from mlcil import distributed
 from mlcil.config.schema import TrainConfig
 from mlcil.errors import ConfigError
+
+_T = TypeVar("_T")
 
 
 def stream_key(name: str) -> int:
@@ -306,6 +308,14 @@ class Runtime:
         """Wait for the device's queued work (a no-op on the CPU): for timing phases."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def main_writes(self, write: Callable[[], _T]) -> _T | None:
+        """Run ``write`` (the run's files) on the main process only, then wait for every process,
+        so that no rank goes on to read a file the main one has not finished. Returns what
+        ``write`` returned on the main process, None on the others."""
+        result = write() if self.is_main else None
+        self.barrier()
+        return result
 
     def barrier(self) -> None:
         """Wait for every process (e.g. until rank 0 has written a checkpoint)."""

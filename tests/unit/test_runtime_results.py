@@ -183,3 +183,18 @@ def test_the_header_records_versions_device_threads_and_determinism() -> None:
     assert header["deterministic"] is torch.are_deterministic_algorithms_enabled() is False
     # The identifying fields come first, as before.
     assert list(header)[:3] == ["method", "label", "dataset"]
+
+
+def test_run_files_are_written_by_the_main_process_and_every_process_then_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every process calls main_writes; only rank 0 writes, and every rank then meets at the
+    # barrier (so no rank reads a checkpoint or metrics.json before it is complete).
+    events: list[tuple[int, str]] = []
+    monkeypatch.setattr(Runtime, "barrier", lambda self: events.append((self.rank, "barrier")))
+    results = []
+    for rank in (0, 1):
+        runtime = Runtime(torch.device("cpu"), "fp32", rank=rank, world_size=2)
+        results.append(runtime.main_writes(lambda rank=rank: events.append((rank, "write")) or 7))
+    assert events == [(0, "write"), (0, "barrier"), (1, "barrier")]
+    assert results == [7, None]

@@ -134,8 +134,7 @@ class Trainer:
             return self.state
         run.check_fresh_start(resuming=self.resume)
         self.state = RunState(self.inputs.build_method(), self.inputs.new_memory())
-        if self.runtime.is_main:
-            run.write_config(self.config.to_yaml())
+        self.runtime.main_writes(lambda: run.write_config(self.config.to_yaml()))
         return self.state
 
     def _run_session(self, state: RunState, session: Session, hooks: CallbackList) -> None:
@@ -203,7 +202,7 @@ class Trainer:
         return seen_map
 
     def _save(self, state: RunState, session: Session) -> None:
-        if self.runtime.is_main:
+        def write() -> None:
             network, memory = state.method.network, state.memory.to_dict()
             payload, tensors = self._payload(state), state_tensor_files(state)
             run, index = self.run_folder, session.index
@@ -211,18 +210,20 @@ class Trainer:
             self.hooks.on_checkpoint_saved(folder)
             if state.next_session < len(self.inputs.data.sessions):  # else _finish writes it
                 write_results(self.run_dir, self._summary(state))  # marked unfinished
-        self.runtime.barrier()
+
+        self.runtime.main_writes(write)
 
     def _payload(self, state: RunState) -> dict[str, Any]:
         config = self.config
         return state.to_json(config.run_name, config.method.name, len(self.inputs.data.sessions))
 
     def _save_progress(self, state: RunState, progress: FitProgress) -> None:
-        if self.runtime.is_main:
+        def write() -> None:
             payload = self._payload(state)
             folder = save_progress_checkpoint(self.run_folder, state, payload, progress)
             self.hooks.on_checkpoint_saved(folder)
-        self.runtime.barrier()
+
+        self.runtime.main_writes(write)
 
     def _finish(self, state: RunState) -> RunMetrics:
         if self._final_scores is None:  # resumed after the last session: score again
@@ -231,8 +232,7 @@ class Trainer:
                 self.inputs.data, self.runtime, state.method, last
             )
         metrics = self._summary(state)
-        if self.runtime.is_main:
-            write_results(self.run_dir, metrics)
+        self.runtime.main_writes(lambda: write_results(self.run_dir, metrics))
         return metrics
 
     def _summary(self, state: RunState) -> RunMetrics:  # F1 on the last session's scores
