@@ -42,7 +42,7 @@ from mlcil.config.packaged import find_packaged
 from mlcil.config.schema import ModelConfig, RunConfig
 from mlcil.data import DATASETS
 from mlcil.diagnostics import SessionDiagnostics
-from mlcil.engine.callbacks import Callback, SessionCallback
+from mlcil.engine.callbacks import Callback, RunView
 from mlcil.engine.checkpoint import RunState, restore_run
 from mlcil.engine.evaluate import evaluate_session, session_result
 from mlcil.engine.loop import Trainer
@@ -263,49 +263,49 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
 # --- callbacks of the features above the engine ----------------------------------------------
 
 
-class DiagnosticsCallback(SessionCallback):
+class DiagnosticsCallback(Callback):
     """Measures restore quality and drift per session into ``result["diagnostics"]``."""
 
     def __init__(self, experiment: Experiment) -> None:
         self.diagnostics = SessionDiagnostics(experiment)
 
-    def session_starting(
-        self, run: RunDir, state: RunState, session: Session, resumed: bool
-    ) -> None:
+    def on_session_start(self, run: RunView, session: Session, summary: str, resumed: bool) -> None:
+        assert run.folder is not None and run.state is not None
         # Resumed inside the session: the network as the session started is on disk.
-        self.diagnostics.before(state.method, run.path if resumed else None, session)
+        self.diagnostics.before(run.state.method, run.folder.path if resumed else None, session)
 
-    def session_evaluated(
-        self, state: RunState, session: Session, own: np.ndarray, result: dict[str, Any]
+    def on_session_evaluated(
+        self, run: RunView, session: Session, own: np.ndarray, result: dict[str, Any]
     ) -> None:
-        result["diagnostics"] = self.diagnostics.after(state.method, session, own)
+        assert run.state is not None
+        result["diagnostics"] = self.diagnostics.after(run.state.method, session, own)
 
 
-class ReplaceEarlierRun(SessionCallback):
+class ReplaceEarlierRun(Callback):
     """Deletes the run that ``--overwrite`` set aside once the new run's first checkpoint is
     complete."""
 
     def __init__(self, run: RunDir) -> None:
         self.run = run
 
-    def checkpoint_written(self, folder: Path) -> None:
+    def on_checkpoint_saved(self, run: RunView, folder: Path) -> None:
         self.run.discard_aside()
 
 
-class PretrainedProvenance(SessionCallback):
+class PretrainedProvenance(Callback):
     """Records the provenance of ``pretrain:`` weights in ``metrics.json`` (None otherwise)."""
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
 
-    def header_ready(self, header: dict[str, Any]) -> None:
+    def on_metrics_header(self, run: RunView, header: dict[str, Any]) -> None:
         header["pretrained"] = cached_provenance(self.config.model, self.config.data.image_size)
 
 
-def standard_callbacks(experiment: Experiment, run: RunDir) -> list[SessionCallback]:
+def standard_callbacks(experiment: Experiment, run: RunDir) -> list[Callback]:
     """The callbacks every CLI run has: diagnostics (when on), the provenance, the replacement
     of a set-aside run."""
-    callbacks: list[SessionCallback] = []
+    callbacks: list[Callback] = []
     if experiment.config.train.diagnostics:
         callbacks.append(DiagnosticsCallback(experiment))
     callbacks += [PretrainedProvenance(experiment.config), ReplaceEarlierRun(run)]
